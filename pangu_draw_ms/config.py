@@ -1,0 +1,335 @@
+"""Typed configuration: frozen dataclasses loaded from YAML and validated on construction.
+
+Every model config in this package is a dataclass in this file; ``configs/*.yaml`` files are loaded
+with :func:`load_config`. A wrong key, a wrong type or an inconsistent value fails with a message
+that names the offending entry (``unet.channel_mult``) and what would be valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Tuple, Type, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# A source checkout keeps configs/ beside the package; an installed package carries it inside.
+CONFIG_DIR = next(
+    (d for d in (os.path.join(os.path.dirname(_PACKAGE_DIR), "configs"), os.path.join(_PACKAGE_DIR, "configs"))
+     if os.path.isdir(d)),
+    os.path.join(_PACKAGE_DIR, "configs"),
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type, or inconsistent."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Model configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """SDXL-architecture UNet in sgm semantics (structure and texture generators share it).
+
+    ``transformer_depth[i]`` is the number of transformer blocks in each spatial transformer of
+    level ``i``; 0 means the level has no attention (the release: ``(0, 2, 10)``, i.e. attention at
+    levels 2 and 3 only). Output blocks use the depth of their level, as sgm does.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: Tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    transformer_depth: Tuple[int, ...] = (0, 2, 10)
+    transformer_depth_middle: int = 10
+    num_head_channels: int = 64
+    context_dim: int = 2048
+    adm_in_channels: int = 1536
+    norm_num_groups: int = 32
+    ff_mult: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _check(len(self.channel_mult) >= 1, "unet.channel_mult must name at least one level")
+        _check(
+            len(self.transformer_depth) == len(self.channel_mult),
+            f"unet.transformer_depth has {len(self.transformer_depth)} entries but channel_mult has "
+            f"{len(self.channel_mult)}; give one depth per level (0 = no attention at that level)",
+        )
+        _check(self.num_res_blocks >= 1, "unet.num_res_blocks must be >= 1")
+        _check(all(d >= 0 for d in self.transformer_depth), "unet.transformer_depth entries must be >= 0")
+        _check(self.transformer_depth_middle >= 0, "unet.transformer_depth_middle must be >= 0")
+        for mult in self.channel_mult:
+            channels = self.model_channels * mult
+            _check(
+                channels % self.norm_num_groups == 0,
+                f"unet: {channels} channels (model_channels {self.model_channels} x mult {mult}) are not "
+                f"divisible by norm_num_groups {self.norm_num_groups}",
+            )
+            _check(
+                channels % self.num_head_channels == 0,
+                f"unet: {channels} channels are not divisible by num_head_channels {self.num_head_channels}",
+            )
+        _check(0.0 <= self.dropout < 1.0, "unet.dropout must be in [0, 1)")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """SDXL AutoencoderKL (LDM encoder/decoder with a mid attention block)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_mult: Tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.13025
+    # SDXL's VAE overflows in float16 (its activations exceed 65504): run it in float32 by default.
+    force_fp32: bool = True
+
+    def __post_init__(self):
+        _check(len(self.channel_mult) >= 1, "vae.channel_mult must name at least one level")
+        _check(self.num_res_blocks >= 1, "vae.num_res_blocks must be >= 1")
+        for mult in self.channel_mult:
+            _check(
+                (self.base_channels * mult) % self.norm_num_groups == 0,
+                f"vae: {self.base_channels * mult} channels are not divisible by norm_num_groups "
+                f"{self.norm_num_groups}",
+            )
+        _check(self.scaling_factor > 0, "vae.scaling_factor must be > 0")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+TokenizerKind = Literal["wordpiece", "clip_bpe", "sentencepiece"]
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """How prompts become ids. ``vocab`` (and ``merges``) are paths; a bare file name is looked up
+    in the package's bundled vocab folder ``pangu_draw_ms/tokenizers/data``."""
+
+    kind: TokenizerKind = "clip_bpe"
+    vocab: str = "bpe_simple_vocab_16e6.txt.gz"
+    max_length: int = 77
+    lowercase: bool = True
+    # Chinese word segmentation before SentencePiece (models we train ourselves).
+    jieba: bool = False
+
+    def __post_init__(self):
+        _check(self.max_length >= 2, "tokenizer.max_length must be >= 2 (start and end tokens)")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """A CLIP text transformer: HF CLIPTextModel semantics, OpenCLIP weights map onto it.
+
+    ``output_layer``: ``last`` = last block then final LayerNorm (HF ``last_hidden_state``),
+    ``penultimate`` = output of the second-to-last block, no final LayerNorm (OpenCLIP/SDXL).
+    ``projection_dim``: width of the pooled output (final-LN hidden at the EOT token @ projection);
+    ``None`` = the encoder gives no pooled output. ``eot_token_id``: ``None`` finds the EOT token as
+    the argmax id (CLIP BPE, where EOT is the largest id), else the first position holding that id.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 77
+    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    output_layer: Literal["last", "penultimate"] = "last"
+    projection_dim: Optional[int] = None
+    eot_token_id: Optional[int] = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self):
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"text encoder: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}",
+        )
+        _check(
+            self.num_layers >= (2 if self.output_layer == "penultimate" else 1),
+            "text encoder: output_layer 'penultimate' needs at least 2 layers",
+        )
+        _check(
+            self.tokenizer.max_length <= self.max_position_embeddings,
+            f"text encoder: tokenizer.max_length {self.tokenizer.max_length} exceeds "
+            f"max_position_embeddings {self.max_position_embeddings}",
+        )
+
+
+@dataclass(frozen=True)
+class ConditionerConfig:
+    """Both text encoders run on the same prompt; their cross-attention features are concatenated on
+    the feature axis (in this order), and the vector is pooled text || sinusoidal(bucket index)."""
+
+    encoders: Tuple[TextEncoderConfig, ...] = ()
+    pooled_from: int = 1
+    bucket_embed_dim: int = 256
+
+    def __post_init__(self):
+        _check(len(self.encoders) >= 1, "conditioner.encoders must list at least one text encoder")
+        _check(
+            0 <= self.pooled_from < len(self.encoders),
+            f"conditioner.pooled_from {self.pooled_from} is not an index into the "
+            f"{len(self.encoders)} encoders",
+        )
+        _check(
+            self.encoders[self.pooled_from].projection_dim is not None,
+            f"conditioner.pooled_from names encoder {self.pooled_from}, which has no projection_dim "
+            "(no pooled output)",
+        )
+        _check(self.bucket_embed_dim % 2 == 0, "conditioner.bucket_embed_dim must be even (cos || sin)")
+        lengths = {e.tokenizer.max_length for e in self.encoders}
+        _check(len(lengths) == 1, f"conditioner: all encoders must use one sequence length, got {sorted(lengths)}")
+
+    @property
+    def context_dim(self) -> int:
+        return sum(e.hidden_size for e in self.encoders)
+
+    @property
+    def vector_dim(self) -> int:
+        return self.encoders[self.pooled_from].projection_dim + self.bucket_embed_dim
+
+
+@dataclass(frozen=True)
+class PanGuDrawConfig:
+    """The whole model: one UNet architecture used twice (structure and texture generators), the
+    VAE and the conditioner. ``t_struct``: the structure generator denoises t >= t_struct."""
+
+    name: str = "pangu_draw_v3"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
+    t_struct: int = 500
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        _check(
+            self.unet.context_dim == self.conditioner.context_dim,
+            f"unet.context_dim {self.unet.context_dim} must equal the sum of the text encoders' hidden "
+            f"sizes ({self.conditioner.context_dim})",
+        )
+        _check(
+            self.unet.adm_in_channels == self.conditioner.vector_dim,
+            f"unet.adm_in_channels {self.unet.adm_in_channels} must equal pooled width + bucket_embed_dim "
+            f"({self.conditioner.vector_dim})",
+        )
+        _check(
+            self.unet.in_channels == self.vae.latent_channels,
+            f"unet.in_channels {self.unet.in_channels} must equal vae.latent_channels {self.vae.latent_channels}",
+        )
+        _check(
+            0 < self.t_struct < self.num_train_timesteps,
+            f"t_struct {self.t_struct} must lie in (0, {self.num_train_timesteps})",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin is Literal:
+        _check(value in args, f"{where}: {value!r} is not valid; choose one of {list(args)}")
+        return value
+    if origin in (tuple, Tuple):
+        _check(isinstance(value, (list, tuple)), f"{where}: expected a list, got {type(value).__name__}")
+        item_type = args[0] if args else Any
+        return tuple(_convert(item_type, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is bool:
+        _check(isinstance(value, bool), f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: expected a number, got {value!r}"
+        )
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: Type[T], data: Any, where: Optional[str] = None) -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    where = where or cls.__name__
+    if isinstance(data, cls):
+        return data
+    _check(isinstance(data, dict), f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    _check(not unknown, f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def to_dict(config: Any) -> dict:
+    """Plain-data form of a config (lists for tuples), suitable for YAML/JSON."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A YAML path, or the name of a bundled config in ``configs/`` (``tiny``, ``pangu_draw_v3``)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    candidate = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if os.path.isfile(candidate):
+        return candidate
+    bundled = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")) if os.path.isdir(CONFIG_DIR) else []
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a bundled config; bundled: {bundled}")
+
+
+def load_config(name_or_path: str, cls: Type[T] = PanGuDrawConfig) -> T:
+    """Load a YAML config file (or a bundled config by name) into dataclass ``cls``."""
+    path = resolve_config_path(name_or_path)
+    with open(path, "r", encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return from_dict(cls, data, where=os.path.basename(path))

@@ -1,0 +1,78 @@
+"""Putting named tensors into our cells and taking them out, with strict, readable checks."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+
+logger = logging.getLogger(__name__)
+
+_SHOW = 10  # how many names of each kind an error message lists
+
+
+class StateDictError(ValueError):
+    """A set of tensors does not fit a cell: missing, unexpected or mis-shaped entries."""
+
+
+@dataclass
+class LoadReport:
+    """What happened when tensors were matched against a cell's parameters."""
+
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # name, expected, got
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        parts = []
+        for title, items in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if items:
+                more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+                parts.append(f"{len(items)} {title} key(s): {', '.join(items[:_SHOW])}{more}")
+        if self.mismatched:
+            shown = ", ".join(f"{n} expected {tuple(e)} got {tuple(g)}" for n, e, g in self.mismatched[:_SHOW])
+            more = f" (+{len(self.mismatched) - _SHOW} more)" if len(self.mismatched) > _SHOW else ""
+            parts.append(f"{len(self.mismatched)} shape mismatch(es): {shown}{more}")
+        return "; ".join(parts) if parts else f"all {len(self.loaded)} parameters loaded"
+
+
+def cell_state(cell: nn.Cell) -> Dict[str, np.ndarray]:
+    """The cell's parameters as ``{name: numpy array}`` (names as MindSpore reports them)."""
+    return {p.name: p.asnumpy() for p in cell.get_parameters()}
+
+
+def load_state(cell: nn.Cell, state: Mapping[str, np.ndarray], strict: bool = True,
+               what: str = "checkpoint") -> LoadReport:
+    """Copy ``state`` into ``cell``'s parameters, keeping each parameter's dtype.
+
+    Strict (default): any missing, unexpected or mis-shaped entry raises :class:`StateDictError` that
+    lists the first few of each kind and the counts, before any parameter is touched. Non-strict: the
+    matching entries are loaded and the rest is reported as a warning.
+    """
+    params = {p.name: p for p in cell.get_parameters()}
+    report = LoadReport()
+    report.missing = sorted(n for n in params if n not in state)
+    report.unexpected = sorted(n for n in state if n not in params)
+    for name, value in state.items():
+        if name in params and tuple(params[name].shape) != tuple(np.shape(value)):
+            report.mismatched.append((name, tuple(params[name].shape), tuple(np.shape(value))))
+    if not report.ok:
+        message = f"{what} does not fit {type(cell).__name__}: {report.describe()}"
+        if strict:
+            raise StateDictError(message)
+        logger.warning(message)
+    bad = {n for n, _, _ in report.mismatched}
+    for name, value in state.items():
+        if name in params and name not in bad:
+            param = params[name]
+            param.set_data(ms.Tensor(np.ascontiguousarray(value), dtype=param.dtype))
+            report.loaded.append(name)
+    return report

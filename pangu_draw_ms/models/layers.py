@@ -1,0 +1,279 @@
+"""Device-aware primitives shared by every network in the package.
+
+Each primitive is chosen ONCE, when the cell is built, from the MindSpore device target:
+
+* on Ascend the fast kernels: ``mint`` ops and ``ops.flash_attention_score`` (fp16/bf16, head size a
+  multiple of 16 up to 512, no mask);
+* elsewhere (CPU) ops that have CPU kernels in MindSpore 2.9/2.10: ``ops.conv2d``, ``ops.group_norm``,
+  the ``ops.LayerNorm`` primitive, ``ops.gelu``, ``mint.nn.functional.linear``, ``ops.bmm``, ...
+
+Both paths hold the same parameters under the same names - MindSpore's own ``nn`` naming, which the
+released PanGu-Draw checkpoints use (``weight``/``bias`` for Dense and Conv2d, ``gamma``/``beta`` for
+norms, ``embedding_table`` for embeddings) - and compute the same function.
+
+Mixed precision: weights are stored float32; matmuls and convs run in the cell's compute ``dtype``
+(float16 on Ascend by default, float32 on CPU); normalisations, softmax and the timestep embedding run in
+float32 and cast back. MindSpore defaults that silently break parity are never relied on: GELU is the
+exact (erf) form unless asked, LayerNorm eps is explicit, convolutions pad explicitly and carry a bias.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore.common.initializer import HeUniform, Normal, One, Uniform, Zero, initializer
+
+_DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
+           "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
+
+
+def ascend_kernels() -> bool:
+    """True when the current MindSpore device target is Ascend (fast kernels available)."""
+    return ms.get_context("device_target") == "Ascend"
+
+
+def default_precision() -> str:
+    """fp16 on Ascend; fp32 elsewhere (fp16 is slower on CPU and bf16 mostly has no CPU kernel)."""
+    return "fp16" if ascend_kernels() else "fp32"
+
+
+def compute_dtype(precision: Optional[str] = None) -> ms.dtype:
+    """Map ``fp32``/``fp16``/``bf16`` (or ``None`` = device default) to a MindSpore dtype."""
+    precision = precision or default_precision()
+    if precision not in _DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; valid: fp32, fp16, bf16")
+    return _DTYPES[precision]
+
+
+def _fan_in_uniform(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return Uniform(bound)
+
+
+class Dense(nn.Cell):
+    """y = x W^T + b, weight (out, in) as in ``nn.Dense``; runs in ``dtype``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=ms.float32):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        # PyTorch's default init (kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(fan_in))).
+        self.weight = Parameter(initializer(HeUniform(math.sqrt(5)), (out_features, in_features), ms.float32), name="weight")
+        self.has_bias = bias
+        self.bias = Parameter(initializer(_fan_in_uniform(in_features), (out_features,), ms.float32), name="bias") if bias else None
+
+    def construct(self, x):
+        bias = self.bias.astype(self.dtype) if self.has_bias else None
+        return mint.nn.functional.linear(x.astype(self.dtype), self.weight.astype(self.dtype), bias)
+
+
+class Conv2d(nn.Cell):
+    """2-D convolution with explicit symmetric zero padding and a bias (weight (out, in, k, k))."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = True, dtype=ms.float32):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.dtype = dtype
+        self.fast = ascend_kernels()
+        fan_in = in_channels * kernel_size * kernel_size
+        self.weight = Parameter(
+            initializer(HeUniform(math.sqrt(5)), (out_channels, in_channels, kernel_size, kernel_size), ms.float32),
+            name="weight")
+        self.has_bias = bias
+        self.bias = Parameter(initializer(_fan_in_uniform(fan_in), (out_channels,), ms.float32), name="bias") if bias else None
+
+    def construct(self, x):
+        weight = self.weight.astype(self.dtype)
+        bias = self.bias.astype(self.dtype) if self.has_bias else None
+        x = x.astype(self.dtype)
+        if self.fast:
+            return mint.nn.functional.conv2d(x, weight, bias, self.stride, self.padding)
+        return ops.conv2d(x, weight, bias, stride=self.stride, pad_mode="pad", padding=self.padding)
+
+
+class GroupNorm(nn.Cell):
+    """GroupNorm over (B, C, ...) computed in float32, affine ``gamma``/``beta``; returns ``dtype``."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, dtype=ms.float32):
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError(f"GroupNorm: {num_channels} channels not divisible by {num_groups} groups")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.dtype = dtype
+        self.fast = ascend_kernels()
+        self.gamma = Parameter(initializer(One(), (num_channels,), ms.float32), name="gamma")
+        self.beta = Parameter(initializer(Zero(), (num_channels,), ms.float32), name="beta")
+
+    def construct(self, x):
+        x = x.astype(ms.float32)
+        if self.fast:
+            y = mint.nn.functional.group_norm(x, self.num_groups, self.gamma, self.beta, self.eps)
+        else:
+            y = ops.group_norm(x, self.num_groups, self.gamma, self.beta, self.eps)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis in float32, affine ``gamma``/``beta``; returns ``dtype``.
+
+    ``eps`` is required: ``nn.LayerNorm``'s default (1e-7) differs from PyTorch's 1e-5.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float, dtype=ms.float32):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,)
+        self.eps = eps
+        self.dtype = dtype
+        self.fast = ascend_kernels()
+        self.gamma = Parameter(initializer(One(), (normalized_shape,), ms.float32), name="gamma")
+        self.beta = Parameter(initializer(Zero(), (normalized_shape,), ms.float32), name="beta")
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        x = x.astype(ms.float32)
+        if self.fast:
+            y = mint.nn.functional.layer_norm(x, self.normalized_shape, self.gamma, self.beta, self.eps)
+        else:
+            y, _, _ = self.layer_norm(x, self.gamma, self.beta)
+        return y.astype(self.dtype)
+
+
+class Embedding(nn.Cell):
+    """Lookup table ``embedding_table`` (num, dim), N(0, 0.02) init; returns ``dtype``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=ms.float32):
+        super().__init__()
+        self.dtype = dtype
+        self.embedding_table = Parameter(
+            initializer(Normal(0.02), (num_embeddings, embedding_dim), ms.float32), name="embedding_table")
+
+    def construct(self, ids):
+        return ops.gather(self.embedding_table, ids, 0).astype(self.dtype)
+
+
+def gelu(x, fast: bool):
+    """Exact (erf) GELU. ``nn.GELU``'s default is the tanh approximation, which breaks parity."""
+    if fast:
+        return mint.nn.functional.gelu(x)
+    return ops.gelu(x, approximate="none")
+
+
+def quick_gelu(x):
+    """CLIP's x * sigmoid(1.702 x)."""
+    return x * ops.sigmoid(1.702 * x)
+
+
+class GELU(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.fast = ascend_kernels()
+
+    def construct(self, x):
+        return gelu(x, self.fast)
+
+
+class SiLU(nn.Cell):
+    def construct(self, x):
+        return ops.silu(x)
+
+
+class GEGLU(nn.Cell):
+    """GEGLU (Shazeer 2020): ``proj`` maps dim -> 2*inner; output = h * GELU(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int, dtype=ms.float32):
+        super().__init__()
+        self.proj = Dense(dim_in, dim_out * 2, dtype=dtype)
+        self.fast = ascend_kernels()
+
+    def construct(self, x):
+        h, gate = ops.chunk(self.proj(x), 2, axis=-1)
+        return h * gelu(gate, self.fast)
+
+
+class Upsample2xNearest(nn.Cell):
+    """Nearest-neighbour x2 upsampling of (B, C, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fast = ascend_kernels()
+
+    def construct(self, x):
+        if self.fast:
+            return mint.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        h, w = x.shape[-2], x.shape[-1]
+        return ops.interpolate(x, size=(h * 2, w * 2), mode="nearest")
+
+
+class ScaledDotProductAttention(nn.Cell):
+    """softmax(q k^T / sqrt(d) + mask) v over ``num_heads`` heads.
+
+    Inputs are (B, L, num_heads * head_dim); ``mask`` (optional) is an additive float mask broadcastable
+    to (B, num_heads, Lq, Lk). Flash attention is used on Ascend when the compute dtype is fp16/bf16,
+    the head size is a multiple of 16 (<= 512) and there is no mask; otherwise batched matmuls with the
+    softmax in float32.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, dtype=ms.float32):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.flash = (ascend_kernels() and dtype in (ms.float16, ms.bfloat16)
+                      and head_dim % 16 == 0 and head_dim <= 512)
+
+    def _split_heads(self, x):
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3).reshape(
+            b * self.num_heads, n, self.head_dim)
+
+    def construct(self, q, k, v, mask: Optional[Tensor] = None):
+        q = q.astype(self.dtype)
+        k = k.astype(self.dtype)
+        v = v.astype(self.dtype)
+        if self.flash and mask is None:
+            return ops.flash_attention_score(q, k, v, self.num_heads, scalar_value=self.scale, input_layout="BSH")
+        b, lq, _ = q.shape
+        lk = k.shape[1]
+        qh = self._split_heads(q)
+        kh = self._split_heads(k)
+        vh = self._split_heads(v)
+        scores = ops.bmm(qh, kh.transpose(0, 2, 1)).astype(ms.float32) * self.scale
+        if mask is not None:
+            scores = (scores.reshape(b, self.num_heads, lq, lk) + mask.astype(ms.float32)).reshape(
+                b * self.num_heads, lq, lk)
+        probs = ops.softmax(scores, axis=-1).astype(self.dtype)
+        out = ops.bmm(probs, vh)
+        return out.reshape(b, self.num_heads, lq, self.head_dim).transpose(0, 2, 1, 3).reshape(
+            b, lq, self.num_heads * self.head_dim)
+
+
+def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """[cos(p f_i), sin(p f_i)] with f_i = max_period^(-i / (dim/2)), in float32.
+
+    The DDPM/sgm ``timestep_embedding`` (cos first), used for the timestep and for the resolution-bucket
+    index of the vector conditioning; equal to diffusers ``Timesteps(flip_sin_to_cos=True, shift=0)``.
+    """
+    half = dim // 2
+    freqs = Tensor(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half).astype(np.float32))
+    args = positions.astype(ms.float32).reshape(-1, 1) * freqs.reshape(1, -1)
+    emb = ops.cat((ops.cos(args), ops.sin(args)), axis=-1)
+    if dim % 2:
+        emb = ops.cat((emb, ops.zeros((emb.shape[0], 1), ms.float32)), axis=-1)
+    return emb
+
+
+def count_parameters(cell: nn.Cell) -> int:
+    """Number of scalar parameters of ``cell`` (works on unmaterialised, lazily initialised cells)."""
+    return int(sum(int(np.prod(p.shape)) for p in cell.get_parameters()))

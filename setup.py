@@ -1,0 +1,33 @@
+"""pangu_draw_ms: PanGu-Draw (bilingual 5B text-to-image latent diffusion) in MindSpore."""
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_requirements():
+    with open(os.path.join(HERE, "requirements.txt"), encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="pangu_draw_ms",
+    version="0.1.0",
+    description="PanGu-Draw text-to-image diffusion (time-decoupled training, Coop-Diffusion) in MindSpore",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["pangu_draw_ms", "pangu_draw_ms.*"]) + ["pangu_draw_ms.configs"],
+    # configs/ lives at the top of the repository and is installed as pangu_draw_ms/configs.
+    package_dir={"pangu_draw_ms.configs": "configs"},
+    package_data={
+        "pangu_draw_ms.configs": ["*.yaml", "*/*.yaml"],
+        "pangu_draw_ms.tokenizers": ["data/*"],
+    },
+    install_requires=read_requirements(),
+    extras_require={
+        # torch 2.13.0 is the CPU wheel on the machine's local disk; never let pip pull another torch.
+        "test": ["pytest", "torch==2.13.0", "diffusers", "transformers==4.57.1"],
+    },
+)

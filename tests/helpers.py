@@ -1,0 +1,52 @@
+"""Shared helpers for parity tests: re-randomise reference weights, compare outputs."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def randomize_torch_module(module, seed: int = 0, scale: float = 0.2) -> None:
+    """Overwrite EVERY floating parameter and buffer of a torch module with seeded random values.
+
+    Zero-initialised convolutions and unit norms hide wrong weight mappings; after this no two
+    parameters of the same shape hold the same values. Norm scales stay near 1 so activations stay
+    in a sane range through deep stacks.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            if not p.is_floating_point():
+                continue
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            leaf = name.rsplit(".", 1)[-1]
+            is_norm = "norm" in name.lower() or "ln_" in name or ".ln" in name
+            if is_norm and leaf == "weight":
+                p.copy_(1.0 + 0.1 * noise)
+            elif leaf == "bias" or p.dim() == 1:
+                p.copy_(0.1 * noise)
+            else:
+                fan_in = int(np.prod(p.shape[1:]))
+                p.copy_(noise * min(scale, 1.0 / np.sqrt(fan_in)))
+
+
+def torch_state_numpy(module) -> dict:
+    """On-disk style state dict of a torch module as float32 numpy arrays (persistent entries only)."""
+    return {k: v.detach().float().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def max_relative_error(ours, reference) -> float:
+    """max |ours - reference| divided by max |reference| (the output's scale)."""
+    ours = np.asarray(ours, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    assert ours.shape == reference.shape, f"shape {ours.shape} != reference {reference.shape}"
+    scale = max(np.abs(reference).max(), 1e-12)
+    return float(np.abs(ours - reference).max() / scale)
+
+
+def assert_close(ours, reference, rel: float = 1e-4, what: str = "output") -> float:
+    """Assert max abs difference <= rel x output scale; returns and prints the relative error."""
+    err = max_relative_error(ours, reference)
+    print(f"{what}: max |diff| / max |ref| = {err:.3e}")
+    assert err <= rel, f"{what}: relative max difference {err:.3e} exceeds {rel:.1e}"
+    return err
