@@ -45,7 +45,10 @@ class UNetConfig:
 
     ``transformer_depth[i]`` is the number of transformer blocks in each spatial transformer of
     level ``i``; 0 means the level has no attention (the release: ``(0, 2, 10)``, i.e. attention at
-    levels 2 and 3 only). Output blocks use the depth of their level, as sgm does.
+    levels 2 and 3 only). Output blocks use the depth of their level, as sgm does. Heads are either a
+    fixed width (``num_head_channels``, SDXL: 64) or a fixed count (``num_heads``, SD1.5: 8); set one.
+    ``adm_in_channels``: width of the vector conditioning (``None``: no ``label_emb``, as SD1.5).
+    ``use_linear_in_transformer``: proj_in/proj_out are Linear (SDXL) or 1x1 convs (SD1.5).
     """
 
     in_channels: int = 4
@@ -55,9 +58,11 @@ class UNetConfig:
     num_res_blocks: int = 2
     transformer_depth: Tuple[int, ...] = (0, 2, 10)
     transformer_depth_middle: int = 10
-    num_head_channels: int = 64
+    num_head_channels: Optional[int] = 64
+    num_heads: Optional[int] = None
     context_dim: int = 2048
-    adm_in_channels: int = 1536
+    adm_in_channels: Optional[int] = 1536
+    use_linear_in_transformer: bool = True
     norm_num_groups: int = 32
     ff_mult: int = 4
     dropout: float = 0.0
@@ -71,7 +76,12 @@ class UNetConfig:
         )
         _check(self.num_res_blocks >= 1, "unet.num_res_blocks must be >= 1")
         _check(all(d >= 0 for d in self.transformer_depth), "unet.transformer_depth entries must be >= 0")
-        _check(self.transformer_depth_middle >= 0, "unet.transformer_depth_middle must be >= 0")
+        _check(self.transformer_depth_middle >= 1, "unet.transformer_depth_middle must be >= 1")
+        _check(
+            (self.num_head_channels is None) != (self.num_heads is None),
+            "unet: set exactly one of num_head_channels (fixed head width) and num_heads (fixed head count)",
+        )
+        _check(self.adm_in_channels is None or self.adm_in_channels > 0, "unet.adm_in_channels must be > 0 or null")
         for mult in self.channel_mult:
             channels = self.model_channels * mult
             _check(
@@ -79,15 +89,23 @@ class UNetConfig:
                 f"unet: {channels} channels (model_channels {self.model_channels} x mult {mult}) are not "
                 f"divisible by norm_num_groups {self.norm_num_groups}",
             )
+            divisor = self.num_head_channels or self.num_heads
             _check(
-                channels % self.num_head_channels == 0,
-                f"unet: {channels} channels are not divisible by num_head_channels {self.num_head_channels}",
+                channels % divisor == 0,
+                f"unet: {channels} channels are not divisible by "
+                f"{'num_head_channels' if self.num_head_channels else 'num_heads'} {divisor}",
             )
         _check(0.0 <= self.dropout < 1.0, "unet.dropout must be in [0, 1)")
 
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.model_channels
+
+    def heads(self, channels: int) -> Tuple[int, int]:
+        """(number of heads, head width) of an attention layer over ``channels`` features."""
+        if self.num_head_channels:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
 
 
 @dataclass(frozen=True)

@@ -188,6 +188,22 @@ class SiLU(nn.Cell):
         return ops.silu(x)
 
 
+class Dropout(nn.Cell):
+    """Dropout with probability ``p`` while training; the identity in inference or when ``p == 0``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+        self.fast = ascend_kernels()
+
+    def construct(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        if self.fast:
+            return mint.nn.functional.dropout(x, self.p, True)
+        return ops.dropout(x, p=self.p)
+
+
 class GEGLU(nn.Cell):
     """GEGLU (Shazeer 2020): ``proj`` maps dim -> 2*inner; output = h * GELU(gate)."""
 
@@ -266,7 +282,7 @@ def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10000.
     index of the vector conditioning; equal to diffusers ``Timesteps(flip_sin_to_cos=True, shift=0)``.
     """
     half = dim // 2
-    freqs = Tensor(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half).astype(np.float32))
+    freqs = Tensor(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32))
     args = positions.astype(ms.float32).reshape(-1, 1) * freqs.reshape(1, -1)
     emb = ops.cat((ops.cos(args), ops.sin(args)), axis=-1)
     if dim % 2:

@@ -1,0 +1,101 @@
+"""diffusers ``UNet2DConditionModel`` on-disk names -> our sgm-layout UNet names.
+
+Covers the SDXL family (``add_embedding`` of the ``text_time`` addition -> ``label_emb``) and the SD1.5
+family (no addition embedding, 1x1-conv proj_in/proj_out). Tensors are passed through unchanged: the two
+layouts agree on every shape; only names differ (and norms are ``gamma``/``beta`` on our side).
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Mapping
+
+import numpy as np
+
+from ..config import UNetConfig
+
+_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_TOP_LEVEL = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_NORM_LEAF = re.compile(r"(^|\.)(norm\d?|conv_norm_out)$")
+
+
+class UnmappedKeyError(KeyError):
+    """A diffusers key that has no place in the target layout."""
+
+
+def _resnet(rest: str) -> str:
+    part, _, tail = rest.partition(".")
+    if part not in _RESNET_PARTS:
+        raise UnmappedKeyError(part)
+    return f"{_RESNET_PARTS[part]}.{tail}" if tail else _RESNET_PARTS[part]
+
+
+def _map_module(module: str, config: UNetConfig) -> str:
+    n = config.num_res_blocks
+    levels = len(config.channel_mult)
+    if module in _TOP_LEVEL:
+        return _TOP_LEVEL[module]
+    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", module)
+    if m:
+        level, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
+        block = 1 + level * (n + 1) + index
+        return f"input_blocks.{block}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{block}.1.{rest}"
+    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv", module)
+    if m:
+        return f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op"
+    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", module)
+    if m:
+        kind, index, rest = m[1], int(m[2]), m[3]
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+        return f"middle_block.{2 * index}.{_resnet(rest)}"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", module)
+    if m:
+        up, kind, index, rest = int(m[1]), m[2], int(m[3]), m[4]
+        block = up * (n + 1) + index
+        return f"output_blocks.{block}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{block}.1.{rest}"
+    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv", module)
+    if m:
+        up = int(m[1])
+        level = levels - 1 - up
+        position = 2 if config.transformer_depth[level] > 0 else 1
+        return f"output_blocks.{up * (n + 1) + n}.{position}.conv"
+    raise UnmappedKeyError(module)
+
+
+def unet_from_diffusers(state: Mapping[str, np.ndarray], config: UNetConfig) -> Dict[str, np.ndarray]:
+    """Rename a diffusers UNet state dict for our :class:`~pangu_draw_ms.models.unet.UNetModel`.
+
+    ``config`` must describe the same architecture (it fixes block indices). Raises ``ValueError``
+    listing the keys that have no counterpart in our layout.
+    """
+    out: Dict[str, np.ndarray] = {}
+    unmapped = []
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        try:
+            target = _map_module(module, config)
+        except UnmappedKeyError:
+            unmapped.append(key)
+            continue
+        if _NORM_LEAF.search(module):
+            leaf = {"weight": "gamma", "bias": "beta"}.get(leaf, leaf)
+        out[f"{target}.{leaf}"] = value
+    if unmapped:
+        shown = ", ".join(unmapped[:10]) + (f" (+{len(unmapped) - 10} more)" if len(unmapped) > 10 else "")
+        raise ValueError(f"{len(unmapped)} diffusers UNet key(s) have no counterpart in the sgm layout: {shown}")
+    return out

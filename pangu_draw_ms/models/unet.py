@@ -1,0 +1,258 @@
+"""The SDXL-architecture UNet of PanGu-Draw (one class, used for the structure and the texture generator).
+
+Parameter names follow the sgm layout of the released checkpoints (``model.diffusion_model.`` + these):
+``time_embed.{0,2}``, ``label_emb.0.{0,2}``, ``input_blocks.N.M...``, ``middle_block.{0,1,2}``,
+``output_blocks.N.M...``, ``out.{0,2}``; inside a ResBlock ``in_layers.{0,2}``, ``emb_layers.1``,
+``out_layers.{0,3}``, ``skip_connection``; inside a SpatialTransformer ``norm``, ``proj_in``,
+``transformer_blocks.K.{norm1,attn1,norm2,attn2,norm3,ff}``, ``proj_out``.
+
+Conditioning (PanGu-Draw): cross-attention on the concatenated text features ``context`` (B, 77, 2048)
+and a vector ``y`` = pooled English text || sinusoidal(256) of the resolution-bucket index, mapped by
+``label_emb`` and added to the timestep embedding. The UNet predicts eps.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from ..config import UNetConfig
+from . import layers as L
+
+
+class ResBlock(nn.Cell):
+    """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-dropout-conv, + skip."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dropout: float, dtype):
+        super().__init__()
+        self.in_layers = nn.SequentialCell([
+            L.GroupNorm(groups, channels, eps=1e-5, dtype=dtype), L.SiLU(),
+            L.Conv2d(channels, out_channels, 3, padding=1, dtype=dtype)])
+        self.emb_layers = nn.SequentialCell([L.SiLU(), L.Dense(emb_channels, out_channels, dtype=dtype)])
+        self.out_layers = nn.SequentialCell([
+            L.GroupNorm(groups, out_channels, eps=1e-5, dtype=dtype), L.SiLU(), L.Dropout(dropout),
+            L.Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype)])
+        self.has_skip_conv = out_channels != channels
+        self.skip_connection = (L.Conv2d(channels, out_channels, 1, dtype=dtype) if self.has_skip_conv
+                                else nn.Identity())
+
+    def construct(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class CrossAttention(nn.Cell):
+    """Multi-head attention of ``x`` over ``context`` (over ``x`` itself when context is None)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, head_dim: int, dropout: float, dtype):
+        super().__init__()
+        inner = heads * head_dim
+        self.to_q = L.Dense(query_dim, inner, bias=False, dtype=dtype)
+        self.to_k = L.Dense(context_dim, inner, bias=False, dtype=dtype)
+        self.to_v = L.Dense(context_dim, inner, bias=False, dtype=dtype)
+        self.to_out = nn.SequentialCell([L.Dense(inner, query_dim, dtype=dtype), L.Dropout(dropout)])
+        self.attention = L.ScaledDotProductAttention(heads, head_dim, dtype=dtype)
+
+    def construct(self, x, context=None):
+        if context is None:
+            context = x
+        return self.to_out(self.attention(self.to_q(x), self.to_k(context), self.to_v(context)))
+
+
+class FeedForward(nn.Cell):
+    """GEGLU feed-forward: ``net.0`` (GEGLU, dim -> mult*dim), ``net.1`` dropout, ``net.2`` back to dim."""
+
+    def __init__(self, dim: int, mult: int, dropout: float, dtype):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.SequentialCell([L.GEGLU(dim, inner, dtype=dtype), L.Dropout(dropout),
+                                      L.Dense(inner, dim, dtype=dtype)])
+
+    def construct(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Cell):
+    """Pre-LN block: self-attention, cross-attention on the text, GEGLU feed-forward (each residual)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, ff_mult: int, dropout: float, dtype):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, head_dim, dropout, dtype)
+        self.ff = FeedForward(dim, ff_mult, dropout, dtype)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout, dtype)
+        self.norm1 = L.LayerNorm(dim, eps=1e-5, dtype=dtype)
+        self.norm2 = L.LayerNorm(dim, eps=1e-5, dtype=dtype)
+        self.norm3 = L.LayerNorm(dim, eps=1e-5, dtype=dtype)
+
+    def construct(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Cell):
+    """GroupNorm (eps 1e-6), proj_in, ``depth`` transformer blocks over the H*W tokens, proj_out, + input."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, config: UNetConfig, dtype):
+        super().__init__()
+        inner = heads * head_dim
+        self.use_linear = config.use_linear_in_transformer
+        self.norm = L.GroupNorm(config.norm_num_groups, channels, eps=1e-6, dtype=dtype)
+        if self.use_linear:
+            self.proj_in = L.Dense(channels, inner, dtype=dtype)
+            self.proj_out = L.Dense(inner, channels, dtype=dtype)
+        else:
+            self.proj_in = L.Conv2d(channels, inner, 1, dtype=dtype)
+            self.proj_out = L.Conv2d(inner, channels, 1, dtype=dtype)
+        self.transformer_blocks = nn.CellList([
+            BasicTransformerBlock(inner, context_dim, heads, head_dim, config.ff_mult, config.dropout, dtype)
+            for _ in range(depth)])
+
+    def construct(self, x, context):
+        b, c, h, w = x.shape
+        hidden = self.norm(x)
+        if not self.use_linear:
+            hidden = self.proj_in(hidden)
+        hidden = hidden.reshape(b, hidden.shape[1], h * w).transpose(0, 2, 1)
+        if self.use_linear:
+            hidden = self.proj_in(hidden)
+        for block in self.transformer_blocks:
+            hidden = block(hidden, context)
+        if self.use_linear:
+            hidden = self.proj_out(hidden)
+        hidden = hidden.transpose(0, 2, 1).reshape(b, hidden.shape[-1], h, w)
+        if not self.use_linear:
+            hidden = self.proj_out(hidden)
+        return hidden + x
+
+
+class Downsample(nn.Cell):
+    """Stride-2 3x3 convolution (symmetric padding 1), as the sgm/diffusers UNet."""
+
+    def __init__(self, channels: int, dtype):
+        super().__init__()
+        self.op = L.Conv2d(channels, channels, 3, stride=2, padding=1, dtype=dtype)
+
+    def construct(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Cell):
+    """Nearest-neighbour x2 then a 3x3 convolution."""
+
+    def __init__(self, channels: int, dtype):
+        super().__init__()
+        self.upsample = L.Upsample2xNearest()
+        self.conv = L.Conv2d(channels, channels, 3, padding=1, dtype=dtype)
+
+    def construct(self, x):
+        return self.conv(self.upsample(x))
+
+
+class TimestepEmbedSequential(nn.SequentialCell):
+    """A UNet stage: children named ``0``, ``1``, ... (sgm layout), each given what it consumes."""
+
+    def construct(self, x, emb, context):
+        for cell in self.cell_list:
+            if isinstance(cell, ResBlock):
+                x = cell(x, emb)
+            elif isinstance(cell, SpatialTransformer):
+                x = cell(x, context)
+            else:
+                x = cell(x)
+        return x
+
+
+class UNetModel(nn.Cell):
+    """eps_theta(x_t, t, context, y) of an SDXL-style latent diffusion model.
+
+    Args:
+        config: architecture.
+        dtype: compute dtype (weights stay float32); the output is float32.
+
+    Inputs: ``x`` (B, C, H, W) latents, ``timesteps`` (B,) (float or int), ``context`` (B, L,
+    context_dim), ``y`` (B, adm_in_channels) vector conditioning (ignored when adm_in_channels is None;
+    pass any tensor, e.g. the timesteps). H and W must be divisible by 2**(levels-1).
+    """
+
+    def __init__(self, config: UNetConfig, dtype=ms.float32):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.model_channels = config.model_channels
+        self.size_multiple = 2 ** (len(config.channel_mult) - 1)
+        mc = config.model_channels
+        ted = config.time_embed_dim
+        groups = config.norm_num_groups
+        self.time_embed = nn.SequentialCell([L.Dense(mc, ted, dtype=dtype), L.SiLU(), L.Dense(ted, ted, dtype=dtype)])
+        self.has_label_emb = config.adm_in_channels is not None
+        if self.has_label_emb:
+            self.label_emb = nn.SequentialCell([nn.SequentialCell([
+                L.Dense(config.adm_in_channels, ted, dtype=dtype), L.SiLU(), L.Dense(ted, ted, dtype=dtype)])])
+
+        def res(cin, cout):
+            return ResBlock(cin, ted, cout, groups, config.dropout, dtype)
+
+        def attn(ch, depth):
+            heads, head_dim = config.heads(ch)
+            return SpatialTransformer(ch, heads, head_dim, depth, config.context_dim, config, dtype)
+
+        input_blocks: List[nn.Cell] = [TimestepEmbedSequential([L.Conv2d(config.in_channels, mc, 3, padding=1, dtype=dtype)])]
+        skip_channels = [mc]
+        ch = mc
+        last_level = len(config.channel_mult) - 1
+        for level, mult in enumerate(config.channel_mult):
+            depth = config.transformer_depth[level]
+            for _ in range(config.num_res_blocks):
+                stage = [res(ch, mc * mult)]
+                ch = mc * mult
+                if depth > 0:
+                    stage.append(attn(ch, depth))
+                input_blocks.append(TimestepEmbedSequential(stage))
+                skip_channels.append(ch)
+            if level != last_level:
+                input_blocks.append(TimestepEmbedSequential([Downsample(ch, dtype)]))
+                skip_channels.append(ch)
+        self.input_blocks = nn.CellList(input_blocks)
+
+        self.middle_block = TimestepEmbedSequential([res(ch, ch), attn(ch, config.transformer_depth_middle), res(ch, ch)])
+
+        output_blocks: List[nn.Cell] = []
+        for level, mult in reversed(list(enumerate(config.channel_mult))):
+            depth = config.transformer_depth[level]
+            for i in range(config.num_res_blocks + 1):
+                stage = [res(ch + skip_channels.pop(), mc * mult)]
+                ch = mc * mult
+                if depth > 0:
+                    stage.append(attn(ch, depth))
+                if level != 0 and i == config.num_res_blocks:
+                    stage.append(Upsample(ch, dtype))
+                output_blocks.append(TimestepEmbedSequential(stage))
+        self.output_blocks = nn.CellList(output_blocks)
+
+        self.out = nn.SequentialCell([L.GroupNorm(groups, ch, eps=1e-5, dtype=dtype), L.SiLU(),
+                                      L.Conv2d(mc, config.out_channels, 3, padding=1, dtype=dtype)])
+
+    def construct(self, x, timesteps, context, y):
+        if x.shape[-2] % self.size_multiple != 0 or x.shape[-1] % self.size_multiple != 0:
+            raise ValueError(f"UNet: latent height and width must be multiples of {self.size_multiple}, "
+                             f"got {x.shape[-2]}x{x.shape[-1]}")
+        t_emb = L.sinusoidal_embedding(timesteps, self.model_channels)
+        emb = self.time_embed(t_emb.astype(self.dtype))
+        if self.has_label_emb:
+            emb = emb + self.label_emb(y.astype(self.dtype))
+        context = context.astype(self.dtype)
+        h = x.astype(self.dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        num_skips = len(skips)
+        for i, block in enumerate(self.output_blocks):
+            h = ops.cat((h, skips[num_skips - 1 - i]), axis=1)
+            h = block(h, emb, context)
+        return self.out(h).astype(ms.float32)

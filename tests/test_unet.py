@@ -1,0 +1,127 @@
+"""UNet: parity with diffusers UNet2DConditionModel (text_time addition), the released layout and size."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore.nn.utils import no_init_parameters
+
+from pangu_draw_ms.config import UNetConfig
+from pangu_draw_ms.io.diffusers_unet import unet_from_diffusers
+from pangu_draw_ms.io.state import load_state
+from pangu_draw_ms.models import layers as L
+from pangu_draw_ms.models.unet import UNetModel
+from helpers import assert_close, randomize_torch_module, torch_state_numpy
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+POOLED, BUCKET_DIM, CONTEXT = 8, 16, 24
+
+# Three levels, attention at levels 2 and 3 with different depths, two res blocks per level: every
+# index rule of the layout (skip convs, downsample/upsample positions, stage with/without attention).
+SDXL_LIKE = UNetConfig(model_channels=32, channel_mult=(1, 1, 2), num_res_blocks=2, transformer_depth=(0, 1, 2),
+                       transformer_depth_middle=2, num_head_channels=16, context_dim=CONTEXT,
+                       adm_in_channels=POOLED + BUCKET_DIM, norm_num_groups=8)
+# SD1.5 family: fixed head count, 1x1-conv projections, attention from the first level, no vector.
+SD15_LIKE = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0),
+                       transformer_depth_middle=1, num_head_channels=None, num_heads=2, context_dim=CONTEXT,
+                       adm_in_channels=None, use_linear_in_transformer=False, norm_num_groups=8)
+
+
+def diffusers_unet(config: UNetConfig):
+    levels = len(config.channel_mult)
+    down = tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in config.transformer_depth)
+    up = tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(config.transformer_depth))
+    channels = tuple(config.model_channels * m for m in config.channel_mult)
+    # diffusers' "attention_head_dim" is the number of heads per level (a historic misnomer).
+    heads = tuple(config.heads(c)[0] for c in channels)
+    kwargs = dict(
+        in_channels=4, out_channels=4, down_block_types=down, up_block_types=up,
+        block_out_channels=channels, layers_per_block=config.num_res_blocks,
+        transformer_layers_per_block=tuple(max(d, 1) for d in config.transformer_depth[:-1])
+        + (config.transformer_depth_middle,),
+        attention_head_dim=heads, cross_attention_dim=config.context_dim, norm_num_groups=config.norm_num_groups,
+        use_linear_projection=config.use_linear_in_transformer, mid_block_type="UNetMidBlock2DCrossAttn",
+    )
+    if config.adm_in_channels is not None:
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=BUCKET_DIM,
+                      projection_class_embeddings_input_dim=config.adm_in_channels)
+    assert levels == len(down)
+    model = diffusers.UNet2DConditionModel(**kwargs).eval()
+    randomize_torch_module(model, seed=1)
+    return model
+
+
+@pytest.mark.parametrize("config", [SDXL_LIKE, SD15_LIKE], ids=["sdxl_like", "sd15_like"])
+def test_unet_matches_diffusers(config, ms_mode, rng):
+    reference = diffusers_unet(config)
+    ours = UNetModel(config)
+    report = load_state(ours, unet_from_diffusers(torch_state_numpy(reference), config), what="diffusers UNet")
+    assert report.ok and len(report.loaded) == len(list(ours.get_parameters()))
+
+    x = rng.standard_normal((2, 4, 16, 24)).astype(np.float32)
+    t = np.array([999.0, 37.0], np.float32)
+    context = rng.standard_normal((2, 7, CONTEXT)).astype(np.float32)
+    pooled = rng.standard_normal((2, POOLED)).astype(np.float32)
+    bucket = np.array([5.0, 9.0], np.float32)
+
+    kwargs = {}
+    if config.adm_in_channels is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled),
+                                       "time_ids": torch.from_numpy(bucket[:, None])}
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(context),
+                             **kwargs).sample.numpy()
+    y = np.concatenate([pooled, L.sinusoidal_embedding(ms.Tensor(bucket), BUCKET_DIM).asnumpy()], axis=1)
+    got = ours(ms.Tensor(x), ms.Tensor(t), ms.Tensor(context), ms.Tensor(y)).asnumpy()
+    assert_close(got, expected, rel=1e-4, what=f"UNet eps ({ms_mode})")
+
+
+def test_sinusoidal_embedding_matches_diffusers_timesteps():
+    from diffusers.models.embeddings import Timesteps
+
+    positions = np.array([0, 1, 5, 10, 999], np.float32)
+    for dim in (16, 256, 320):
+        expected = Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)(torch.from_numpy(positions)).numpy()
+        # float32 phases reach 999 rad, where one rounding step of a frequency moves sin/cos by ~6e-5.
+        assert_close(L.sinusoidal_embedding(ms.Tensor(positions), dim).asnumpy(), expected, rel=1e-4,
+                     what=f"sinusoidal({dim})")
+    small = np.array([0, 1, 2, 3], np.float32)
+    expected = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)(torch.from_numpy(small)).numpy()
+    assert_close(L.sinusoidal_embedding(ms.Tensor(small), 256).asnumpy(), expected, rel=1e-6, what="sinusoidal(bucket ids)")
+
+
+def test_released_unet_size_and_layout():
+    with no_init_parameters():
+        unet = UNetModel(UNetConfig())
+    shapes = {p.name: tuple(p.shape) for p in unet.get_parameters()}
+    assert L.count_parameters(unet) == 2_565_825_284
+    expected = {
+        "time_embed.0.weight": (1280, 320),
+        "label_emb.0.0.weight": (1280, 1536),
+        "label_emb.0.2.bias": (1280,),
+        "input_blocks.0.0.weight": (320, 4, 3, 3),
+        "input_blocks.1.0.in_layers.0.gamma": (320,),
+        "input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+        "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight": (640, 2048),
+        "input_blocks.8.1.transformer_blocks.9.ff.net.0.proj.weight": (10240, 1280),
+        "middle_block.1.transformer_blocks.9.norm3.beta": (1280,),
+        "middle_block.2.out_layers.3.weight": (1280, 1280, 3, 3),
+        "output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+        "output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+        "output_blocks.3.1.proj_in.weight": (640, 640),
+        "out.0.gamma": (320,),
+        "out.2.weight": (4, 320, 3, 3),
+    }
+    for name, shape in expected.items():
+        assert shapes.get(name) == shape, f"{name}: {shapes.get(name)} != {shape}"
+    assert not any(".attn" in n for n in shapes if n.startswith(("input_blocks.1.", "input_blocks.2.", "output_blocks.6.")))
+
+
+def test_unet_rejects_latents_not_divisible_by_downsampling(rng):
+    unet = UNetModel(SD15_LIKE)
+    x = ms.Tensor(rng.standard_normal((1, 4, 15, 16)).astype(np.float32))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        unet(x, ms.Tensor(np.array([1.0], np.float32)), ms.Tensor(np.zeros((1, 3, CONTEXT), np.float32)),
+             ms.Tensor(np.zeros((1,), np.float32)))
