@@ -5,7 +5,7 @@ import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 
 from pangu_draw_ms.config import UNetConfig
-from pangu_draw_ms.io.diffusers_unet import unet_from_diffusers
+from pangu_draw_ms.io.diffusers_unet import diffusers_unet_kwargs, unet_from_diffusers
 from pangu_draw_ms.io.state import load_state
 from pangu_draw_ms.models import layers as L
 from pangu_draw_ms.models.unet import UNetModel
@@ -28,25 +28,7 @@ SD15_LIKE = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
 
 
 def diffusers_unet(config: UNetConfig):
-    levels = len(config.channel_mult)
-    down = tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in config.transformer_depth)
-    up = tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(config.transformer_depth))
-    channels = tuple(config.model_channels * m for m in config.channel_mult)
-    # diffusers' "attention_head_dim" is the number of heads per level (a historic misnomer).
-    heads = tuple(config.heads(c)[0] for c in channels)
-    kwargs = dict(
-        in_channels=4, out_channels=4, down_block_types=down, up_block_types=up,
-        block_out_channels=channels, layers_per_block=config.num_res_blocks,
-        transformer_layers_per_block=tuple(max(d, 1) for d in config.transformer_depth[:-1])
-        + (config.transformer_depth_middle,),
-        attention_head_dim=heads, cross_attention_dim=config.context_dim, norm_num_groups=config.norm_num_groups,
-        use_linear_projection=config.use_linear_in_transformer, mid_block_type="UNetMidBlock2DCrossAttn",
-    )
-    if config.adm_in_channels is not None:
-        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=BUCKET_DIM,
-                      projection_class_embeddings_input_dim=config.adm_in_channels)
-    assert levels == len(down)
-    model = diffusers.UNet2DConditionModel(**kwargs).eval()
+    model = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(config, addition_time_embed_dim=BUCKET_DIM)).eval()
     randomize_torch_module(model, seed=1)
     return model
 

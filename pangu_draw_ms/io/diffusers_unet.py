@@ -77,6 +77,39 @@ def _map_module(module: str, config: UNetConfig) -> str:
     raise UnmappedKeyError(module)
 
 
+def diffusers_unet_kwargs(config: UNetConfig, addition_time_embed_dim: int = 256) -> dict:
+    """``UNet2DConditionModel(**kwargs)`` arguments describing the same architecture as ``config``.
+
+    With ``adm_in_channels`` set, the vector conditioning is diffusers' ``text_time`` addition: pooled text
+    || sinusoidal(``addition_time_embed_dim``) of one "time id" per sample, which is the bucket index.
+    """
+    channels = tuple(config.model_channels * m for m in config.channel_mult)
+    kwargs = dict(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in config.transformer_depth),
+        up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(config.transformer_depth)),
+        block_out_channels=channels,
+        layers_per_block=config.num_res_blocks,
+        # Levels without attention ignore their entry; the middle block takes the last one.
+        transformer_layers_per_block=tuple(max(d, 1) for d in config.transformer_depth[:-1])
+        + (config.transformer_depth_middle,),
+        # diffusers' "attention_head_dim" is the number of heads per level (a historic misnomer).
+        attention_head_dim=tuple(config.heads(c)[0] for c in channels),
+        cross_attention_dim=config.context_dim,
+        norm_num_groups=config.norm_num_groups,
+        use_linear_projection=config.use_linear_in_transformer,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+    )
+    if config.transformer_depth[-1] and config.transformer_depth[-1] != config.transformer_depth_middle:
+        raise ValueError("diffusers gives the middle block the depth of the last level: "
+                         f"transformer_depth[-1] {config.transformer_depth[-1]} != middle {config.transformer_depth_middle}")
+    if config.adm_in_channels is not None:
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
+                      projection_class_embeddings_input_dim=config.adm_in_channels)
+    return kwargs
+
+
 def unet_from_diffusers(state: Mapping[str, np.ndarray], config: UNetConfig) -> Dict[str, np.ndarray]:
     """Rename a diffusers UNet state dict for our :class:`~pangu_draw_ms.models.unet.UNetModel`.
 
