@@ -125,6 +125,9 @@ class VAEConfig:
 
     def __post_init__(self):
         _check(len(self.channel_mult) >= 1, "vae.channel_mult must name at least one level")
+        for name in ("in_channels", "out_channels", "base_channels", "latent_channels"):
+            _check(getattr(self, name) >= 1, f"vae.{name} must be >= 1, got {getattr(self, name)}")
+        _check(all(m >= 1 for m in self.channel_mult), f"vae.channel_mult entries must be >= 1, got {self.channel_mult}")
         _check(self.num_res_blocks >= 1, "vae.num_res_blocks must be >= 1")
         for mult in self.channel_mult:
             _check(
