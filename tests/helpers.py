@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pangu_draw_ms.config import UNetConfig
+from pangu_draw_ms.io.diffusers_unet import diffusers_unet_kwargs
+
 
 def randomize_torch_module(module, seed: int = 0, scale: float = 0.2) -> None:
     """Overwrite EVERY floating parameter and buffer of a torch module with seeded random values.
@@ -50,3 +53,26 @@ def assert_close(ours, reference, rel: float = 1e-4, what: str = "output") -> fl
     print(f"{what}: max |diff| / max |ref| = {err:.3e}")
     assert err <= rel, f"{what}: relative max difference {err:.3e} exceeds {rel:.1e}"
     return err
+
+
+# ---- tiny reference UNets ------------------------------------------------------------------------
+POOLED, BUCKET_DIM, CONTEXT = 8, 16, 24
+
+# Three levels, attention at levels 2 and 3 with different depths, two res blocks per level: every
+# index rule of the layout (skip convs, downsample/upsample positions, stage with/without attention).
+SDXL_LIKE = UNetConfig(model_channels=32, channel_mult=(1, 1, 2), num_res_blocks=2, transformer_depth=(0, 1, 2),
+                       transformer_depth_middle=2, num_head_channels=16, context_dim=CONTEXT,
+                       adm_in_channels=POOLED + BUCKET_DIM, norm_num_groups=8)
+# SD1.5 family: fixed head count, 1x1-conv projections, attention from the first level, no vector.
+SD15_LIKE = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0),
+                       transformer_depth_middle=1, num_head_channels=None, num_heads=2, context_dim=CONTEXT,
+                       adm_in_channels=None, use_linear_in_transformer=False, norm_num_groups=8)
+
+
+def diffusers_unet(config: UNetConfig):
+    """A diffusers UNet2DConditionModel of the same architecture, every weight re-randomised (seeded)."""
+    import diffusers
+
+    model = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(config, addition_time_embed_dim=BUCKET_DIM)).eval()
+    randomize_torch_module(model, seed=1)
+    return model

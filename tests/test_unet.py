@@ -5,33 +5,14 @@ import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 
 from pangu_draw_ms.config import UNetConfig
-from pangu_draw_ms.io.diffusers_unet import diffusers_unet_kwargs, unet_from_diffusers
+from pangu_draw_ms.io.diffusers_unet import unet_from_diffusers
 from pangu_draw_ms.io.state import load_state
 from pangu_draw_ms.models import layers as L
 from pangu_draw_ms.models.unet import UNetModel
-from helpers import assert_close, randomize_torch_module, torch_state_numpy
+from helpers import BUCKET_DIM, CONTEXT, POOLED, SD15_LIKE, SDXL_LIKE, assert_close, diffusers_unet, torch_state_numpy
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-
-POOLED, BUCKET_DIM, CONTEXT = 8, 16, 24
-
-# Three levels, attention at levels 2 and 3 with different depths, two res blocks per level: every
-# index rule of the layout (skip convs, downsample/upsample positions, stage with/without attention).
-SDXL_LIKE = UNetConfig(model_channels=32, channel_mult=(1, 1, 2), num_res_blocks=2, transformer_depth=(0, 1, 2),
-                       transformer_depth_middle=2, num_head_channels=16, context_dim=CONTEXT,
-                       adm_in_channels=POOLED + BUCKET_DIM, norm_num_groups=8)
-# SD1.5 family: fixed head count, 1x1-conv projections, attention from the first level, no vector.
-SD15_LIKE = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 0),
-                       transformer_depth_middle=1, num_head_channels=None, num_heads=2, context_dim=CONTEXT,
-                       adm_in_channels=None, use_linear_in_transformer=False, norm_num_groups=8)
-
-
-def diffusers_unet(config: UNetConfig):
-    model = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(config, addition_time_embed_dim=BUCKET_DIM)).eval()
-    randomize_torch_module(model, seed=1)
-    return model
-
 
 @pytest.mark.parametrize("config", [SDXL_LIKE, SD15_LIKE], ids=["sdxl_like", "sd15_like"])
 def test_unet_matches_diffusers(config, ms_mode, rng):
