@@ -167,9 +167,10 @@ class TextEncoderConfig:
 
     ``output_layer``: ``last`` = last block then final LayerNorm (HF ``last_hidden_state``),
     ``penultimate`` = output of the second-to-last block, no final LayerNorm (OpenCLIP/SDXL).
-    ``projection_dim``: width of the pooled output (final-LN hidden at the EOT token @ projection);
-    ``None`` = the encoder gives no pooled output. ``eot_token_id``: ``None`` finds the EOT token as
-    the argmax id (CLIP BPE, where EOT is the largest id), else the first position holding that id.
+    ``projection_dim``: width of ``text_projection``, applied to the pooled feature (final-LN hidden at
+    the EOT token); ``None`` = no projection, the pooled output is that feature itself (HF
+    ``pooler_output``). ``eot_token_id``: ``None`` finds the EOT token as the argmax id (CLIP BPE, where
+    EOT is the largest id), else the first position holding that id.
     """
 
     vocab_size: int = 49408
@@ -189,6 +190,18 @@ class TextEncoderConfig:
         _check(
             self.hidden_size % self.num_heads == 0,
             f"text encoder: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}",
+        )
+        # Literal types are enforced when loading YAML; direct construction is checked here.
+        _check(self.hidden_act in ("quick_gelu", "gelu"),
+               f"text encoder: hidden_act {self.hidden_act!r} is not valid; choose 'quick_gelu' or 'gelu'")
+        _check(self.output_layer in ("last", "penultimate"),
+               f"text encoder: output_layer {self.output_layer!r} is not valid; choose 'last' or 'penultimate'")
+        _check(self.projection_dim is None or self.projection_dim >= 1,
+               f"text encoder: projection_dim {self.projection_dim} must be >= 1, or null for no text_projection")
+        _check(
+            self.eot_token_id is None or 0 <= self.eot_token_id < self.vocab_size,
+            f"text encoder: eot_token_id {self.eot_token_id} is not an id of the {self.vocab_size}-token vocabulary; "
+            "give an id in [0, vocab_size) or null (the EOT token is the largest id in each row)",
         )
         _check(
             self.num_layers >= (2 if self.output_layer == "penultimate" else 1),
@@ -219,8 +232,8 @@ class ConditionerConfig:
         )
         _check(
             self.encoders[self.pooled_from].projection_dim is not None,
-            f"conditioner.pooled_from names encoder {self.pooled_from}, which has no projection_dim "
-            "(no pooled output)",
+            f"conditioner.pooled_from names encoder {self.pooled_from}, which has no projection_dim; "
+            "the vector takes the projected pooled text of an encoder with a text_projection",
         )
         _check(self.bucket_embed_dim % 2 == 0, "conditioner.bucket_embed_dim must be even (cos || sin)")
         lengths = {e.tokenizer.max_length for e in self.encoders}

@@ -1,0 +1,129 @@
+"""Weight-name mapping from transformers and OpenCLIP CLIP text models to :class:`CLIPTextEncoder`.
+
+Pure functions on ``{name: array}`` dicts; load the result with :func:`pangu_draw_ms.io.state.load_state`.
+Both accept torch suffixes (``weight``/``bias``) and MindSpore ones (``gamma``/``beta``/
+``embedding_table``), because the released PanGu-Draw checkpoints hold these same models under
+MindSpore naming (``conditioner.embedders.0.transformer.`` + transformers names,
+``conditioner.embedders.1.model.`` + OpenCLIP names): strip those prefixes and map the rest here.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Mapping
+
+import numpy as np
+
+from .state import StateDictError
+
+Tensors = Dict[str, np.ndarray]
+
+_TORCH_TO_MS_NORM = {"weight": "gamma", "bias": "beta", "gamma": "gamma", "beta": "beta"}
+_EMBEDDING_SUFFIXES = ("weight", "embedding_table")
+
+_HF_PREFIX = "text_model."  # transformers' on-disk prefix of the text tower
+_HF_POSITION_IDS = "text_model.embeddings.position_ids"  # a buffer, not a weight
+_HF_PROJECTION = "text_projection.weight"  # CLIPTextModelWithProjection only
+_HF_NORMS = ("layer_norm1", "layer_norm2", "final_layer_norm")
+
+# OpenCLIP block layout -> ours, for everything in a block except the fused q/k/v projection.
+_OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_OPEN_CLIP_BLOCK_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.(ln_1|ln_2|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)\.(\w+)$")
+_OPEN_CLIP_IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
+_OPEN_CLIP_SKIPPED = ("logit_scale",)  # CLIP's contrastive temperature: not part of the text encoder
+
+
+def _unknown(keys, what: str, valid: str) -> StateDictError:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - 10} more)" if len(keys) > 10 else ""
+    return StateDictError(f"{len(keys)} key(s) are not part of a {what}: {', '.join(keys[:10])}{more}; "
+                          f"expected {valid}")
+
+
+def clip_text_from_transformers(state: Mapping[str, np.ndarray]) -> Tensors:
+    """Map a transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` state dict, with its
+    on-disk names (``text_model.*``, ``text_projection.weight``), to :class:`CLIPTextEncoder` names.
+
+    Norm ``weight``/``bias`` become ``gamma``/``beta``, embedding ``weight`` becomes ``embedding_table``;
+    the ``position_ids`` buffer is dropped. Raises :class:`StateDictError` on keys of other models.
+    """
+    mapped: Tensors = {}
+    unknown = []
+    for name, value in state.items():
+        if name == _HF_POSITION_IDS:
+            continue
+        if name == _HF_PROJECTION:
+            mapped[name] = np.asarray(value)
+            continue
+        if not name.startswith(_HF_PREFIX):
+            unknown.append(name)
+            continue
+        module, leaf = name[len(_HF_PREFIX):].rsplit(".", 1)
+        if module.endswith(_HF_NORMS) and leaf in _TORCH_TO_MS_NORM:
+            leaf = _TORCH_TO_MS_NORM[leaf]
+        elif module.endswith("_embedding") and leaf in _EMBEDDING_SUFFIXES:
+            leaf = "embedding_table"
+        mapped[f"{module}.{leaf}"] = np.asarray(value)
+    if unknown:
+        raise _unknown(unknown, "transformers CLIP text model",
+                       f"names under {_HF_PREFIX!r} and {_HF_PROJECTION!r} (strip any outer prefix first)")
+    return mapped
+
+
+def clip_text_from_open_clip(state: Mapping[str, np.ndarray]) -> Tensors:
+    """Map an OpenCLIP text tower state dict to :class:`CLIPTextEncoder` names.
+
+    ``transformer.resblocks.N.attn.in_proj_{weight,bias}`` (rows q, k, v) are split into
+    ``self_attn.{q,k,v}_proj``; ``text_projection`` (width, proj), applied as ``x @ P``, is transposed
+    into the Dense weight (proj, width); ``positional_embedding`` becomes the position table;
+    ``logit_scale`` is skipped. Raises :class:`StateDictError` on keys of other models (e.g. ``visual.*``).
+    """
+    mapped: Tensors = {}
+    unknown = []
+    for name, value in state.items():
+        if name in _OPEN_CLIP_SKIPPED:
+            continue
+        entries = _open_clip_entries(name, np.asarray(value))
+        if entries is None:
+            unknown.append(name)
+        else:
+            mapped.update(entries)
+    if unknown:
+        raise _unknown(unknown, "OpenCLIP text tower",
+                       "token_embedding, positional_embedding, transformer.resblocks.N.{ln_1, attn.in_proj_weight, "
+                       "attn.in_proj_bias, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_final, text_projection, "
+                       "logit_scale (strip any outer prefix first)")
+    return mapped
+
+
+def _open_clip_entries(name: str, value: np.ndarray):
+    """Our ``{name: array}`` for one OpenCLIP entry, or None when the name is not an OpenCLIP text key."""
+    leaf = name.rsplit(".", 1)[-1]
+    in_proj = _OPEN_CLIP_IN_PROJ.match(name)
+    if in_proj:
+        layer, kind = in_proj.groups()
+        if value.shape[0] % 3:
+            raise StateDictError(f"{name}: fused q/k/v projection of shape {value.shape}: the first axis must be "
+                                 "3 x width (rows q, k, v)")
+        return {f"encoder.layers.{layer}.self_attn.{part}_proj.{kind}": chunk
+                for part, chunk in zip(("q", "k", "v"), np.split(value, 3, axis=0))}
+    block = _OPEN_CLIP_BLOCK_KEY.match(name)
+    if block:
+        layer, module, leaf = block.groups()
+        ours = _OPEN_CLIP_BLOCK[module]
+        if ours.startswith("layer_norm"):
+            if leaf not in _TORCH_TO_MS_NORM:
+                return None
+            leaf = _TORCH_TO_MS_NORM[leaf]
+        elif leaf not in ("weight", "bias"):
+            return None
+        return {f"encoder.layers.{layer}.{ours}.{leaf}": value}
+    if name.startswith("token_embedding.") and leaf in _EMBEDDING_SUFFIXES:
+        return {"embeddings.token_embedding.embedding_table": value}
+    if name == "positional_embedding":
+        return {"embeddings.position_embedding.embedding_table": value}
+    if name.startswith("ln_final.") and leaf in _TORCH_TO_MS_NORM:
+        return {f"final_layer_norm.{_TORCH_TO_MS_NORM[leaf]}": value}
+    if name == "text_projection":
+        return {"text_projection.weight": np.ascontiguousarray(value.T)}
+    return None
