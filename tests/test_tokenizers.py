@@ -338,7 +338,9 @@ def test_sentencepiece_jieba_segments_chinese(spm_models):
     plain = SentencePieceTokenizer(spm_models[False])
     segmented = SentencePieceTokenizer(spm_models[True], jieba=True)
     text = "穿着汉服的少女站在雪山下的湖泊"
-    words = [w for w in jieba.Tokenizer().cut(text)]  # the package's own dictionary, offline
+    # jieba segments from the dictionary inside its package: no download, works offline.
+    assert os.path.isfile(os.path.join(os.path.dirname(jieba.__file__), "dict.txt"))
+    words = list(jieba.Tokenizer().cut(text))
     assert len(words) > 3 and "".join(words) == text
     assert segmented.decode(segmented.encode(text)) == " ".join(words)
     assert plain.tokenize(text) != segmented.tokenize(text)
