@@ -144,21 +144,43 @@ class VAEConfig:
 
 TokenizerKind = Literal["wordpiece", "clip_bpe", "sentencepiece"]
 
+# The bundled vocab of each kind, and the file suffix each kind reads.
+_DEFAULT_VOCAB = {"wordpiece": "bert_chinese_vocab.txt", "clip_bpe": "bpe_simple_vocab_16e6.txt.gz"}
+_VOCAB_SUFFIX = {"wordpiece": ".txt", "clip_bpe": ".gz", "sentencepiece": ".model"}
+
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """How prompts become ids. ``vocab`` (and ``merges``) are paths; a bare file name is looked up
-    in the package's bundled vocab folder ``pangu_draw_ms/tokenizers/data``."""
+    """How prompts become ids (see ``pangu_draw_ms.tokenizers.build_tokenizer``).
+
+    ``vocab``: the vocab file of ``kind`` (WordPiece ``vocab.txt``, CLIP merges ``.txt.gz``,
+    SentencePiece ``.model``); a bare file name is looked up in the package's bundled vocab folder
+    ``pangu_draw_ms/tokenizers/data``. Empty = the bundled vocab of ``kind`` (wordpiece:
+    ``bert_chinese_vocab.txt``, clip_bpe: ``bpe_simple_vocab_16e6.txt.gz``; sentencepiece has none).
+    ``lowercase`` and ``jieba`` (Chinese word segmentation, sentencepiece only) must match how a
+    SentencePiece model was trained.
+    """
 
     kind: TokenizerKind = "clip_bpe"
-    vocab: str = "bpe_simple_vocab_16e6.txt.gz"
+    vocab: str = ""
     max_length: int = 77
     lowercase: bool = True
-    # Chinese word segmentation before SentencePiece (models we train ourselves).
     jieba: bool = False
 
     def __post_init__(self):
+        _check(self.kind in _VOCAB_SUFFIX, f"tokenizer.kind {self.kind!r} is not valid; choose one of "
+               f"{sorted(_VOCAB_SUFFIX)}")
+        if not self.vocab:
+            _check(self.kind in _DEFAULT_VOCAB, f"tokenizer.vocab: kind {self.kind!r} has no bundled vocab; give the "
+                   "path of a trained .model file (pangu_draw_ms.tokenizers.train makes one)")
+            object.__setattr__(self, "vocab", _DEFAULT_VOCAB[self.kind])
+        suffix = _VOCAB_SUFFIX[self.kind]
+        _check(self.vocab.endswith(suffix), f"tokenizer.vocab {self.vocab!r} is not a {self.kind} vocab: expected a "
+               f"*{suffix} file" + (f" such as the bundled {_DEFAULT_VOCAB[self.kind]!r}" if self.kind in _DEFAULT_VOCAB
+                                    else ""))
         _check(self.max_length >= 2, "tokenizer.max_length must be >= 2 (start and end tokens)")
+        _check(not self.jieba or self.kind == "sentencepiece",
+               f"tokenizer.jieba segments Chinese for kind 'sentencepiece' only, not {self.kind!r}")
 
 
 @dataclass(frozen=True)
