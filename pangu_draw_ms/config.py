@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional, Tuple, Type, TypeVar
 
 import yaml
 
+from .buckets import TABLE7_STRUCTURE, TABLE7_TEXTURE
+
 T = TypeVar("T")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -273,7 +275,11 @@ class ConditionerConfig:
 @dataclass(frozen=True)
 class PanGuDrawConfig:
     """The whole model: one UNet architecture used twice (structure and texture generators), the
-    VAE and the conditioner. ``t_struct``: the structure generator denoises t >= t_struct."""
+    VAE and the conditioner. ``t_struct``: the structure generator denoises t >= t_struct.
+
+    ``structure_buckets`` / ``texture_buckets``: the (H, W) resolution buckets of each generator, in
+    index order (default: the paper's Table 7); sampling uses the structure table.
+    """
 
     name: str = "pangu_draw_v3"
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -281,6 +287,8 @@ class PanGuDrawConfig:
     conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
     t_struct: int = 500
     num_train_timesteps: int = 1000
+    structure_buckets: Tuple[Tuple[int, ...], ...] = TABLE7_STRUCTURE
+    texture_buckets: Tuple[Tuple[int, ...], ...] = TABLE7_TEXTURE
 
     def __post_init__(self):
         _check(
@@ -301,6 +309,16 @@ class PanGuDrawConfig:
             0 < self.t_struct < self.num_train_timesteps,
             f"t_struct {self.t_struct} must lie in (0, {self.num_train_timesteps})",
         )
+        multiple = self.vae.downsample_factor * 2 ** (len(self.unet.channel_mult) - 1)
+        for name in ("structure_buckets", "texture_buckets"):
+            table = getattr(self, name)
+            _check(len(table) >= 1, f"{name} must list at least one (height, width) bucket")
+            for size in table:
+                _check(
+                    len(size) == 2 and all(v > 0 and v % multiple == 0 for v in size),
+                    f"{name}: {list(size)} is not a (height, width) pair of positive multiples of {multiple} "
+                    "(VAE downsampling x UNet downsampling)",
+                )
 
 
 # --------------------------------------------------------------------------------------------
