@@ -1,0 +1,206 @@
+"""Typed training configuration (``configs/train/*.yaml``), validated on construction like the model configs.
+
+A training run trains ONE stage of PanGu-Draw's recipe:
+
+* ``vae``: the autoencoder, on every image at its structure bucket;
+* ``structure``: the structure generator, t uniform in [t_struct, T), the structure bucket list, all
+  images (those smaller than their bucket upscaled into it - the paper's data-efficiency point);
+* ``texture``: the texture generator, t uniform in [0, t_struct), the texture (lower-resolution) bucket
+  list, only images at least as large as their bucket;
+* ``full_range``: the single-model baseline, t uniform in [0, T), the structure bucket list.
+
+``t_struct``, T and the bucket lists come from the model config; :attr:`TrainConfig.timestep_range`
+turns the stage into its range.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Tuple
+
+import yaml
+
+from ..config import PanGuDrawConfig, _check, from_dict, resolve_config_path
+
+Stage = Literal["vae", "structure", "texture", "full_range"]
+STAGES = ("vae", "structure", "texture", "full_range")
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+CAPTION_LANGUAGES = ("en", "zh")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Image-text pairs: a JSONL or CSV manifest with columns ``image`` (path, relative to ``root``),
+    ``caption_en``, ``caption_zh`` (at least one non-empty) and optionally ``height``/``width``.
+
+    ``root``: folder of the image paths ("" = the manifest's folder). ``batch_size``: samples per worker
+    and micro-step. ``num_workers``: parallel decode threads (<= cores). Each sample uses, per epoch, a
+    caption of one of ``languages`` picked at random, replaced by "" with probability ``uncond_prob``
+    (classifier-free guidance). ``upscale_small_images``: images smaller than their bucket are upscaled
+    into it (true) or left out of this stage (false). ``cache_dir``: latents (frozen VAE) and text
+    features (frozen text encoders) are computed once and read from there ("" = computed every step).
+    """
+
+    manifest: str = ""
+    root: str = ""
+    batch_size: int = 4
+    num_workers: int = 2
+    languages: Tuple[str, ...] = CAPTION_LANGUAGES
+    uncond_prob: float = 0.1
+    upscale_small_images: bool = True
+    cache_dir: str = ""
+
+    def __post_init__(self):
+        _check(bool(self.manifest), "data.manifest must name a .jsonl or .csv manifest file")
+        _check(self.manifest.endswith((".jsonl", ".csv")),
+               f"data.manifest {self.manifest!r} must be a .jsonl or .csv file")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.num_workers >= 1, f"data.num_workers must be >= 1, got {self.num_workers}")
+        _check(len(self.languages) >= 1 and all(lang in CAPTION_LANGUAGES for lang in self.languages),
+               f"data.languages {list(self.languages)} must be a non-empty subset of {list(CAPTION_LANGUAGES)}")
+        _check(0.0 <= self.uncond_prob < 1.0, f"data.uncond_prob must be in [0, 1), got {self.uncond_prob}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (decoupled weight decay on matrices only) with linear warmup then cosine decay to
+    ``min_lr_ratio * learning_rate``; gradients clipped to global norm ``max_grad_norm`` (0 = off) after
+    ``grad_accumulation`` micro-steps; an exponential moving average of the weights with ``ema_decay``
+    (0 = off; the exported weights are the EMA when it is on)."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accumulation: int = 1
+    ema_decay: float = 0.999
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+        _check(self.eps > 0, "optim.eps must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.max_grad_norm >= 0, "optim.max_grad_norm must be >= 0 (0 turns clipping off)")
+        _check(self.grad_accumulation >= 1, f"optim.grad_accumulation must be >= 1, got {self.grad_accumulation}")
+        _check(0 <= self.ema_decay < 1, f"optim.ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class LossScaleConfig:
+    """Dynamic loss scaling (used when the compute precision is fp16): the scale starts at ``initial``,
+    is divided by ``factor`` on an overflow (that step is skipped) and multiplied by it after ``window``
+    finite steps."""
+
+    initial: float = 65536.0
+    factor: int = 2
+    window: int = 1000
+
+    def __post_init__(self):
+        _check(self.initial >= 1, "loss_scale.initial must be >= 1")
+        _check(self.factor >= 2, "loss_scale.factor must be an integer >= 2")
+        _check(self.window >= 1, "loss_scale.window must be >= 1")
+
+
+@dataclass(frozen=True)
+class VAELossConfig:
+    """Autoencoder loss: mean |x - x_rec| + ``mse_weight`` mean (x - x_rec)^2 + ``kl_weight`` KL(q(z|x) || N(0, I))
+    (the KL summed over latent elements and averaged over the batch, as LDM does)."""
+
+    mse_weight: float = 1.0
+    kl_weight: float = 1e-6
+
+    def __post_init__(self):
+        _check(self.mse_weight >= 0 and self.kl_weight >= 0, "vae_loss weights must be >= 0")
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Weights to start from (safetensors with our parameter names, as in a model directory). Frozen
+    components must be given: the diffusion stages need ``vae``, and ``conditioner`` unless the text
+    encoders are trained. A trainable component without a file starts from random weights."""
+
+    vae: str = ""
+    conditioner: str = ""
+    unet: str = ""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``model``: a model YAML (or bundled config name) or a model directory holding
+    ``config.yaml``. ``steps``: optimizer steps. ``export_dir``: model directory the trained weights are
+    written into at the end (with ``config.yaml``; see ``pangu_draw_ms.training.export``)."""
+
+    model: str = "tiny"
+    stage: Stage = "structure"
+    output_dir: str = "outputs/train"
+    steps: int = 100
+    seed: int = 0
+    precision: Precision = "auto"
+    recompute: bool = False
+    train_text_encoders: bool = False
+    data: DataConfig = field(default_factory=lambda: DataConfig(manifest="data/train.jsonl"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    export_dir: str = ""
+    export_dtype: Literal["float32", "float16"] = "float32"
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        _check(self.stage in STAGES, f"stage {self.stage!r} is not valid; choose one of {list(STAGES)}")
+        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _check(self.log_every >= 1, "log_every must be >= 1")
+        _check(self.save_every >= 0, "save_every must be >= 0 (0: save only at the end)")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _check(not (self.train_text_encoders and self.stage == "vae"),
+               "train_text_encoders applies to the diffusion stages, not to stage 'vae'")
+        _check(not (self.train_text_encoders and self.data.cache_dir),
+               "data.cache_dir caches the features of FROZEN text encoders; it cannot be combined with "
+               "train_text_encoders (drop one of them)")
+
+    def timestep_range(self, model: PanGuDrawConfig) -> Tuple[int, int]:
+        """[low, high) of the uniformly sampled training timesteps of a diffusion stage."""
+        return {"structure": (model.t_struct, model.num_train_timesteps),
+                "texture": (0, model.t_struct),
+                "full_range": (0, model.num_train_timesteps)}[self.stage]
+
+    def buckets(self, model: PanGuDrawConfig) -> Tuple[Tuple[int, ...], ...]:
+        """The (H, W) bucket list this stage trains at: the texture list for ``texture``, else the structure list."""
+        return model.texture_buckets if self.stage == "texture" else model.structure_buckets
+
+
+def _parse_value(text: str):
+    """A YAML value, with numbers YAML 1.1 leaves as strings ("3e-3") read as numbers."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def load_train_config(path: str, overrides: Tuple[str, ...] = ()) -> TrainConfig:
+    """A training YAML, with ``key.sub=value`` overrides (values parsed as YAML: ``steps=10``)."""
+    path = resolve_config_path(path)
+    with open(path, "r", encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        _check(bool(sep) and bool(key), f"override {item!r} is not of the form key=value (e.g. steps=10)")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            _check(isinstance(node, dict), f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return from_dict(TrainConfig, data, where=os.path.basename(path))

@@ -1,0 +1,28 @@
+"""Training objectives, written with MindSpore ops so they trace into the compiled gradient graph."""
+from __future__ import annotations
+
+from mindspore import ops
+
+from ..diffusion.schedule import add_noise
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
+from .config import VAELossConfig
+
+
+def diffusion_loss(unet: UNetModel, z0, noise, timesteps, alpha_bar, context, vector):
+    """PanGu-Draw eq. (2): E || eps - eps_theta(z_t, t, c) ||^2 with z_t from eq. (1).
+
+    ``alpha_bar``: a_t gathered per sample, shape (B, 1, 1, 1); ``timesteps``: (B,) float.
+    """
+    z_t = add_noise(z0, noise, alpha_bar)
+    eps = unet(z_t, timesteps, context, vector)
+    return ops.mean(ops.square(eps - noise))
+
+
+def vae_loss(vae: AutoencoderKL, pixels, noise, config: VAELossConfig):
+    """Reconstruction of a posterior sample (L1 + weighted L2) plus the weighted KL to N(0, I)."""
+    mean, logvar = vae.encode(pixels)
+    z = mean + ops.exp(0.5 * logvar) * noise
+    error = vae.decode(z) - pixels
+    kl = 0.5 * ops.sum(ops.square(mean) + ops.exp(logvar) - 1.0 - logvar) / pixels.shape[0]
+    return ops.mean(ops.abs(error)) + config.mse_weight * ops.mean(ops.square(error)) + config.kl_weight * kl

@@ -1,0 +1,440 @@
+"""The training run of one stage: models, data, the step loop, checkpoints, logs and the export.
+
+Randomness that decides a sample's fate lives on the host and is keyed, never carried: the timestep and
+the noises of the sample at global batch position p of micro-batch m come from
+``default_rng([seed, m, p])``, caption choices from ``(seed, epoch, sample)``, the batch plan from
+``(seed, epoch)``. A run's whole position is therefore (weights, optimizer state, micro-batch count): a
+resumed run continues exactly, and N workers with batch b see what one worker with batch N*b sees.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from ..buckets import BucketTable
+from ..config import to_dict
+from ..diffusion.schedule import NoiseSchedule
+from ..io.state import cell_state, load_state
+from ..models.conditioner import Conditioner
+from ..models.layers import compute_dtype
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
+from ..tokenizers import build_tokenizer
+from .checkpointing import CheckpointFolder
+from .config import TrainConfig
+from .data import UNCOND, BatchPlan, BatchStream, FeatureCache, Skipped, assign_buckets, read_manifest
+from .losses import diffusion_loss, vae_loss
+from .metrics import MetricsLog, plot_loss
+from .model_dir import COMPONENT_FILES, load_component, load_model_config, save_component, write_model_config
+from .model_dir import with_scaling_factor
+from .step import TrainStep
+
+logger = logging.getLogger("pangu_draw_ms.train")
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        from mindspore.communication.comm_func import barrier as comm_barrier
+
+        comm_barrier()
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_digest(cell: nn.Cell) -> str:
+    """sha256 over a cell's parameters (sorted by name): equal digests = bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, value in sorted(cell_state(cell).items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+class Trainer:
+    """Trains one stage (``config.stage``) on this worker (``rank`` of ``world``); see the module docstring."""
+
+    def __init__(self, config: TrainConfig, rank: int = 0, world: int = 1):
+        self.config = config
+        self.rank, self.world = rank, world
+        self.is_main = rank == 0
+        self.model_config = load_model_config(config.model)
+        precision = None if config.precision == "auto" else config.precision
+        self.dtype = compute_dtype(precision)
+        self.diffusion = config.stage != "vae"
+        self.schedule = NoiseSchedule(self.model_config.num_train_timesteps)
+        self.t_range = config.timestep_range(self.model_config) if self.diffusion else None
+        self.checkpoints = CheckpointFolder(os.path.join(config.output_dir, "checkpoints"), config.keep_checkpoints)
+        self.step = 0
+        self.micro = 0
+        ms.set_seed(config.seed)  # identical initial weights on every worker
+        self._build_models()
+        self._build_data()
+        trainable = [p for name in self.trainable for p in self.cells[name].trainable_params()]
+        scaling = config.loss_scale if self.dtype == ms.float16 else None
+        self.train_step = TrainStep(self._loss_fn(), trainable, config.optim, config.steps, scaling, world)
+
+    # ---- models ---------------------------------------------------------------------------------
+    def _load(self, name: str, cell: nn.Cell, path: str) -> None:
+        load_state(cell, load_component(path), what=path)
+        if self.is_main:
+            logger.info("%s: loaded %s", name, path)
+
+    def _build_models(self) -> None:
+        config, model = self.config, self.model_config
+        init = config.init
+        self.cells: Dict[str, nn.Cell] = {"vae": AutoencoderKL(model.vae, self.dtype)}
+        self.sources: Dict[str, str] = {}
+        if init.vae:
+            self._load("vae", self.cells["vae"], init.vae)
+            self.sources["vae"] = init.vae
+        if not self.diffusion:
+            self.trainable = ["vae"]
+        else:
+            if not init.vae:
+                raise ValueError(f"stage {config.stage!r} trains in the latent space of a trained VAE: set init.vae "
+                                 "to its vae.safetensors (stage 'vae' makes one)")
+            self.cells["unet"] = UNetModel(model.unet, self.dtype)
+            self.cells["conditioner"] = Conditioner(model.conditioner, self.dtype)
+            if init.unet:
+                self._load("unet", self.cells["unet"], init.unet)
+            if init.conditioner:
+                self._load("conditioner", self.cells["conditioner"], init.conditioner)
+                self.sources["conditioner"] = init.conditioner
+            elif not config.train_text_encoders:
+                raise ValueError("the text encoders are frozen (train_text_encoders: false) but init.conditioner names "
+                                 "no weights; give a conditioner.safetensors or set train_text_encoders: true")
+            self.trainable = ["unet"] + (["conditioner"] if config.train_text_encoders else [])
+            if config.recompute:
+                unet = self.cells["unet"]
+                for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
+                    block.recompute()
+        for name, cell in self.cells.items():
+            is_trained = name in self.trainable
+            cell.set_train(is_trained)
+            for param in cell.get_parameters():
+                param.requires_grad = is_trained
+        compile_ = ms.get_context("mode") == ms.GRAPH_MODE
+        wrap = ms.jit if compile_ else (lambda f: f)
+        vae = self.cells["vae"]
+
+        def encode_images(pixels):
+            return vae.encode(pixels)
+
+        self._encode_images = wrap(encode_images)
+        if self.diffusion:
+            conditioner = self.cells["conditioner"]
+
+            def encode_text(bucket, *ids):
+                return conditioner(ids, bucket)
+
+            self._encode_text = wrap(encode_text)
+
+    def _loss_fn(self):
+        if not self.diffusion:
+            vae, weights = self.cells["vae"], self.config.vae_loss
+
+            def loss(pixels, noise):
+                return vae_loss(vae, pixels, noise, weights)
+
+            return loss
+        unet, conditioner = self.cells["unet"], self.cells["conditioner"]
+        if self.config.train_text_encoders:
+            def loss(z0, noise, timesteps, alpha_bar, bucket, *ids):
+                context, vector = conditioner(ids, bucket)
+                return diffusion_loss(unet, z0, noise, timesteps, alpha_bar, context, vector)
+        else:
+            def loss(z0, noise, timesteps, alpha_bar, bucket, context, vector):
+                return diffusion_loss(unet, z0, noise, timesteps, alpha_bar, context, vector)
+        return loss
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        config, data = self.config, self.config.data
+        samples, skipped = read_manifest(data.manifest, data.root)
+        table = BucketTable(f"{config.stage} buckets", tuple(tuple(s) for s in config.buckets(self.model_config)))
+        buckets, left_out = assign_buckets(samples, table, data.upscale_small_images)
+        self.skipped = Skipped(skipped + left_out)
+        self.samples, self.buckets, self.table = samples, buckets, table
+        self.global_batch = data.batch_size * self.world
+        self.plan = BatchPlan(buckets, self.global_batch, config.seed)
+        if self.is_main:
+            counts = {f"{h}x{w}": int((buckets == i).sum()) for i, (h, w) in enumerate(table.sizes)}
+            logger.info("data: %d samples in %d buckets %s; skipped: %s; %d global batches of %d per epoch",
+                        int((buckets >= 0).sum()), len(table), counts, self.skipped.describe(),
+                        self.plan.batches_per_epoch, self.global_batch)
+        frozen_text = self.diffusion and not config.train_text_encoders
+        self.cache = None
+        if data.cache_dir and self.diffusion:
+            self.cache = FeatureCache(data.cache_dir, self._cache_fingerprint(frozen_text))
+            self._fill_cache(frozen_text)
+        tokenizers = None
+        if self.diffusion and not (self.cache is not None and frozen_text):
+            tokenizers = [build_tokenizer(e.tokenizer) for e in self.model_config.conditioner.encoders]
+            for tokenizer in tokenizers:
+                tokenizer("warm up")  # loads jieba's dictionary before the decode threads share it
+        self.stream = BatchStream(samples, buckets, table, self.plan, rank=self.rank, world=self.world,
+                                  batch_size=data.batch_size, seed=config.seed, languages=data.languages,
+                                  uncond_prob=data.uncond_prob, tokenizers=tokenizers, cache=self.cache,
+                                  cache_text=frozen_text, num_workers=data.num_workers)
+
+    def _cache_fingerprint(self, frozen_text: bool) -> str:
+        model = to_dict(self.model_config)
+        parts = {"manifest": os.path.abspath(self.config.data.manifest), "samples": len(self.samples),
+                 "buckets": [list(s) for s in self.table.sizes], "vae": model["vae"],
+                 "vae_weights": _file_digest(self.config.init.vae),
+                 "languages": list(self.config.data.languages), "dtype": str(self.dtype)}
+        if frozen_text:
+            parts["conditioner"] = model["conditioner"]
+            parts["conditioner_weights"] = _file_digest(self.config.init.conditioner)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def _fill_cache(self, frozen_text: bool) -> None:
+        """Compute the posteriors (and frozen text features) of this worker's share of the samples."""
+        cache = self.cache
+        if cache.is_valid():
+            if self.is_main:
+                logger.info("cache: using %s", cache.directory)
+            return
+        os.makedirs(os.path.join(cache.directory, "latents"), exist_ok=True)
+        os.makedirs(os.path.join(cache.directory, "text"), exist_ok=True)
+        # Images are read through the stream's decoder (bad files are replaced the same way).
+        decoder = BatchStream(self.samples, self.buckets, self.table, self.plan, rank=0, world=1, batch_size=1,
+                              seed=self.config.seed, num_workers=1)
+        tokenizers = [build_tokenizer(e.tokenizer) for e in self.model_config.conditioner.encoders]
+        choices = list(self.config.data.languages) + [UNCOND]
+        batch = self.config.data.batch_size
+        start = time.time()
+        mine = [i for i in np.flatnonzero(self.buckets >= 0) if i % self.world == self.rank]
+        for bucket in range(len(self.table)):
+            members = [int(i) for i in mine if self.buckets[i] == bucket]
+            for first in range(0, len(members), batch):
+                chunk = members[first:first + batch]
+                pixels = np.stack([decoder.pixels(i, self.table.sizes[bucket]) for i in chunk])
+                mean, logvar = self._encode_images(Tensor(pixels))
+                moments = np.concatenate([mean.asnumpy(), logvar.asnumpy()], axis=1)
+                for i, m in zip(chunk, moments):
+                    np.save(cache.latents_path(i), m.astype(np.float32))
+                if frozen_text:
+                    buckets = Tensor(np.full(len(chunk), bucket, np.int32))
+                    features = {}
+                    for choice in choices:
+                        texts = [self.samples[i].caption(choice) if choice != UNCOND else "" for i in chunk]
+                        ids = [Tensor(tokenizer(texts)) for tokenizer in tokenizers]
+                        context, vector = self._encode_text(buckets, *ids)
+                        features[choice] = (context.asnumpy(), vector.asnumpy())
+                    for k, i in enumerate(chunk):
+                        np.savez(cache.text_path(i), **{f"{kind}_{choice}": features[choice][j][k]
+                                                        for choice in choices
+                                                        for j, kind in enumerate(("context", "vector"))})
+        barrier(self.world)
+        if self.is_main:
+            cache.mark_valid()
+            logger.info("cache: %d samples encoded into %s in %.0f s", len(mine), cache.directory, time.time() - start)
+        barrier(self.world)
+
+    # ---- one micro-batch ------------------------------------------------------------------------
+    def _inputs(self, batch: Dict[str, np.ndarray], micro: int) -> Tuple[tuple, np.ndarray]:
+        """The step's input tensors for a micro-batch, and the timesteps it uses (empty for the VAE)."""
+        images = batch.get("pixels")
+        size = batch["latents"].shape[0] if images is None else images.shape[0]
+        vae = self.model_config.vae
+        if images is not None:
+            f = vae.downsample_factor
+            latent_shape = (vae.latent_channels, images.shape[2] // f, images.shape[3] // f)
+        else:
+            latent_shape = (vae.latent_channels,) + batch["latents"].shape[2:]
+        positions = self.rank * size + np.arange(size)
+        rngs = [np.random.default_rng([self.config.seed, micro, int(p)]) for p in positions]
+        if not self.diffusion:
+            noise = np.stack([r.standard_normal(latent_shape, dtype=np.float32) for r in rngs])
+            return (Tensor(images), Tensor(noise)), np.zeros(0, np.int64)
+        low, high = self.t_range
+        timesteps = np.array([r.integers(low, high) for r in rngs], np.int64)
+        noise = np.stack([r.standard_normal(latent_shape, dtype=np.float32) for r in rngs])
+        posterior_noise = np.stack([r.standard_normal(latent_shape, dtype=np.float32) for r in rngs])
+        if images is None:
+            mean, logvar = np.split(batch["latents"].astype(np.float32), 2, axis=1)
+        else:
+            mean, logvar = (x.asnumpy() for x in self._encode_images(Tensor(images)))
+        z0 = (vae.scaling_factor * (mean + np.exp(0.5 * logvar) * posterior_noise)).astype(np.float32)
+        alpha_bar = self.schedule.alphas_cumprod[timesteps].astype(np.float32).reshape(-1, 1, 1, 1)
+        bucket = Tensor(batch["bucket_index"])
+        ids = [Tensor(batch[f"ids_{k}"]) for k in range(len(self.model_config.conditioner.encoders))] \
+            if "ids_0" in batch else []
+        if self.config.train_text_encoders:
+            text = tuple(ids)
+        elif "context" in batch:
+            text = (Tensor(batch["context"]), Tensor(batch["vector"]))
+        else:
+            text = tuple(self._encode_text(bucket, *ids))
+        inputs = (Tensor(z0), Tensor(noise), Tensor(timesteps.astype(np.float32)), Tensor(alpha_bar), bucket) + text
+        return inputs, timesteps
+
+    def loss_on(self, micro: int) -> float:
+        """The loss of this worker's micro-batch ``micro`` (its keyed timesteps and noise) at the current weights."""
+        inputs, _ = self._inputs(self.stream.batch(micro), micro)
+        return float(self.train_step.loss_fn(*inputs).asnumpy())
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _run_state(self) -> dict:
+        return {"step": self.step, "micro": self.micro, "stage": self.config.stage, "world": self.world,
+                "global_batch": self.global_batch, "batches_per_epoch": self.plan.batches_per_epoch,
+                "seed": self.config.seed, "trainable": self.trainable}
+
+    def save(self) -> Optional[str]:
+        """Write a checkpoint of the run (main worker only)."""
+        if not self.is_main:
+            return None
+        tensors = {f"model/{name}/{k}": v for name in self.trainable for k, v in cell_state(self.cells[name]).items()}
+        tensors.update(self.train_step.state())
+        path = self.checkpoints.save(self.step, tensors, self._run_state())
+        logger.info("step %d: checkpoint %s", self.step, path)
+        return path
+
+    def resume(self, path: Optional[str] = None) -> bool:
+        """Continue from checkpoint ``path`` (default: the newest in the output folder); False if there is none."""
+        path = path or self.checkpoints.latest()
+        if path is None:
+            return False
+        tensors, state = CheckpointFolder.load(path)
+        expected = self._run_state()
+        for key in ("stage", "global_batch", "batches_per_epoch", "seed", "trainable"):
+            if state.get(key) != expected[key]:
+                raise ValueError(f"checkpoint {path!r} was written with {key}={state.get(key)!r} but this run has "
+                                 f"{key}={expected[key]!r}; an exact resume needs the same data and batch layout")
+        for name in self.trainable:
+            prefix = f"model/{name}/"
+            load_state(self.cells[name], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                       what=f"{path} ({name})")
+        self.train_step.load_state(tensors)
+        self.step, self.micro = int(state["step"]), int(state["micro"])
+        if self.is_main:
+            logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self, steps: Optional[int] = None) -> dict:
+        """Run until optimizer step ``steps`` (default: ``config.steps``); returns a summary."""
+        config = self.config
+        steps = config.steps if steps is None else steps
+        metrics = MetricsLog(config.output_dir, self.step) if self.is_main else None
+        progress = None
+        if self.is_main:
+            from tqdm import tqdm
+
+            progress = tqdm(total=steps, initial=self.step, desc=config.stage, dynamic_ncols=True)
+        stream = self.stream(self.micro)
+        t_seen = [self.t_range[1], -1] if self.diffusion else None
+        start, first_step, losses = time.time(), self.step, []
+        while self.step < steps:
+            tick = time.time()
+            step_t = []
+            for _ in range(config.optim.grad_accumulation):
+                batch = next(stream)
+                inputs, timesteps = self._inputs(batch, self.micro)
+                result = self.train_step(*inputs)
+                self.micro += 1
+                step_t.extend(timesteps.tolist())
+            self.step += 1
+            seconds = time.time() - tick
+            row = {"step": self.step, "epoch": self.plan.position(self.micro - 1)[0], "loss": result["loss"],
+                   "lr": result["lr"], "grad_norm": result["grad_norm"], "loss_scale": self.train_step.loss_scale,
+                   "finite": int(result["finite"]),
+                   "samples_per_s": self.global_batch * config.optim.grad_accumulation / seconds,
+                   "bucket": int(batch["bucket_index"][0])}
+            if self.diffusion:
+                row.update(t_min=min(step_t), t_max=max(step_t))
+                t_seen = [min(t_seen[0], row["t_min"]), max(t_seen[1], row["t_max"])]
+            losses.append(result["loss"])
+            if self.is_main:
+                metrics.append(row)
+                progress.update(1)
+                progress.set_postfix(loss=f"{result['loss']:.4f}", lr=f"{result['lr']:.2e}")
+                if self.step % config.log_every == 0 or self.step == steps:
+                    logger.info("step %d loss %.5f lr %.3e grad_norm %.3f %.1f samples/s", self.step, result["loss"],
+                                result["lr"], result["grad_norm"], row["samples_per_s"])
+            if config.save_every and self.step % config.save_every == 0 and self.step < steps:
+                self.save()
+        if progress is not None:
+            progress.close()
+        elapsed = time.time() - start
+        self.save()
+        summary = {"stage": config.stage, "steps": self.step, "seconds": round(elapsed, 1),
+                   "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None,
+                   "steps_per_s": (self.step - first_step) / max(elapsed, 1e-9),
+                   "skipped": dict(self.skipped), "replaced_images": self.stream.replaced,
+                   "digest": self.digest()}
+        if self.diffusion:
+            summary["t_seen"] = t_seen
+        if self.is_main:
+            plot_loss(metrics.path, os.path.join(config.output_dir, "loss.png"), title=f"{config.stage} loss")
+            if config.export_dir:
+                summary["export"] = self.export()
+            with open(os.path.join(config.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2, ensure_ascii=False)
+        return summary
+
+    def digest(self) -> str:
+        """sha256 over the trainable weights: equal on every worker of a correct data-parallel run."""
+        return hashlib.sha256("".join(weights_digest(self.cells[n]) for n in self.trainable).encode()).hexdigest()
+
+    # ---- export ---------------------------------------------------------------------------------
+    def latent_std(self, max_samples: int = 512) -> float:
+        """Standard deviation of unscaled posterior samples of the training images (what sets scaling_factor)."""
+        values: List[np.ndarray] = []
+        stream = BatchStream(self.samples, self.buckets, self.table, self.plan, rank=0, world=1,
+                             batch_size=self.config.data.batch_size, seed=self.config.seed, num_workers=1)
+        rng = np.random.default_rng(self.config.seed)
+        for micro in range(min(self.plan.batches_per_epoch, max(1, max_samples // self.config.data.batch_size))):
+            mean, logvar = (x.asnumpy() for x in self._encode_images(Tensor(stream.batch(micro)["pixels"])))
+            values.append(mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape))
+        return float(np.concatenate([v.reshape(-1) for v in values]).std())
+
+    def export(self) -> dict:
+        """Write the trained components (EMA weights) into ``config.export_dir``, copy in frozen ones it
+        lacks, and write ``config.yaml``. Stage ``vae`` also sets ``vae.scaling_factor`` to 1 / latent std."""
+        directory = self.config.export_dir
+        os.makedirs(directory, exist_ok=True)
+        ema = self.train_step.ema_weights()
+        written = {}
+        model_config = self.model_config
+        for name in self.trainable:
+            state = {p.name: ema[p.name] for p in self.cells[name].trainable_params()}
+            state.update({k: v for k, v in cell_state(self.cells[name]).items() if k not in state})
+            if name == "vae":
+                load_state(self.cells["vae"], state, what="EMA weights")
+                std = self.latent_std()
+                model_config = with_scaling_factor(model_config, 1.0 / std)
+                written["latent_std"] = std
+            for component in self._component_files(name):
+                written[component] = save_component(directory, component, state, self.config.export_dtype)
+        for name, source in self.sources.items():
+            if name not in self.trainable:
+                target = os.path.join(directory, COMPONENT_FILES[name])
+                if not os.path.exists(target):
+                    shutil.copyfile(source, target)
+                    written[name] = target
+        write_model_config(directory, model_config)
+        logger.info("exported to %s: %s", directory, written)
+        return written
+
+    def _component_files(self, name: str) -> List[str]:
+        if name != "unet":
+            return [name]
+        return {"structure": ["structure_unet"], "texture": ["texture_unet"],
+                "full_range": ["structure_unet", "texture_unet"]}[self.config.stage]

@@ -1,0 +1,367 @@
+"""Training: data and buckets, the optimizer step, the stages' timestep ranges, exact resume, export, msrun.
+
+Runs the tiny_train architecture (16-32 px images) on a few dozen generated demo images on CPU.
+"""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn
+
+from pangu_draw_ms.buckets import BucketTable
+from pangu_draw_ms.config import ConfigError, PanGuDrawConfig, from_dict, to_dict
+from pangu_draw_ms.demo.shapes import write_dataset
+from pangu_draw_ms.io.state import cell_state, load_state
+from pangu_draw_ms.models.conditioner import Conditioner
+from pangu_draw_ms.models.vae import AutoencoderKL
+from pangu_draw_ms.training.checkpointing import CheckpointFolder, atomic_write_bytes, load_tensors
+from pangu_draw_ms.training.config import LossScaleConfig, OptimConfig, load_train_config
+from pangu_draw_ms.training.data import BatchPlan, BatchStream, assign_buckets, read_manifest
+from pangu_draw_ms.training.metrics import read_metrics
+from pangu_draw_ms.tokenizers import train as train_tokenizer
+from pangu_draw_ms.training.model_dir import load_component, load_model_config, save_component, write_model_config
+from pangu_draw_ms.training.optim import WarmupCosine
+from pangu_draw_ms.training.step import TrainStep
+from pangu_draw_ms.training.trainer import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """64 tiny demo images (every aspect ratio, 30 % low resolution) and a manifest of the square ones."""
+    directory = str(tmp_path_factory.mktemp("data"))
+    write_dataset(directory, 64, seed=0, low_res_fraction=0.3, scale=0.35)
+    with open(os.path.join(directory, "train.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    # One bucket (24x24 structure, 16x16 texture) keeps the number of compiled step graphs at one.
+    with open(os.path.join(directory, "square.jsonl"), "w", encoding="utf-8") as f:
+        for row in rows:
+            if 0.8 < row["height"] / row["width"] < 1.25:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, dataset):
+    """A model directory: the tiny_train architecture with a SentencePiece + jieba tokenizer trained on the
+    captions (an 80-piece vocabulary keeps the text encoders small), seeded random VAE and conditioner."""
+    directory = str(tmp_path_factory.mktemp("model"))
+    samples, _ = read_manifest(os.path.join(dataset, "train.jsonl"))
+    vocab = train_tokenizer([t for s in samples for t in (s.caption_en, s.caption_zh)],
+                            os.path.join(directory, "captions"), 80, jieba=True, model_type="bpe")
+    data = to_dict(load_model_config("tiny_train"))
+    for encoder in data["conditioner"]["encoders"]:
+        encoder.update(vocab_size=80, eot_token_id=3, max_position_embeddings=40,
+                       tokenizer={"kind": "sentencepiece", "vocab": vocab, "max_length": 40, "jieba": True})
+    model = from_dict(PanGuDrawConfig, data)
+    write_model_config(directory, model)
+    ms.set_seed(123)
+    save_component(directory, "vae", cell_state(AutoencoderKL(model.vae)))
+    save_component(directory, "conditioner", cell_state(Conditioner(model.conditioner)))
+    paths = {name: os.path.join(directory, f"{name}.safetensors") for name in ("vae", "conditioner")}
+    return dict(paths, model=directory)
+
+
+def tiny_config(tmp_path, dataset, weights, *overrides):
+    return load_train_config("train/tiny", (
+        f"model={weights['model']}", f"output_dir={tmp_path}/run", f"data.manifest={dataset}/square.jsonl",
+        f"init.vae={weights['vae']}", "data.batch_size=2", "save_every=0", "optim.warmup_steps=0",
+        "log_every=100") + overrides)
+
+
+# ---- configuration ------------------------------------------------------------------------------
+def test_train_config_rejects_bad_values_with_clear_messages():
+    with pytest.raises(ConfigError, match=r"stage: 'pixels' is not valid; choose one of"):
+        load_train_config("train/tiny", ("stage=pixels",))
+    with pytest.raises(ConfigError, match="train_text_encoders applies to the diffusion stages"):
+        load_train_config("train/tiny", ("stage=vae",))
+    with pytest.raises(ConfigError, match="must be a .jsonl or .csv"):
+        load_train_config("train/tiny", ("data.manifest=images.txt",))
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_train_config("train/tiny", ("optim.lr=0.1",))
+    with pytest.raises(ConfigError, match="key=value"):
+        load_train_config("train/tiny", ("steps",))
+
+
+def test_stage_timestep_ranges_and_buckets_come_from_the_model_config():
+    model = load_model_config("tiny_train")
+    ranges = {stage: load_train_config("train/tiny", (f"stage={stage}",)).timestep_range(model)
+              for stage in ("structure", "texture", "full_range")}
+    assert ranges == {"structure": (500, 1000), "texture": (0, 500), "full_range": (0, 1000)}
+    assert load_train_config("train/tiny", ("stage=texture",)).buckets(model) == model.texture_buckets
+    assert load_train_config("train/tiny").buckets(model) == model.structure_buckets
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def test_manifest_skips_and_counts_bad_samples(tmp_path, dataset):
+    good = os.path.join(dataset, "images", "000000.png")
+    with open(tmp_path / "garbage.png", "wb") as f:
+        f.write(b"this is not an image")
+    lines = [
+        json.dumps({"image": good, "caption_en": "a red circle", "caption_zh": "一个红色的圆形"}),
+        json.dumps({"image": good, "caption_zh": "一个红色的圆形", "height": 20, "width": 10}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"caption_en": "no image"}),
+        json.dumps({"image": good}),
+        json.dumps({"image": "missing.png", "caption_en": "x"}),
+        json.dumps({"image": "garbage.png", "caption_en": "x"}),
+        json.dumps({"image": good, "caption_en": "x", "height": "tall", "width": 3}),
+        json.dumps({"image": good, "caption_en": "x", "height": 0, "width": 3}),
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    samples, skipped = read_manifest(str(tmp_path / "m.jsonl"))
+    assert len(samples) == 2
+    assert (samples[1].height, samples[1].width, samples[1].caption_en) == (20, 10, "")
+    assert dict(skipped) == {"malformed manifest line": 2, "no image path": 1, "no caption": 1,
+                             "missing image file": 1, "unreadable image": 1, "bad size": 2}
+    (tmp_path / "m.csv").write_text("image,caption_en,caption_zh\n"
+                                    f"{good},a red circle,一个红色的圆形\nmissing.png,x,\n", encoding="utf-8")
+    samples, skipped = read_manifest(str(tmp_path / "m.csv"))
+    assert len(samples) == 1 and dict(skipped) == {"missing image file": 1}
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_manifest(str(tmp_path / "nothing.jsonl"))
+
+
+def test_bucketing_puts_every_sample_in_a_valid_bucket(dataset):
+    model = load_model_config("tiny_train")
+    samples, _ = read_manifest(os.path.join(dataset, "train.jsonl"))
+    structure = BucketTable("structure", model.structure_buckets)
+    buckets, skipped = assign_buckets(samples, structure, upscale_small_images=True)
+    assert not skipped and (buckets >= 0).all()
+    for sample, b in zip(samples, buckets):
+        ratios = [abs(np.log((w / h) / (sample.width / sample.height))) for h, w in structure.sizes]
+        assert ratios[b] == pytest.approx(min(ratios))  # the nearest aspect ratio
+    # The texture stage leaves out what it would have to upscale (the low-resolution images).
+    texture = BucketTable("texture", model.texture_buckets)
+    buckets, skipped = assign_buckets(samples, texture, upscale_small_images=False)
+    kept = [(s, b) for s, b in zip(samples, buckets) if b >= 0]
+    assert kept and sum(skipped.values()) == len(samples) - len(kept) > 0
+    assert all(s.height >= texture.sizes[b][0] and s.width >= texture.sizes[b][1] for s, b in kept)
+
+
+def test_batch_plan_and_rank_shards(dataset):
+    model = load_model_config("tiny_train")
+    samples, _ = read_manifest(os.path.join(dataset, "train.jsonl"))
+    table = BucketTable("structure", model.structure_buckets)
+    buckets, _ = assign_buckets(samples, table, True)
+    plan = BatchPlan(buckets, global_batch=4, seed=3)
+    epoch0 = plan.epoch(0)
+    assert len(epoch0) == plan.batches_per_epoch > 0
+    assert all(len(set(buckets[b])) == 1 for b in epoch0)  # one bucket per batch
+    flat = np.concatenate(epoch0)
+    assert len(set(flat.tolist())) == len(flat)  # no sample twice in an epoch
+    assert [b.tolist() for b in BatchPlan(buckets, 4, 3).epoch(0)] == [b.tolist() for b in epoch0]
+    assert [b.tolist() for b in plan.epoch(1)] != [b.tolist() for b in epoch0]
+    # Two ranks of batch 2 read exactly the global batch a single worker of batch 4 reads.
+    streams = [BatchStream(samples, buckets, table, plan, rank=r, world=w, batch_size=4 // w, seed=3)
+               for r, w in ((0, 1), (0, 2), (1, 2))]
+    micro = plan.batches_per_epoch + 1  # second epoch
+    whole, first, second = (s.batch(micro) for s in streams)
+    np.testing.assert_array_equal(whole["indices"], np.concatenate([first["indices"], second["indices"]]))
+    np.testing.assert_array_equal(whole["pixels"], np.concatenate([first["pixels"], second["pixels"]]))
+    height, width = table.sizes[int(whole["bucket_index"][0])]
+    assert whole["pixels"].shape == (4, 3, height, width) and whole["pixels"].dtype == np.float32
+    assert -1.0 <= whole["pixels"].min() and whole["pixels"].max() <= 1.0
+    with pytest.raises(ValueError, match="no bucket holds a full global batch"):
+        BatchPlan(buckets, global_batch=1000, seed=0)
+
+
+def test_stream_replaces_an_image_that_fails_to_decode(tmp_path, dataset):
+    model = load_model_config("tiny_train")
+    table = BucketTable("structure", model.structure_buckets)
+    rows = [json.loads(line) for line in open(os.path.join(dataset, "square.jsonl"), encoding="utf-8")][:4]
+    data = open(os.path.join(dataset, rows[0]["image"]), "rb").read()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])  # header intact: its size reads fine
+    rows[0] = dict(rows[0], image=str(tmp_path / "truncated.png"))
+    for row in rows[1:]:
+        row["image"] = os.path.join(dataset, row["image"])
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    samples, skipped = read_manifest(str(tmp_path / "m.jsonl"))
+    assert len(samples) == 4 and not skipped
+    buckets, _ = assign_buckets(samples, table, True)
+    stream = BatchStream(samples, buckets, table, BatchPlan(buckets, 4, 0), rank=0, world=1, batch_size=4, seed=0)
+    batches = [batch for batch, _ in zip(stream(0), range(2))]  # through mindspore.dataset, two epochs
+    assert all(b["pixels"].shape[0] == 4 for b in batches)
+    assert stream.replaced == 1 and stream.bad == {0}
+
+
+# ---- the optimizer step ---------------------------------------------------------------------------
+class _Linear(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)), name="weight")
+
+    def construct(self, x):
+        return ms.ops.matmul(x, self.weight.T)
+
+
+def _squared_error(net):
+    def loss(x, y):
+        return ((net(x) - y) ** 2).mean()
+    return loss
+
+
+def _regression(batch_size=8):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((batch_size, 4)).astype(np.float32), rng.standard_normal((batch_size, 3)).astype(np.float32)
+
+
+def test_gradient_accumulation_equals_one_big_batch(ms_mode):
+    x, y = _regression()
+    results = []
+    for accumulation in (1, 2):
+        net = _Linear()
+        step = TrainStep(_squared_error(net), net.trainable_params(),
+                         OptimConfig(learning_rate=0.1, grad_accumulation=accumulation, ema_decay=0.5,
+                                     max_grad_norm=0.5), total_steps=10)
+        for _ in range(2):
+            for part in np.split(np.arange(8), accumulation):
+                out = step(Tensor(x[part]), Tensor(y[part]))
+            assert out is not None and out["finite"]
+        results.append((net.weight.asnumpy(), step.ema_weights()["weight"]))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(results[0][0], np.linspace(-1, 1, 12).reshape(3, 4))
+
+
+def test_dynamic_loss_scaling_skips_overflow_steps(ms_mode):
+    x, y = _regression()
+    net = _Linear()
+    step = TrainStep(_squared_error(net), net.trainable_params(), OptimConfig(learning_rate=0.1),
+                     total_steps=10, loss_scale=LossScaleConfig(initial=1024.0, factor=2, window=2))
+    before = net.weight.asnumpy().copy()
+    out = step(Tensor(np.full_like(x, np.inf)), Tensor(y))
+    assert not out["finite"] and step.loss_scale == 512.0
+    np.testing.assert_array_equal(net.weight.asnumpy(), before)
+    for _ in range(2):
+        out = step(Tensor(x), Tensor(y))
+        assert out["finite"]
+    assert step.loss_scale == 1024.0  # grows back after `window` finite steps
+    assert not np.array_equal(net.weight.asnumpy(), before)
+
+
+def test_warmup_cosine_schedule():
+    schedule = WarmupCosine(1e-3, warmup_steps=4, total_steps=14, min_ratio=0.1)
+    expected = [schedule.value(s) for s in range(16)]
+    assert expected[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert expected[9] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way down the cosine
+    assert expected[14] == expected[15] == pytest.approx(1e-4)
+    got = [float(schedule(Tensor(np.array(s, np.int32))).asnumpy()) for s in range(16)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+# ---- training stages -------------------------------------------------------------------------------
+def test_structure_stage_reduces_the_loss_and_only_sees_high_timesteps(tmp_path, dataset, weights, ms_mode):
+    config = tiny_config(tmp_path, dataset, weights, "steps=8", "optim.learning_rate=3e-3")
+    trainer = Trainer(config)
+    before = np.mean([trainer.loss_on(m) for m in range(3)])
+    summary = trainer.train()
+    after = np.mean([trainer.loss_on(m) for m in range(3)])
+    print(f"structure loss on fixed batches: {before:.4f} -> {after:.4f}")
+    assert after < 0.8 * before
+    assert summary["t_seen"][0] >= 500 and summary["t_seen"][1] < 1000
+    rows = read_metrics(os.path.join(config.output_dir, "metrics.csv"))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert all(int(r["t_min"]) >= 500 for r in rows)
+    assert os.path.getsize(os.path.join(config.output_dir, "loss.png")) > 0
+
+
+def test_texture_stage_only_sees_low_timesteps_and_reads_the_cache(tmp_path, dataset, weights):
+    config = tiny_config(tmp_path, dataset, weights, "stage=texture", "steps=3", "train_text_encoders=false",
+                         f"init.conditioner={weights['conditioner']}", f"data.cache_dir={tmp_path}/cache",
+                         "data.upscale_small_images=false")
+    trainer = Trainer(config)
+    assert trainer.cache.is_valid() and trainer.stream.cache_text
+    batch = trainer.stream.batch(0)
+    assert "context" in batch and "vector" in batch and "pixels" not in batch
+    summary = trainer.train()
+    assert 0 <= summary["t_seen"][0] and summary["t_seen"][1] < 500
+    assert all(int(r["t_max"]) < 500 for r in read_metrics(os.path.join(config.output_dir, "metrics.csv")))
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset, weights):
+    def run(name, *extra):
+        return tiny_config(tmp_path / name, dataset, weights, "steps=4", "optim.grad_accumulation=2", *extra)
+
+    straight = Trainer(run("straight"))
+    straight.train()
+    first = Trainer(run("interrupted"))
+    first.train(steps=2)
+    del first
+    resumed = Trainer(run("interrupted"))
+    assert resumed.resume() and (resumed.step, resumed.micro) == (2, 4)
+    resumed.train()
+    for name in ("unet", "conditioner"):
+        ours, reference = cell_state(resumed.cells[name]), cell_state(straight.cells[name])
+        for key in reference:
+            np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
+    ema, reference_ema = resumed.train_step.ema_weights(), straight.train_step.ema_weights()
+    assert all(np.array_equal(ema[k], reference_ema[k]) for k in reference_ema)
+    assert resumed.digest() == straight.digest()
+    steps = [int(r["step"]) for r in read_metrics(os.path.join(resumed.config.output_dir, "metrics.csv"))]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_vae_stage_exports_a_model_directory(tmp_path, dataset, weights):
+    config = load_train_config("train/tiny", (f"model={weights['model']}",
+        "stage=vae", "train_text_encoders=false", "init={}", "steps=2", "data.batch_size=2", "save_every=0",
+        f"output_dir={tmp_path}/run", f"data.manifest={dataset}/square.jsonl", f"export_dir={tmp_path}/model"))
+    summary = Trainer(config).train()
+    exported = load_model_config(str(tmp_path / "model"))
+    assert exported.vae.scaling_factor == pytest.approx(1.0 / summary["export"]["latent_std"])
+    vae = AutoencoderKL(exported.vae)
+    load_state(vae, load_component(str(tmp_path / "model" / "vae.safetensors")))
+    tensors, _ = load_tensors(CheckpointFolder(f"{tmp_path}/run/checkpoints").latest())
+    assert any(k.startswith("ema/") for k in tensors) and any(k.startswith("optimizer/adam_m.") for k in tensors)
+
+
+def test_checkpoint_folder_keeps_the_newest_and_leaves_no_temporary_files(tmp_path):
+    folder = CheckpointFolder(str(tmp_path), keep=2)
+    for step in (5, 10, 15):
+        folder.save(step, {"w": np.full(3, step, np.float32)}, {"step": step})
+    assert folder.steps() == [10, 15]
+    tensors, state = CheckpointFolder.load(folder.latest())
+    assert state == {"step": 15} and tensors["w"].tolist() == [15, 15, 15]
+    assert sorted(os.listdir(tmp_path)) == ["step_00000010.safetensors", "step_00000015.safetensors"]
+    atomic_write_bytes(str(tmp_path / "x.bin"), b"abc")
+    assert (tmp_path / "x.bin").read_bytes() == b"abc" and len(os.listdir(tmp_path)) == 3
+
+
+# ---- data-parallel training with msrun --------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_msrun_two_workers_end_with_identical_weights(tmp_path, dataset, weights):
+    """2 workers x batch 1 == 1 worker x batch 2: both ranks hold the same weights, equal to the single run's."""
+    common = ["--config", "train/tiny", "steps=3", f"model={weights['model']}", f"data.manifest={dataset}/square.jsonl",
+              f"init.vae={weights['vae']}", "save_every=0", "data.num_workers=1"]
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               OMP_NUM_THREADS="1", GLOG_v="3")
+    launch = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}", "--join=True",
+              f"--log_dir={tmp_path}/logs", os.path.join(REPO, "tools", "train.py")]
+    subprocess.run(launch + common + [f"output_dir={tmp_path}/two", "data.batch_size=1"], cwd=REPO, env=env,
+                   check=True, timeout=900, capture_output=True)
+    logs = "".join(open(os.path.join(tmp_path, "logs", f), encoding="utf-8", errors="replace").read()
+                   for f in sorted(os.listdir(tmp_path / "logs")) if f.startswith("worker"))
+    digests = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", logs))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], logs[-3000:]
+    single = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train.py")] + common +
+                            [f"output_dir={tmp_path}/one", "data.batch_size=2"], cwd=REPO, env=env, check=True,
+                            timeout=900, capture_output=True, text=True)
+    assert "rank 0 of 1" in single.stdout
+    two, _ = CheckpointFolder.load(CheckpointFolder(f"{tmp_path}/two/checkpoints").latest())
+    one, _ = CheckpointFolder.load(CheckpointFolder(f"{tmp_path}/one/checkpoints").latest())
+    for key in (k for k in one if k.startswith("model/")):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)

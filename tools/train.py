@@ -1,0 +1,81 @@
+"""Train one stage of PanGu-Draw (vae, structure, texture or full_range) from a training YAML.
+
+    python tools/train.py --config configs/train/demo_structure.yaml [--resume [CHECKPOINT]] [key=value ...]
+
+Data-parallel on N workers (CPU or Ascend), the same script launched by msrun:
+
+    msrun --worker_num=N --local_worker_num=N --master_port=8118 --join=True \\
+        tools/train.py --config configs/train/demo_structure.yaml
+
+Overrides after the options change config entries, e.g. ``steps=200 data.batch_size=8``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def launched_by_msrun() -> bool:
+    return os.environ.get("MS_ROLE") == "MS_WORKER"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="training YAML (path, or a name under configs/)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue from the newest checkpoint of the output folder, or from CHECKPOINT")
+    parser.add_argument("--device", default=None, help="CPU, Ascend or GPU (default: MindSpore's default)")
+    parser.add_argument("--mode", choices=("graph", "pynative"), default="graph",
+                        help="graph (compiled, default) or pynative (eager, for debugging)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="host threads per worker (default: CPU cores / local workers)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (YAML values)")
+    args = parser.parse_args(argv)
+
+    import mindspore as ms
+
+    if args.device:
+        ms.set_device(args.device)
+    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    rank, world = 0, 1
+    if launched_by_msrun():
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()
+        rank, world = get_rank(), get_group_size()
+    local_workers = int(os.environ.get("MS_LOCAL_WORKER", "0") or 0) or world
+    ms.set_context(runtime_num_threads=args.threads or max(1, (os.cpu_count() or 1) // max(1, local_workers)))
+
+    from pangu_draw_ms.training.config import load_train_config
+    from pangu_draw_ms.training.trainer import Trainer
+
+    config = load_train_config(args.config, tuple(args.overrides))
+    os.makedirs(config.output_dir, exist_ok=True)
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        handlers.append(logging.FileHandler(os.path.join(config.output_dir, "train.log"), encoding="utf-8"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    logger = logging.getLogger("pangu_draw_ms.train")
+    if rank == 0:
+        logger.info("stage %s, %d worker(s), config %s", config.stage, world, args.config)
+
+    trainer = Trainer(config, rank=rank, world=world)
+    if args.resume:
+        if not trainer.resume(None if args.resume == "latest" else args.resume):
+            logger.warning("--resume: no checkpoint in %s, starting from step 0", trainer.checkpoints.directory)
+    summary = trainer.train()
+    # Every worker reports its weights' digest: a data-parallel run is correct when they are all equal.
+    print(f"rank {rank} of {world}: weights sha256 {summary['digest']}", flush=True)
+    if rank == 0:
+        print(json.dumps(summary, ensure_ascii=False), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
