@@ -273,6 +273,37 @@ class ConditionerConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling defaults of the pipeline and ``tools/infer.py`` (each can be overridden per call).
+
+    The released PanGu-Draw 3.0: Euler (EDM form), 40 steps, the sgm timestep spacing, guidance 6.0 and
+    aesthetic style guidance 4.0, experts switched by the release rule (see diffusion/experts.py).
+    """
+
+    num_inference_steps: int = 40
+    sampler: str = "euler"
+    spacing: Literal["release", "leading", "trailing", "linspace"] = "release"
+    guidance_scale: float = 6.0
+    aesthetic_scale: float = 0.0
+    anime_scale: float = 0.0
+    photography_scale: float = 0.0
+    switch_rule: Literal["exact", "release"] = "exact"
+    negative_prompt: str = ""
+
+    def __post_init__(self):
+        from .diffusion.samplers import SAMPLERS
+
+        _check(self.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
+        _check(self.sampler in SAMPLERS, f"sampling.sampler {self.sampler!r} is not valid; choose one of {sorted(SAMPLERS)}")
+        for name in ("guidance_scale", "aesthetic_scale", "anime_scale", "photography_scale"):
+            _check(getattr(self, name) >= 0, f"sampling.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def style_scales(self) -> dict:
+        return {"aesthetic": self.aesthetic_scale, "anime": self.anime_scale, "photography": self.photography_scale}
+
+
+@dataclass(frozen=True)
 class PanGuDrawConfig:
     """The whole model: one UNet architecture used twice (structure and texture generators), the
     VAE and the conditioner. ``t_struct``: the structure generator denoises t >= t_struct.
@@ -289,6 +320,7 @@ class PanGuDrawConfig:
     num_train_timesteps: int = 1000
     structure_buckets: Tuple[Tuple[int, ...], ...] = TABLE7_STRUCTURE
     texture_buckets: Tuple[Tuple[int, ...], ...] = TABLE7_TEXTURE
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
         _check(

@@ -1,0 +1,138 @@
+"""Building and loading the networks of a pipeline, and keeping them resident or not.
+
+A model directory holds ``config.yaml`` (a PanGuDrawConfig) and one weight file per component:
+``structure_unet``, ``texture_unet``, ``vae`` and ``conditioner`` (``.safetensors`` or ``.ckpt``), the
+layout ``tools/convert.py`` writes. Without weight files every network gets seeded random weights (for
+tests and smoke runs), which the pipeline reports.
+
+Memory modes:
+* ``resident``: every network is built once and kept.
+* ``sequential``: a network is built when first needed and released when the run moves on - the text
+  encoders after encoding, the structure UNet when the texture UNet takes over, the VAE after decoding.
+  Peak memory is then one UNet plus activations instead of two UNets, both encoders and the VAE.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import mindspore as ms
+from mindspore import nn
+from mindspore.nn.utils import no_init_parameters
+
+from ..config import PanGuDrawConfig, load_config
+from ..models import layers as L
+from ..models.conditioner import Conditioner
+from ..models.unet import UNetModel
+from ..models.vae import AutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("conditioner", "structure_unet", "texture_unet", "vae")
+MEMORY_MODES = ("resident", "sequential")
+_WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def find_component_files(model_dir: str) -> Dict[str, str]:
+    """``{component: path}`` of a model directory; a clear error names what is missing."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
+    files, missing = {}, []
+    for name in COMPONENTS:
+        found = [os.path.join(model_dir, name + s) for s in _WEIGHT_SUFFIXES
+                 if os.path.isfile(os.path.join(model_dir, name + s))]
+        if found:
+            files[name] = found[0]
+        else:
+            missing.append(name)
+    if missing:
+        raise FileNotFoundError(f"model directory {model_dir!r} lacks weights for {missing}; expected files "
+                                f"{', '.join(n + '.safetensors' for n in COMPONENTS)} (or .ckpt)")
+    return files
+
+
+@dataclass
+class ComponentStore:
+    """Builds each network on demand from the config and its weight file (or seeded random weights).
+
+    ``precision``: compute dtype of the UNets and text encoders (``fp32``/``fp16``/``bf16``; default: the
+    device's). ``weights_dtype``: storage dtype of their parameters (``fp16`` halves their memory; norms
+    and softmax still compute in float32). The VAE follows ``config.vae.force_fp32``.
+    """
+
+    config: PanGuDrawConfig
+    files: Dict[str, Optional[str]] = field(default_factory=dict)
+    precision: Optional[str] = None
+    weights_dtype: str = "fp32"
+    memory: str = "resident"
+    random_seed: int = 0
+    on_build: Optional[Callable[[str], None]] = None
+    _cells: Dict[str, nn.Cell] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"unknown memory mode {self.memory!r}; valid: {', '.join(MEMORY_MODES)}")
+        unknown = sorted(set(self.files) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"unknown component(s) {unknown}; valid: {list(COMPONENTS)}")
+        self.compute_dtype = L.compute_dtype(self.precision)
+        self.storage_dtype = L.compute_dtype(self.weights_dtype)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, **kwargs) -> "ComponentStore":
+        config = load_config(os.path.join(model_dir, "config.yaml"))
+        return cls(config, find_component_files(model_dir), **kwargs)
+
+    @property
+    def random_weights(self) -> bool:
+        return not any(self.files.get(name) for name in COMPONENTS)
+
+    def _build(self, name: str) -> nn.Cell:
+        dtype = self.compute_dtype
+        path = self.files.get(name)
+        if name == "vae":
+            make = lambda: AutoencoderKL(self.config.vae, dtype=dtype)  # noqa: E731
+        elif name == "conditioner":
+            make = lambda: Conditioner(self.config.conditioner, dtype=dtype)  # noqa: E731
+        else:
+            make = lambda: UNetModel(self.config.unet, dtype=dtype)  # noqa: E731
+        if path is None:
+            # Seeded random weights: each component draws from its own seed, so building one alone or
+            # all of them together gives the same networks.
+            ms.set_seed(self.random_seed + COMPONENTS.index(name))
+            cell = make()
+        else:
+            with no_init_parameters():
+                cell = make()
+        if name != "vae" and self.storage_dtype != ms.float32:
+            for param in cell.get_parameters():
+                param.set_dtype(self.storage_dtype)
+        if path is not None:
+            from ..io.released import load_component
+
+            load_component(cell, path, "unet" if name.endswith("unet") else name)
+        cell.set_train(False)
+        if self.on_build is not None:
+            self.on_build(name)
+        return cell
+
+    def get(self, name: str) -> nn.Cell:
+        """The network ``name``, built (and loaded) on first use."""
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}; valid: {list(COMPONENTS)}")
+        if name not in self._cells:
+            self._cells[name] = self._build(name)
+        return self._cells[name]
+
+    def done_with(self, name: str) -> None:
+        """The run no longer needs ``name``: released in ``sequential`` mode, kept in ``resident`` mode."""
+        if self.memory == "sequential" and name in self._cells:
+            del self._cells[name]
+            gc.collect()
+
+    @property
+    def resident(self):
+        return sorted(self._cells)

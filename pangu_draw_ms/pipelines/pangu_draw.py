@@ -1,0 +1,247 @@
+"""Text-to-image and image-to-image with time-decoupled sampling (PanGu-Draw sec. 3.1).
+
+One run: encode the prompts, the negative prompt and any style-prefixed prompts once; pick the
+resolution bucket and its index; draw the initial noise per image from the seed; denoise with the
+structure generator for t >= T_struct and the texture generator below (classifier-free + style guidance
+batched into one UNet call per step); decode with the VAE.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import mindspore as ms
+from PIL import Image
+
+from ..buckets import BucketTable
+from ..config import PanGuDrawConfig
+from ..diffusion.denoiser import Conditioning, UNetEpsModel
+from ..diffusion.experts import STRUCTURE, TEXTURE, SingleModel, TimeDecoupledExperts
+from ..diffusion.guidance import STYLE_PREFIXES, GuidanceBranch, GuidedDenoiser, guidance_weights
+from ..diffusion.samplers import make_sampler
+from ..diffusion.schedule import NoiseSchedule, add_noise
+from .components import ComponentStore
+from .prompt_encoder import PromptEncoder
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, int, str], None]  # (step index, num steps, t, expert)
+
+
+@dataclass
+class PipelineOutput:
+    images: List[Image.Image]
+    latents: np.ndarray                       # (B, C, h, w) final latents (scaled, as the UNet sees them)
+    info: Dict = field(default_factory=dict)  # settings, bucket, expert trace, timings
+
+
+def to_pil(images: np.ndarray) -> List[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL RGB images."""
+    arr = np.clip((images.transpose(0, 2, 3, 1) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def from_image(image: Union[str, Image.Image, np.ndarray], height: int, width: int) -> np.ndarray:
+    """A path, PIL image or HxWx3 uint8 array -> (1, 3, H, W) float32 in [-1, 1], resized to the bucket."""
+    if isinstance(image, str):
+        image = Image.open(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8))
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return arr.transpose(2, 0, 1)[None]
+
+
+class PanGuDrawPipeline:
+    """PanGu-Draw text-to-image / image-to-image.
+
+    Build with :meth:`from_pretrained` (a model directory), or :meth:`from_config` (seeded random
+    weights, or a ``files`` dict ``{component: path}``). ``memory="sequential"`` keeps only the active
+    network resident (see :mod:`pangu_draw_ms.pipelines.components`).
+    """
+
+    def __init__(self, components: ComponentStore):
+        self.components = components
+        self.config: PanGuDrawConfig = components.config
+        self.schedule = NoiseSchedule(self.config.num_train_timesteps)
+        self.buckets = BucketTable(f"{self.config.name} structure buckets", tuple(self.config.structure_buckets))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, **kwargs) -> "PanGuDrawPipeline":
+        return cls(ComponentStore.from_pretrained(model_dir, **kwargs))
+
+    @classmethod
+    def from_config(cls, config: PanGuDrawConfig, files: Optional[Dict[str, str]] = None, **kwargs) -> "PanGuDrawPipeline":
+        return cls(ComponentStore(config, dict(files or {}), **kwargs))
+
+    # ---- pieces of a run ------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str], negative_prompt: str, styles: Sequence[str], bucket_index: int
+               ) -> Dict[str, Conditioning]:
+        """Conditioning of every guidance branch: "cond", "uncond" (the real encoding of the negative
+        prompt), and one per active style (its prefix + the prompt, for both encoders)."""
+        encoder = PromptEncoder.from_config(self.config.conditioner, self.components.get("conditioner"))
+        texts = list(prompts) + [negative_prompt] + [STYLE_PREFIXES[s] + p for s in styles for p in prompts]
+        everything = encoder(texts, bucket_index)
+        n = len(prompts)
+
+        def rows(start, count):
+            return Conditioning(everything.context[start:start + count], everything.vector[start:start + count])
+
+        branches = {"cond": rows(0, n), "uncond": rows(n, 1)}
+        branches["uncond"] = Conditioning(np.repeat(branches["uncond"].context, n, 0),
+                                          np.repeat(branches["uncond"].vector, n, 0))
+        for i, style in enumerate(styles):
+            branches[style] = rows(n + 1 + i * n, n)
+        self.components.done_with("conditioner")
+        return branches
+
+    def experts(self, t_struct: int, switch_rule: str) -> TimeDecoupledExperts:
+        def loader(name):
+            return lambda: UNetEpsModel(self.components.get(name))
+
+        sequential = self.components.memory == "sequential"
+        structure = loader("structure_unet") if sequential else UNetEpsModel(self.components.get("structure_unet"))
+        texture = loader("texture_unet") if sequential else UNetEpsModel(self.components.get("texture_unet"))
+        names = {STRUCTURE: "structure_unet", TEXTURE: "texture_unet"}
+        return TimeDecoupledExperts(structure, texture, t_struct=t_struct, rule=switch_rule, sequential=sequential,
+                                    on_release=lambda expert: self.components.done_with(names[expert]))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> images in [-1, 1], one image at a time (the VAE's activations dominate memory)."""
+        vae = self.components.get("vae")
+        images = np.concatenate([vae.decode_latents(ms.Tensor(latents[i:i + 1].astype(np.float32))).asnumpy()
+                                 for i in range(latents.shape[0])])
+        self.components.done_with("vae")
+        return images
+
+    def encode_image(self, image, height: int, width: int) -> np.ndarray:
+        vae = self.components.get("vae")
+        latents = vae.encode_to_latents(ms.Tensor(from_image(image, height, width))).asnumpy()
+        return latents
+
+    # ---- a run ----------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: Union[str, Sequence[str]],
+        negative_prompt: Optional[str] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        ratio: Optional[str] = None,
+        snap_to_bucket: bool = False,
+        num_inference_steps: Optional[int] = None,
+        sampler: Optional[str] = None,
+        spacing: Optional[str] = None,
+        guidance_scale: Optional[float] = None,
+        style_scales: Optional[Dict[str, float]] = None,
+        guidance_rescale: float = 0.0,
+        t_struct: Optional[int] = None,
+        switch_rule: Optional[str] = None,
+        single_model: Optional[str] = None,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        first_image_index: int = 0,
+        noise: Optional[np.ndarray] = None,
+        init_image=None,
+        strength: float = 0.8,
+        sampler_options: Optional[dict] = None,
+        output_type: str = "pil",
+        progress: Optional[ProgressCallback] = None,
+    ) -> PipelineOutput:
+        """Generate ``num_images_per_prompt`` images for each prompt.
+
+        Defaults come from ``config.sampling``. ``height``/``width`` must be a bucket of the structure
+        table unless ``snap_to_bucket``; ``ratio`` ("W:H") picks the nearest bucket. ``noise``: the initial
+        noise (B, C, h, w) instead of drawing it from ``seed`` (e.g. loaded from a .npy for comparison with
+        another implementation). Image k of the run draws its noise from ``(seed, first_image_index + k)``, so
+a batch equals the same images made one call at a time. ``single_model``: "structure" or "texture" runs that one UNet for every t
+        (the baseline the time split is compared with). ``init_image`` + ``strength``: image-to-image.
+        """
+        defaults = self.config.sampling
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError("every prompt must be a non-empty string (the negative prompt may be empty)")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        negative_prompt = defaults.negative_prompt if negative_prompt is None else negative_prompt
+        steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        spacing = spacing or defaults.spacing
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        styles = dict(defaults.style_scales if style_scales is None else style_scales)
+        t_struct = self.config.t_struct if t_struct is None else int(t_struct)
+        switch_rule = switch_rule or defaults.switch_rule
+        if single_model not in (None, STRUCTURE, TEXTURE):
+            raise ValueError(f"single_model must be None, {STRUCTURE!r} or {TEXTURE!r}, got {single_model!r}")
+        if not 0 <= t_struct <= self.config.num_train_timesteps:
+            raise ValueError(f"t_struct must lie in [0, {self.config.num_train_timesteps}], got {t_struct}")
+
+        weights = guidance_weights(guidance_scale, styles)
+        sampler_impl = make_sampler(sampler or defaults.sampler, self.schedule, **(sampler_options or {}))
+        timesteps = self.schedule.timesteps(steps, spacing)
+        if init_image is not None:
+            timesteps = self.schedule.strength_timesteps(timesteps, strength)
+        bucket_index, (h, w) = self.buckets.select(height, width, ratio, snap=snap_to_bucket)
+        f = self.config.vae.downsample_factor
+        batch = len(prompts) * num_images_per_prompt
+        latent_shape = (batch, self.config.unet.in_channels, h // f, w // f)
+
+        if noise is None:
+            # One generator per image: image k of a run gets the same noise whatever the batch around it.
+            noise = np.stack([np.random.default_rng([seed, first_image_index + k]).standard_normal(
+                latent_shape[1:], dtype=np.float32) for k in range(batch)])
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape != latent_shape:
+            raise ValueError(f"noise has shape {noise.shape}; this run needs {latent_shape}")
+
+        started = time.perf_counter()
+        active_styles = [s for s in styles if weights.get(s, 0) != 0]
+        conds = self.encode(prompts, negative_prompt, active_styles, bucket_index)
+        branches = [GuidanceBranch(name, conds[name].repeat(num_images_per_prompt), weight)
+                    for name, weight in weights.items()]
+        encoded = time.perf_counter()
+
+        if init_image is None:
+            z = noise
+        else:
+            z0 = np.repeat(self.encode_image(init_image, h, w), batch, axis=0)
+            z = add_noise(z0, noise, self.schedule.alpha_bar(timesteps[0])).astype(np.float32)
+
+        if single_model is None:
+            model = self.experts(t_struct, switch_rule)
+        else:
+            model = SingleModel(UNetEpsModel(self.components.get(single_model + "_unet")), single_model)
+        model.plan(timesteps)
+        denoiser = GuidedDenoiser(model, branches, guidance_rescale)
+        # The stochastic samplers' noise stream, apart from the initial-noise streams (seed, k).
+        rng = np.random.default_rng([seed, first_image_index, batch, 1]) if sampler_impl.stochastic else None
+
+        def on_step(i, t, _z):
+            if progress is not None:
+                progress(i, len(timesteps), int(t), model.trace[-1][1])
+
+        latents = sampler_impl.sample(denoiser, z, timesteps, rng=rng, callback=on_step)
+        model.release_all()
+        for name in ("structure_unet", "texture_unet"):
+            self.components.done_with(name)
+        sampled = time.perf_counter()
+        images = [] if output_type == "latent" else to_pil(self.decode(latents))
+        decoded = time.perf_counter()
+
+        info = {
+            "prompts": prompts, "negative_prompt": negative_prompt, "height": h, "width": w,
+            "bucket_index": bucket_index, "bucket_table": self.buckets.name, "num_inference_steps": steps,
+            "timesteps": [int(t) for t in timesteps], "sampler": sampler_impl.name, "spacing": spacing,
+            "guidance_scale": guidance_scale, "style_scales": {s: styles[s] for s in active_styles},
+            "guidance_rescale": guidance_rescale, "t_struct": t_struct, "switch_rule": switch_rule,
+            "single_model": single_model, "seed": seed, "num_images_per_prompt": num_images_per_prompt,
+            "strength": strength if init_image is not None else None,
+            "expert_trace": list(model.trace), "random_weights": self.components.random_weights,
+            "seconds": {"encode": encoded - started, "sample": sampled - encoded, "decode": decoded - sampled},
+        }
+        return PipelineOutput(images=images, latents=latents, info=info)
