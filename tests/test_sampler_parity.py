@@ -70,3 +70,22 @@ def test_euler_matches_diffusers(models):
         eps = reference_eps(scheduler.scale_model_input(sample, t), t)
         sample = scheduler.step(eps, t, sample).prev_sample
     assert_close(run_ours("euler", ours, noise), sample.numpy(), rel=1e-4, what="Euler final latents")
+
+
+def test_pipeline_matches_the_diffusers_sdxl_pipeline():
+    """Whole sampling loop (classifier-free guidance, Euler, both experts) vs diffusers'
+    StableDiffusionXLPipeline with the same weights, embeddings, bucket id and initial noise."""
+    import dataclasses
+
+    from pangu_draw_ms.config import load_config
+    from reference_pipeline import build_pair, reference_run
+
+    config = dataclasses.replace(load_config("tiny"), structure_buckets=((64, 128), (96, 96)))
+    ours, reference = build_pair(config, seed=5)
+    noise = np.random.default_rng(0).standard_normal((1, 4, 8, 16)).astype(np.float32)
+    kwargs = dict(height=64, width=128, guidance_scale=5.0)
+    got = ours("一个红色的圆形 a red circle", num_inference_steps=6, spacing="leading", sampler="euler",
+               noise=noise, output_type="latent", **kwargs).latents
+    expected = reference_run(reference, ours, "一个红色的圆形 a red circle", bucket_index=0, steps=6, noise=noise,
+                             **kwargs).numpy()
+    assert_close(got, expected, rel=1e-4, what="pipeline latents vs diffusers SDXL pipeline")

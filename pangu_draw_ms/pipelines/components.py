@@ -78,6 +78,10 @@ class ComponentStore:
         unknown = sorted(set(self.files) - set(COMPONENTS))
         if unknown:
             raise ValueError(f"unknown component(s) {unknown}; valid: {list(COMPONENTS)}")
+        given = [name for name in COMPONENTS if self.files.get(name)]
+        if given and len(given) != len(COMPONENTS):
+            raise ValueError(f"weights given for {given} only: name a file for every component "
+                             f"{list(COMPONENTS)} (or none, for seeded random weights)")
         self.compute_dtype = L.compute_dtype(self.precision)
         self.storage_dtype = L.compute_dtype(self.weights_dtype)
 
@@ -99,18 +103,18 @@ class ComponentStore:
             make = lambda: Conditioner(self.config.conditioner, dtype=dtype)  # noqa: E731
         else:
             make = lambda: UNetModel(self.config.unet, dtype=dtype)  # noqa: E731
-        if path is None:
-            # Seeded random weights: each component draws from its own seed, so building one alone or
-            # all of them together gives the same networks.
-            ms.set_seed(self.random_seed + COMPONENTS.index(name))
+        # Built lazily: parameters get their storage dtype first, then values (seeded random or loaded
+        # tensor by tensor), so no float32 copy of a large network is ever materialised.
+        with no_init_parameters():
             cell = make()
-        else:
-            with no_init_parameters():
-                cell = make()
         if name != "vae" and self.storage_dtype != ms.float32:
             for param in cell.get_parameters():
                 param.set_dtype(self.storage_dtype)
-        if path is not None:
+        if path is None:
+            # Each component draws from its own seed: building one alone or all together gives the same.
+            ms.set_seed(self.random_seed + COMPONENTS.index(name))
+            cell.init_parameters_data()
+        else:
             from ..io.released import load_component
 
             load_component(cell, path, "unet" if name.endswith("unet") else name)
