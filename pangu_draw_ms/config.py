@@ -239,6 +239,54 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
+class VisionEncoderConfig:
+    """A CLIP vision transformer with a projection: HF ``CLIPVisionModelWithProjection`` semantics.
+
+    The image is cut into ``patch_size`` squares (a strided convolution), a learned class token is put
+    in front, and the class token's output, final-LayerNormed and projected to ``projection_dim``, is the
+    image embedding. Defaults: the ViT-L/14 image encoder of SD image variations (lambdalabs
+    ``sd-image-variations-diffusers``), whose 768-wide embedding conditions an SD1.5-architecture UNet.
+    """
+
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "projection_dim"):
+            _check(getattr(self, name) >= 1, f"vision encoder: {name} must be >= 1, got {getattr(self, name)}")
+        below = max(1, self.image_size // self.patch_size) * self.patch_size
+        _check(
+            self.image_size % self.patch_size == 0,
+            f"vision encoder: image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
+            f"the patches must tile the image (e.g. image_size {below} or {below + self.patch_size})",
+        )
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"vision encoder: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}",
+        )
+        _check(self.hidden_act in ("quick_gelu", "gelu"),
+               f"vision encoder: hidden_act {self.hidden_act!r} is not valid; choose 'quick_gelu' or 'gelu'")
+        _check(self.layer_norm_eps > 0, f"vision encoder: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        """Patches plus the class token."""
+        return self.num_patches + 1
+
+
+@dataclass(frozen=True)
 class ConditionerConfig:
     """Both text encoders run on the same prompt; their cross-attention features are concatenated on
     the feature axis (in this order), and the vector is pooled text || sinusoidal(bucket index)."""
