@@ -9,6 +9,7 @@ from pangu_draw_ms.buckets import BucketError, TABLE7_STRUCTURE, TABLE7_TEXTURE
 from pangu_draw_ms.config import load_config
 from pangu_draw_ms.io.state import cell_state, load_state
 from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
+from helpers import assert_close
 
 # The tiny architecture with small buckets, so a run takes seconds.
 SMALL = dataclasses.replace(load_config("tiny"), structure_buckets=((64, 128), (96, 96), (128, 64)))
@@ -60,7 +61,7 @@ def test_batches_of_prompts_and_images(pipe):
     # Image k draws its noise from (seed, k): the third image is prompt 2's first, made alone below.
     alone = pipe("一个蓝色的方块", height=96, width=96, num_inference_steps=2, seed=5, first_image_index=2,
                  output_type="latent")
-    np.testing.assert_allclose(out.latents[2], alone.latents[0], atol=1e-5)
+    assert_close(out.latents[2], alone.latents[0], rel=1e-5, what="batched vs alone")
     assert not np.allclose(out.latents[2], out.latents[3])
 
 
