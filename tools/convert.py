@@ -71,9 +71,8 @@ def _progress(desc: str):
 def run_released(args) -> None:
     config = load_config(args.config, PanGuDrawConfig)
     os.makedirs(args.out, exist_ok=True)
-    with _progress("released") as bar:
-        results = convert_released(args.out, config, structure=args.structure, texture=args.texture, dtype=args.dtype,
-                                   file_format=args.format, allow_swapped=args.allow_swapped, progress=bar)
+    results = convert_released(args.out, config, structure=args.structure, texture=args.texture, dtype=args.dtype,
+                               file_format=args.format, allow_swapped=args.allow_swapped, progress=_progress)
     print_summary(results)
     print(f"  {os.path.join(args.out, config.name + '.yaml')}: the model config")
 

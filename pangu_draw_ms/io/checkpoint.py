@@ -533,7 +533,8 @@ def cast_for_saving(name: str, value: np.ndarray, dtype) -> np.ndarray:
     value = np.asarray(value)
     if dtype is None or not np.issubdtype(value.dtype, np.floating) or value.dtype == dtype:
         return value
-    cast = value.astype(dtype)
+    with np.errstate(over="ignore"):  # overflow is reported below, by name
+        cast = value.astype(dtype)
     if dtype == np.float16 and not np.isfinite(cast).all() and np.isfinite(value).all():
         raise CheckpointError(f"tensor {name!r} has values beyond the float16 range (max |x| = "
                               f"{float(np.abs(value).max()):.4g} > 65504); save it as fp32")
@@ -665,8 +666,9 @@ def tensor_sources(source) -> List[TensorSource]:
     import mindspore as ms
     from mindspore import nn
 
-    if isinstance(source, nn.Cell):
-        return [(p.name, tuple(p.shape), np.dtype(ms.dtype_to_nptype(p.dtype)), p.asnumpy) for p in source.get_parameters()]
+    if isinstance(source, nn.Cell):  # names relative to the cell, also for a sub-cell
+        return [(name, tuple(p.shape), np.dtype(ms.dtype_to_nptype(p.dtype)), p.asnumpy)
+                for name, p in source.parameters_and_names()]
     if isinstance(source, CheckpointReader):
         out = []
         for name in source.keys():

@@ -135,8 +135,14 @@ def _check_component(component: str) -> None:
 Expected = Mapping[str, Tuple[Tuple[int, ...], object]]
 
 
+def cell_parameters(cell: nn.Cell) -> Dict[str, ms.Parameter]:
+    """``cell``'s parameters by their names relative to ``cell``: a sub-cell such as
+    ``conditioner.encoders[0]`` loads and saves like a stand-alone one."""
+    return dict(cell.parameters_and_names())
+
+
 def expected_parameters(cell: nn.Cell) -> Dict[str, Tuple[Tuple[int, ...], object]]:
-    return {p.name: (tuple(p.shape), p.dtype) for p in cell.get_parameters()}
+    return {name: (tuple(p.shape), p.dtype) for name, p in cell_parameters(cell).items()}
 
 
 def build_component(component: str, config, dtype=ms.float32, materialize: bool = True) -> nn.Cell:
@@ -179,8 +185,9 @@ class ComponentPlan:
     loadable: set
 
     @property
-    def filled(self) -> int:
-        return len(self.loadable)
+    def matched(self) -> int:
+        """How many of the component's parameters the file names (fitting or not)."""
+        return len(self.report.mismatched) + len(self.report.wrong_dtype) + len(self.loadable)
 
     def sources(self, reader: CheckpointReader) -> List[TensorSource]:
         """One :data:`TensorSource` per loadable parameter, in file order. Each file entry is read (and
@@ -289,9 +296,9 @@ def plan_component(reader: CheckpointReader, component: str, expected: Expected,
     best = None
     for candidate in candidates:
         plan = _match(reader, component, candidate, expected)
-        if best is None or plan.filled > best.filled:
+        if best is None or plan.matched > best.matched:
             best = plan
-    if best.filled == 0:
+    if best.matched == 0:
         raise StateDictError(f"{reader.path} holds no {component} weights in the "
                              f"{'/'.join(c.name for c in candidates)} layout(s): {_describe_contents(reader)}")
     return best
@@ -301,8 +308,8 @@ def _enforce(plan: ComponentPlan, strict: bool, target: str) -> None:
     report = plan.report
     if report.ok:
         return
-    message = f"{report.path}: the {report.layout}-layout {report.component} weights do not fit {target}: " \
-              f"{report.describe()}"
+    message = (f"{report.path}: the {report.layout}-layout {report.component} weights do not fit {target}: "
+               f"{report.describe()}. Is the config the file's architecture, and the file the right model?")
     if strict:
         raise StateDictError(message)
     logger.warning(message)
@@ -347,7 +354,7 @@ def load_component(cell: nn.Cell, source: Union[str, CheckpointReader], componen
         plan = plan_component(reader, component, expected_parameters(cell), cell.config, layout)
         _enforce(plan, strict, type(cell).__name__)
         _start(progress, plan)
-        params = {p.name: p for p in cell.get_parameters()}
+        params = cell_parameters(cell)
         for name, _, _, load in plan.sources(reader):
             param = params[name]
             stored = load()

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional, Tuple
+from contextlib import nullcontext
+from typing import Callable, Dict, Optional, Tuple
 
 import yaml
 
@@ -88,6 +89,10 @@ def _open_pair(structure: Optional[str], texture: Optional[str], allow_swapped: 
     return readers
 
 
+def _bar(progress, name: str):
+    return progress(name) if progress is not None else nullcontext()
+
+
 def _close(readers) -> None:
     for reader in readers.values():
         if reader is not None:
@@ -96,12 +101,13 @@ def _close(readers) -> None:
 
 def load_released(structure: Optional[str] = None, texture: Optional[str] = None, *, structure_unet=None,
                   texture_unet=None, vae=None, conditioner=None, strict: bool = True, allow_swapped: bool = False,
-                  progress=None) -> Dict[str, ComponentReport]:
+                  progress: Optional[Callable[[str], object]] = None) -> Dict[str, ComponentReport]:
     """Load the released pair (or one file of it) into the cells given, streaming one tensor at a time.
 
     ``structure_unet`` comes from ``structure``, ``texture_unet`` from ``texture``; ``vae`` and
     ``conditioner`` from ``texture`` (from ``structure`` only when no texture file is given). The files
-    are role-checked first (:func:`check_roles`). Returns a report per loaded cell.
+    are role-checked first (:func:`check_roles`). ``progress(name)`` makes a progress bar per cell (e.g.
+    ``lambda name: tqdm(desc=name, unit="B", unit_scale=True)``). Returns a report per loaded cell.
     """
     readers = _open_pair(structure, texture, allow_swapped)
     shared_from = readers["texture"] or readers["structure"]
@@ -115,7 +121,8 @@ def load_released(structure: Optional[str] = None, texture: Optional[str] = None
                 continue
             if reader is None:
                 raise ValueError(f"{name} needs the {name.split('_')[0]} checkpoint, which was not given")
-            reports[name] = load_component(cell, reader, component, strict=strict, progress=progress)
+            with _bar(progress, name) as bar:
+                reports[name] = load_component(cell, reader, component, strict=strict, progress=bar)
     finally:
         _close(readers)
     return reports
@@ -123,13 +130,15 @@ def load_released(structure: Optional[str] = None, texture: Optional[str] = None
 
 def convert_released(out_dir: str, config: PanGuDrawConfig, structure: Optional[str] = None,
                      texture: Optional[str] = None, dtype: Optional[str] = None, file_format: str = "safetensors",
-                     allow_swapped: bool = False, progress=None) -> Dict[str, Tuple[ComponentReport, SaveSummary]]:
+                     allow_swapped: bool = False, progress: Optional[Callable[[str], object]] = None
+                     ) -> Dict[str, Tuple[ComponentReport, SaveSummary]]:
     """Split the released pair into per-component files of our layout in ``out_dir``.
 
     Writes ``structure_unet``, ``texture_unet``, ``vae`` and ``conditioner`` (``.safetensors`` or
     ``.ckpt``), each recording its component and config; the UNets also record their role and timestep
     range (the swapped-files guard reads these back). ``<config.name>.yaml`` is written beside them.
     Each file is written atomically: a failure leaves earlier files of ``out_dir`` untouched.
+    ``progress``: as in :func:`load_released`.
     """
     if file_format not in ("safetensors", "ckpt"):
         raise ValueError(f"file_format {file_format!r} is not valid; choose 'safetensors' or 'ckpt'")
@@ -145,8 +154,9 @@ def convert_released(out_dir: str, config: PanGuDrawConfig, structure: Optional[
     try:
         for name, reader, component, component_config, metadata in jobs:
             path = os.path.join(out_dir, f"{name}.{file_format}")
-            results[name] = convert_component(reader, component, component_config, path, dtype=dtype,
-                                              metadata=metadata, progress=progress)
+            with _bar(progress, name) as bar:
+                results[name] = convert_component(reader, component, component_config, path, dtype=dtype,
+                                                  metadata=metadata, progress=bar)
     finally:
         _close(readers)
     write_config(config, os.path.join(out_dir, f"{config.name}.yaml"))
