@@ -517,6 +517,27 @@ def test_wrong_dtype_and_missing_component(saved_unet, tmp_path):
     assert (digest(output), sorted(os.listdir(tmp_path))) == before
 
 
+def test_linear_weights_fill_1x1_convolutions(tmp_path):
+    """sgm VAE files keep attention q/k/v/proj_out as 1x1 convs; some ports store them as Linear weights."""
+    vae = randomize_cell(build_component("vae", TINY.vae), 3)
+    state = {"first_stage_model." + k: (v[:, :, 0, 0] if ".attn_1." in k and v.ndim == 4 else v)
+             for k, v in cell_state(vae).items()}
+    assert state["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 2
+    save_checkpoint(state, str(tmp_path / "linear_attention.ckpt"))
+    fresh = build_component("vae", TINY.vae, materialize=False)
+    assert load_component(fresh, str(tmp_path / "linear_attention.ckpt")).ok
+    assert_same_parameters(fresh, vae)
+
+
+def test_two_copies_of_one_weight_are_refused(saved_unet, tmp_path):
+    unet, _ = saved_unet
+    state = cell_state(unet)
+    state["out.0.weight"] = state["out.0.gamma"]  # the torch name of the same norm scale
+    save_checkpoint(state, str(tmp_path / "twice.safetensors"))
+    with pytest.raises(StateDictError, match=r"'out.0.gamma' and 'out.0.weight' both map onto 'out.0.gamma'"):
+        load_component(build_component("unet", SD15_LIKE), str(tmp_path / "twice.safetensors"))
+
+
 def test_non_strict_loads_what_fits_and_warns(saved_unet, tmp_path, caplog):
     unet, _ = saved_unet
     state = cell_state(unet)

@@ -33,7 +33,7 @@ from pangu_draw_ms.io.checkpoint import resolve_checkpoint_path  # noqa: E402
 from pangu_draw_ms.io.diffusers_controlnet import controlnet_config_from_diffusers  # noqa: E402
 from pangu_draw_ms.io.diffusers_unet import unet_config_from_diffusers  # noqa: E402
 from pangu_draw_ms.io.diffusers_vae import vae_config_from_diffusers  # noqa: E402
-from pangu_draw_ms.io.layouts import COMPONENTS, convert_component  # noqa: E402
+from pangu_draw_ms.io.layouts import COMPONENTS, convert_component, group_names  # noqa: E402
 from pangu_draw_ms.io.released import convert_released, write_config  # noqa: E402
 from pangu_draw_ms.io.transformers_clip import text_encoder_config_from_transformers  # noqa: E402
 
@@ -58,10 +58,11 @@ def print_summary(results) -> None:
     for name, (report, summary) in results.items():
         print(f"  {summary.path}: {summary.tensors} tensors, {summary.parameters:,} parameters, "
               f"{_size(summary.bytes)} (from {os.path.basename(report.path)}, {report.layout} layout)")
-        for title, keys in (("skipped (other components, not read)", report.skipped),
-                            ("ignored (not weights of this component)", report.ignored)):
-            if keys:
-                print(f"    {len(keys)} {title}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+        if report.skipped:
+            print(f"    {len(report.skipped)} entries of other components skipped unread: {group_names(report.skipped)}")
+        if report.ignored:
+            print(f"    {len(report.ignored)} entries ignored (not weights of this component): "
+                  f"{', '.join(report.ignored[:5])}{' ...' if len(report.ignored) > 5 else ''}")
 
 
 def _progress(desc: str):

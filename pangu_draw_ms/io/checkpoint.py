@@ -41,7 +41,8 @@ CKPT_METADATA_PREFIX = "__metadata__."
 # Files looked for, in order, when a folder is given (diffusers and transformers save_pretrained names).
 _FOLDER_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
                  "model.safetensors", "model.safetensors.index.json",
-                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
+                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
+                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
                        "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -373,9 +374,10 @@ class _Cursor:
 
 
 class ShardedReader(CheckpointReader):
-    """A ``*.safetensors.index.json`` (``weight_map``: name -> shard file) as one reader."""
+    """A shard index, ``*.safetensors.index.json`` or ``*.bin.index.json`` (``weight_map``: name -> shard
+    file), as one reader."""
 
-    format = "safetensors"
+    format = "sharded"
 
     def __init__(self, path: str):
         super().__init__(path)
@@ -488,9 +490,9 @@ def resolve_checkpoint_path(path: str) -> str:
 
 
 def open_checkpoint(path: str) -> CheckpointReader:
-    """Open a checkpoint for lazy reading, chosen by file name: ``.safetensors``,
-    ``.safetensors.index.json``, ``.ckpt``, or ``.bin``/``.pt``/``.pth`` (safe torch loader only);
-    a folder is searched for the diffusers/transformers weights file."""
+    """Open a checkpoint for lazy reading, chosen by file name: ``.safetensors``, ``.ckpt``,
+    ``.bin``/``.pt``/``.pth`` (safe torch loader only) or a shard index ``*.index.json``; a folder is
+    searched for the diffusers/transformers weights file."""
     path = resolve_checkpoint_path(path)
     lower = path.lower()
     if lower.endswith(SAFETENSORS):
@@ -501,8 +503,8 @@ def open_checkpoint(path: str) -> CheckpointReader:
         return MindSporeCheckpointReader(path)
     if lower.endswith(PICKLE_SUFFIXES):
         return TorchPickleReader(path)
-    raise CheckpointError(f"{path}: unknown checkpoint type; readable: .safetensors, .safetensors.index.json, .ckpt "
-                          "(MindSpore), and .bin/.pt/.pth through torch.load(weights_only=True)")
+    raise CheckpointError(f"{path}: unknown checkpoint type; readable: .safetensors, .ckpt (MindSpore), "
+                          ".bin/.pt/.pth through torch.load(weights_only=True), and *.index.json shard indexes")
 
 
 # ---- writing -------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ A *layout* is how a file names one component's weights:
 A layout is a list of routes: entries under a route's prefix are renamed by one of the mapping
 functions of :mod:`pangu_draw_ms.io` (applied to one entry at a time: a fused q/k/v entry becomes three)
 and placed under the route's target prefix. Torch-style ``weight``/``bias`` of norms and embeddings
-become our ``gamma``/``beta``/``embedding_table`` where the cell has no parameter of the torch name.
+become our ``gamma``/``beta``/``embedding_table`` where the cell has no parameter of the torch name, and a
+Linear weight fills a 1x1 convolution (or the reverse).
 
 :func:`plan_component` matches a file against a component's parameters from names and shapes alone (no
 tensor data is read), trying every layout of the component and keeping the one that fills the most
@@ -183,6 +184,7 @@ class ComponentPlan:
     report: ComponentReport
     reads: List[Tuple[str, Route, List[Tuple[str, str, Tuple[int, ...], np.dtype]]]]
     loadable: set
+    duplicates: List[str]  # entries that map onto a parameter another entry already fills
 
     @property
     def matched(self) -> int:
@@ -201,7 +203,10 @@ class ComponentPlan:
                 latest["key"] = key
             return latest["values"][raw]
 
-        return [(ours, shape, dtype, partial(load, key, route, raw))
+        def load_as(key: str, route: Route, raw: str, shape: Tuple[int, ...]) -> np.ndarray:
+            return np.reshape(load(key, route, raw), shape)
+
+        return [(ours, shape, dtype, partial(load_as, key, route, raw, shape))
                 for key, route, targets in self.reads
                 for raw, ours, shape, dtype in targets if ours in self.loadable]
 
@@ -226,11 +231,23 @@ def _our_name(name: str, expected: Expected) -> str:
     return name
 
 
+def _same_but_unit_axes(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
+    """Shapes equal up to trailing axes of size 1: (C, C) and (C, C, 1, 1) hold the same weight, as a
+    Linear layer and as a 1x1 convolution (VAE attention and UNet proj_in/proj_out come both ways)."""
+    def strip(shape):
+        while shape and shape[-1] == 1:
+            shape = shape[:-1]
+        return shape
+
+    return len(a) != len(b) and strip(a) == strip(b)
+
+
 def _match(reader: CheckpointReader, component: str, layout: Layout, expected: Expected) -> ComponentPlan:
     """Map every entry's name and shape through ``layout`` (on zero-stride stand-ins: no data is read)."""
     report = ComponentReport(path=reader.path, component=component, layout=layout.name)
     reads = []
     produced: Dict[str, str] = {}  # our name -> the file entry it comes from
+    duplicates: List[str] = []
     for key in reader.keys():
         route = layout.route(key)
         if route is None:
@@ -251,28 +268,36 @@ def _match(reader: CheckpointReader, component: str, layout: Layout, expected: E
         for raw, value in mapped.items():
             ours = _our_name(route.target + raw, expected)
             if ours in produced:
-                raise StateDictError(f"{reader.path}: entries {produced[ours]!r} and {key!r} both map onto {ours!r} "
-                                     f"in the {layout.name} layout (a file holding two copies of one weight?)")
+                duplicates.append(f"{produced[ours]!r} and {key!r} both map onto {ours!r}")
+                continue
             produced[ours] = key
-            targets.append((raw, ours, tuple(np.shape(value)), dtype))
+            shape = tuple(np.shape(value))
+            if ours in expected and _same_but_unit_axes(tuple(expected[ours][0]), shape):
+                shape = tuple(expected[ours][0])  # a Linear weight for a 1x1 conv, or the reverse
+            targets.append((raw, ours, shape, dtype))
             if ours not in expected:
                 if report.unexpected[-1:] != [key]:  # a fused entry reports once
                     report.unexpected.append(key)
-            elif tuple(expected[ours][0]) != tuple(np.shape(value)):
-                report.mismatched.append((ours, tuple(expected[ours][0]), tuple(np.shape(value))))
+            elif tuple(expected[ours][0]) != shape:
+                report.mismatched.append((ours, tuple(expected[ours][0]), shape))
             elif dtype_kind_error(expected[ours][1], dtype):
                 report.wrong_dtype.append((ours, dtype_kind_error(expected[ours][1], dtype), dtype.name))
         reads.append((key, route, targets))
     report.missing = sorted(n for n in expected if n not in produced)
     bad = {n for n, _, _ in report.mismatched + report.wrong_dtype}
     loadable = {n for n in produced if n in expected and n not in bad}
-    return ComponentPlan(report, reads, loadable)
+    return ComponentPlan(report, reads, loadable, duplicates)
+
+
+def group_names(names, shown: int = 6) -> str:
+    """``a.b.* (count), ...``: names summarised by their first two parts, the largest groups first."""
+    groups = Counter(".".join(name.split(".")[:2]) for name in names)
+    text = ", ".join(f"{group}.* ({count})" for group, count in groups.most_common(shown))
+    return text + (f", +{len(groups) - shown} more groups" if len(groups) > shown else "")
 
 
 def _describe_contents(reader: CheckpointReader) -> str:
-    groups = Counter(".".join(k.split(".")[:2]) for k in reader.keys())
-    shown = ", ".join(f"{g}.* ({n})" for g, n in groups.most_common(6))
-    return f"its {len(reader)} entries are {shown}" + (" ..." if len(groups) > 6 else "") if groups else "it is empty"
+    return f"its {len(reader)} entries are {group_names(reader.keys())}" if len(reader) else "it is empty"
 
 
 def plan_component(reader: CheckpointReader, component: str, expected: Expected, config,
@@ -301,6 +326,9 @@ def plan_component(reader: CheckpointReader, component: str, expected: Expected,
     if best.matched == 0:
         raise StateDictError(f"{reader.path} holds no {component} weights in the "
                              f"{'/'.join(c.name for c in candidates)} layout(s): {_describe_contents(reader)}")
+    if best.duplicates:
+        raise StateDictError(f"{reader.path}: in the {best.report.layout} layout, {'; '.join(best.duplicates[:_SHOW])} "
+                             "(a file holding two copies of one weight, e.g. new and legacy names?)")
     return best
 
 
