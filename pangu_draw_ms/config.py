@@ -111,6 +111,31 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class ControlNetConfig:
+    """A ControlNet (sgm/cldm layout) for a UNet of architecture ``unet``: a trainable copy of that
+    UNet's encoder and middle block, fed the control image through a conv stack.
+
+    ``conditioning_channels``: channels of the control image (3 for RGB). ``hint_channels``: widths of
+    the control-image conv stack (diffusers ``conditioning_embedding_out_channels``); it halves the
+    resolution ``len(hint_channels) - 1`` times, which must equal the VAE's downsampling (8 for SDXL).
+    """
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    conditioning_channels: int = 3
+    hint_channels: Tuple[int, ...] = (16, 32, 96, 256)
+
+    def __post_init__(self):
+        _check(self.conditioning_channels >= 1,
+               f"controlnet.conditioning_channels must be >= 1, got {self.conditioning_channels}")
+        _check(len(self.hint_channels) >= 1 and all(c >= 1 for c in self.hint_channels),
+               f"controlnet.hint_channels must list at least one width >= 1, got {self.hint_channels}")
+
+    @property
+    def hint_downsample_factor(self) -> int:
+        return 2 ** (len(self.hint_channels) - 1)
+
+
+@dataclass(frozen=True)
 class VAEConfig:
     """SDXL AutoencoderKL (LDM encoder/decoder with a mid attention block)."""
 

@@ -15,6 +15,7 @@ from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
+from ..config import TextEncoderConfig
 from .state import StateDictError
 
 Tensors = Dict[str, np.ndarray]
@@ -166,3 +167,25 @@ def _open_clip_entries(name: str, value: np.ndarray):
     if name == "text_projection":
         return {"text_projection.weight": np.ascontiguousarray(value.T)}
     return None
+
+
+def text_encoder_config_from_transformers(config: Mapping, output_layer: str = "last") -> TextEncoderConfig:
+    """Our :class:`TextEncoderConfig` from a transformers ``CLIPTextConfig`` dict (``config.json`` of a
+    ``CLIPTextModel`` or ``CLIPTextModelWithProjection``; a full ``CLIPConfig``'s ``text_config`` works too).
+
+    The projection exists when the architecture is ``CLIPTextModelWithProjection``. Pooling follows
+    transformers: at the argmax id for the legacy ``eos_token_id == 2``, else at ``eos_token_id``.
+    ``output_layer`` is how the features will be used (SDXL-style pipelines use ``penultimate``); the
+    file does not record it.
+    """
+    config = dict(config.get("text_config") or config)
+    with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
+    eos = config.get("eos_token_id", 2)
+    return TextEncoderConfig(
+        vocab_size=config.get("vocab_size", 49408), hidden_size=config.get("hidden_size", 512),
+        num_layers=config.get("num_hidden_layers", 12), num_heads=config.get("num_attention_heads", 8),
+        intermediate_size=config.get("intermediate_size", 2048),
+        max_position_embeddings=config.get("max_position_embeddings", 77),
+        hidden_act=config.get("hidden_act", "quick_gelu"), layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        output_layer=output_layer, projection_dim=config.get("projection_dim", 512) if with_projection else None,
+        eot_token_id=None if eos == 2 else eos)
