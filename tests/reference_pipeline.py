@@ -12,7 +12,7 @@ import numpy as np
 
 from pangu_draw_ms.config import PanGuDrawConfig
 from pangu_draw_ms.io.diffusers_unet import diffusers_unet_kwargs, unet_from_diffusers
-from pangu_draw_ms.io.diffusers_vae import convert_diffusers_vae_state
+from pangu_draw_ms.io.diffusers_vae import vae_from_diffusers
 from pangu_draw_ms.io.state import load_state
 from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 from helpers import randomize_torch_module, torch_state_numpy
@@ -44,7 +44,7 @@ def build_pair(config: PanGuDrawConfig, seed: int = 0, randomize: bool = True):
     unet_state = unet_from_diffusers(torch_state_numpy(unet), config.unet)
     for name in ("structure_unet", "texture_unet"):
         load_state(ours.components.get(name), unet_state)
-    load_state(ours.components.get("vae"), convert_diffusers_vae_state(torch_state_numpy(vae)))
+    load_state(ours.components.get("vae"), vae_from_diffusers(torch_state_numpy(vae)))
 
     class BucketIndexSDXLPipeline(StableDiffusionXLPipeline):
         bucket_index = 0

@@ -24,12 +24,12 @@ from pangu_draw_ms.io.transformers_clip import text_encoder_config_from_transfor
 from pangu_draw_ms.models import layers as L
 from helpers import (BUCKET_DIM, CONTEXT, POOLED, SD15_LIKE, SDXL_LIKE, assert_close, diffusers_unet,
                      randomize_torch_module)
+from released_layout import TINY, open_clip_state, randomize_cell, released_state, tiny_cells
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-TINY = load_config("tiny")
 FORMATS = [".safetensors", ".ckpt"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,56 +41,6 @@ def pynative():
     ms.set_context(mode=ms.PYNATIVE_MODE)
     yield
     ms.set_context(mode=previous)
-
-
-def randomize_cell(cell, seed: int):
-    """Every parameter seeded-random (norm scales near 1): a wrong mapping cannot hide behind equal inits."""
-    rng = np.random.default_rng(seed)
-    for p in cell.get_parameters():
-        noise = rng.standard_normal(p.shape).astype(np.float32)
-        p.set_data(ms.Tensor(1.0 + 0.1 * noise if p.name.endswith("gamma") else 0.1 * noise))
-    return cell
-
-
-def tiny_cells(seed: int):
-    return (randomize_cell(build_component("unet", TINY.unet), seed),
-            randomize_cell(build_component("vae", TINY.vae), seed + 1),
-            randomize_cell(build_component("conditioner", TINY.conditioner), seed + 2))
-
-
-def open_clip_state(ours):
-    """Our CLIPTextEncoder state in OpenCLIP names with MindSpore suffixes, as the release stores the
-    English encoder: fused in_proj (rows q, k, v), text_projection as (width, proj), logit_scale."""
-    renames = [(r"^embeddings\.token_embedding\.", "token_embedding."), (r"^final_layer_norm\.", "ln_final."),
-               (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"transformer.resblocks.\1.ln_1."),
-               (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"transformer.resblocks.\1.ln_2."),
-               (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"transformer.resblocks.\1.attn.out_proj."),
-               (r"^encoder\.layers\.(\d+)\.mlp\.fc1\.", r"transformer.resblocks.\1.mlp.c_fc."),
-               (r"^encoder\.layers\.(\d+)\.mlp\.fc2\.", r"transformer.resblocks.\1.mlp.c_proj.")]
-    out = {"positional_embedding": ours["embeddings.position_embedding.embedding_table"],
-           "text_projection": ours["text_projection.weight"].T.copy(), "logit_scale": np.array(4.6052, np.float32)}
-    layers = {int(m[1]) for m in (re.match(r"encoder\.layers\.(\d+)\.", k) for k in ours) if m}
-    for n in layers:
-        for kind in ("weight", "bias"):
-            out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = np.concatenate(
-                [ours[f"encoder.layers.{n}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
-    for name, value in ours.items():
-        for pattern, replacement in renames:
-            if re.match(pattern, name):
-                out[re.sub(pattern, replacement, name)] = value
-    return out
-
-
-def released_state(unet, vae, conditioner):
-    """A whole model in the released sgm layout: all four prefixes, MindSpore suffixes."""
-    state = {"model.diffusion_model." + k: v for k, v in cell_state(unet).items()}
-    state.update({"first_stage_model." + k: v for k, v in cell_state(vae).items()})
-    text = cell_state(conditioner)
-    state.update({"conditioner.embedders.0.transformer.text_model." + k[len("encoders.0."):]: v
-                  for k, v in text.items() if k.startswith("encoders.0.")})
-    english = {k[len("encoders.1."):]: v for k, v in text.items() if k.startswith("encoders.1.")}
-    state.update({"conditioner.embedders.1.model." + k: v for k, v in open_clip_state(english).items()})
-    return state
 
 
 def assert_same_parameters(loaded, source):
@@ -300,7 +250,7 @@ def test_convert_tool_splits_the_released_pair(released_pair, tmp_path, capsys, 
                                 "--out", out, "--config", "tiny", "--dtype", "fp16", "--format", fmt]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"structure_unet\.\w+: \d+ tensors, [\d,]+ parameters", printed) and "skipped" in printed
-    assert load_config(os.path.join(out, "tiny.yaml"), PanGuDrawConfig) == TINY
+    assert load_config(os.path.join(out, "config.yaml"), PanGuDrawConfig) == TINY
     expected = {"structure_unet": cells["structure"][0], "texture_unet": cells["texture"][0],
                 "vae": cells["texture"][1], "conditioner": cells["texture"][2]}
     for name, source in expected.items():

@@ -1,7 +1,6 @@
 """Coop-Diffusion math (Algorithm 1): fusion, bridges, carrying back, and the resolution bridge's noise."""
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import nn
 
 from pangu_draw_ms.config import VAEConfig

@@ -65,6 +65,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                               "the text encoders and the VAE")
     model.add_argument("--conditioner-ckpt", help="text encoder weights (default: from --texture-ckpt)")
     model.add_argument("--vae-ckpt", help="VAE weights (default: from --texture-ckpt)")
+    model.add_argument("--allow-swapped", action="store_true",
+                       help="accept a structure/texture pair whose recorded roles say it is swapped")
     model.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="compute dtype (default: fp16 on Ascend, fp32 on CPU)")
     model.add_argument("--weights-dtype", choices=["fp32", "fp16"], default="fp32", help="parameter storage dtype")
     model.add_argument("--memory", choices=["resident", "sequential"], default="resident",
@@ -97,7 +99,8 @@ def build_pipeline(args):
     from pangu_draw_ms.pipelines.components import find_component_files
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
-    options = dict(precision=args.precision, weights_dtype=args.weights_dtype, memory=args.memory)
+    options = dict(precision=args.precision, weights_dtype=args.weights_dtype, memory=args.memory,
+                   allow_swapped=args.allow_swapped, show_progress=not args.quiet)
     if args.model_dir or (not args.structure_ckpt and not args.texture_ckpt and not args.config
                           and os.path.isfile(os.path.join(DEMO_DIR, "config.yaml"))):
         model_dir = args.model_dir or DEMO_DIR

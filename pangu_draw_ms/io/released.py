@@ -136,7 +136,8 @@ def convert_released(out_dir: str, config: PanGuDrawConfig, structure: Optional[
 
     Writes ``structure_unet``, ``texture_unet``, ``vae`` and ``conditioner`` (``.safetensors`` or
     ``.ckpt``), each recording its component and config; the UNets also record their role and timestep
-    range (the swapped-files guard reads these back). ``<config.name>.yaml`` is written beside them.
+    range (the swapped-files guard reads these back). ``config.yaml`` is written beside them: the folder is
+    then a model directory (``PanGuDrawPipeline.from_pretrained``).
     Each file is written atomically: a failure leaves earlier files of ``out_dir`` untouched.
     ``progress``: as in :func:`load_released`.
     """
@@ -159,7 +160,7 @@ def convert_released(out_dir: str, config: PanGuDrawConfig, structure: Optional[
                                                   metadata=metadata, progress=bar)
     finally:
         _close(readers)
-    write_config(config, os.path.join(out_dir, f"{config.name}.yaml"))
+    write_config(config, os.path.join(out_dir, "config.yaml"))
     return results
 
 

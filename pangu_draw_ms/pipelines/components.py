@@ -21,13 +21,12 @@ from typing import Callable, Dict, Optional
 
 import mindspore as ms
 from mindspore import nn
-from mindspore.nn.utils import no_init_parameters
 
 from ..config import PanGuDrawConfig, load_config
+from ..io.checkpoint import open_checkpoint
+from ..io.layouts import build_component, load_component
+from ..io.released import check_roles
 from ..models import layers as L
-from ..models.conditioner import Conditioner
-from ..models.unet import UNetModel
-from ..models.vae import AutoencoderKL
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,10 @@ class ComponentStore:
 
     ``precision``: compute dtype of the UNets and text encoders (``fp32``/``fp16``/``bf16``; default: the
     device's). ``weights_dtype``: storage dtype of their parameters (``fp16`` halves their memory; norms
-    and softmax still compute in float32). The VAE follows ``config.vae.force_fp32``.
+    and softmax still compute in float32). The VAE follows ``config.vae.force_fp32``. Files load one
+    tensor at a time in any layout :func:`pangu_draw_ms.io.layouts.load_component` knows (ours, the
+    released sgm files, diffusers); a structure/texture pair that looks swapped is refused unless
+    ``allow_swapped``.
     """
 
     config: PanGuDrawConfig
@@ -69,6 +71,8 @@ class ComponentStore:
     weights_dtype: str = "fp32"
     memory: str = "resident"
     random_seed: int = 0
+    allow_swapped: bool = False
+    show_progress: bool = False
     on_build: Optional[Callable[[str], None]] = None
     _cells: Dict[str, nn.Cell] = field(default_factory=dict, init=False, repr=False)
 
@@ -84,6 +88,11 @@ class ComponentStore:
                              f"{list(COMPONENTS)} (or none, for seeded random weights)")
         self.compute_dtype = L.compute_dtype(self.precision)
         self.storage_dtype = L.compute_dtype(self.weights_dtype)
+        if given:
+            # The release accepted its two UNet files swapped without a word; we check the recorded role.
+            with open_checkpoint(self.files["structure_unet"]) as structure, \
+                    open_checkpoint(self.files["texture_unet"]) as texture:
+                check_roles(structure, texture, allow_swapped=self.allow_swapped)
 
     @classmethod
     def from_pretrained(cls, model_dir: str, **kwargs) -> "ComponentStore":
@@ -95,29 +104,25 @@ class ComponentStore:
         return not any(self.files.get(name) for name in COMPONENTS)
 
     def _build(self, name: str) -> nn.Cell:
-        dtype = self.compute_dtype
-        path = self.files.get(name)
-        if name == "vae":
-            make = lambda: AutoencoderKL(self.config.vae, dtype=dtype)  # noqa: E731
-        elif name == "conditioner":
-            make = lambda: Conditioner(self.config.conditioner, dtype=dtype)  # noqa: E731
-        else:
-            make = lambda: UNetModel(self.config.unet, dtype=dtype)  # noqa: E731
+        kind = "unet" if name.endswith("unet") else name
         # Built lazily: parameters get their storage dtype first, then values (seeded random or loaded
         # tensor by tensor), so no float32 copy of a large network is ever materialised.
-        with no_init_parameters():
-            cell = make()
+        cell = build_component(kind, getattr(self.config, kind), dtype=self.compute_dtype, materialize=False)
         if name != "vae" and self.storage_dtype != ms.float32:
             for param in cell.get_parameters():
                 param.set_dtype(self.storage_dtype)
+        path = self.files.get(name)
         if path is None:
             # Each component draws from its own seed: building one alone or all together gives the same.
             ms.set_seed(self.random_seed + COMPONENTS.index(name))
             cell.init_parameters_data()
-        else:
-            from ..io.released import load_component
+        elif self.show_progress:
+            from tqdm import tqdm
 
-            load_component(cell, path, "unet" if name.endswith("unet") else name)
+            with tqdm(desc=f"loading {name}", unit="B", unit_scale=True, leave=False) as bar:
+                load_component(cell, path, kind, progress=bar)
+        else:
+            load_component(cell, path, kind)
         cell.set_train(False)
         if self.on_build is not None:
             self.on_build(name)
