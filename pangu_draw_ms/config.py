@@ -185,7 +185,8 @@ class TokenizerConfig:
     ``pangu_draw_ms/tokenizers/data``. Empty = the bundled vocab of ``kind`` (wordpiece:
     ``bert_chinese_vocab.txt``, clip_bpe: ``bpe_simple_vocab_16e6.txt.gz``; sentencepiece has none).
     ``lowercase`` and ``jieba`` (Chinese word segmentation, sentencepiece only) must match how a
-    SentencePiece model was trained.
+    SentencePiece model was trained. ``pad_with_end_token``: CLIP BPE padded with ``<|endoftext|>`` as
+    transformers' CLIPTokenizer does (Stable Diffusion 1.x) instead of open_clip's 0.
     """
 
     kind: TokenizerKind = "clip_bpe"
@@ -193,6 +194,7 @@ class TokenizerConfig:
     max_length: int = 77
     lowercase: bool = True
     jieba: bool = False
+    pad_with_end_token: bool = False
 
     def __post_init__(self):
         _check(self.kind in _VOCAB_SUFFIX, f"tokenizer.kind {self.kind!r} is not valid; choose one of "
@@ -208,6 +210,8 @@ class TokenizerConfig:
         _check(self.max_length >= 2, "tokenizer.max_length must be >= 2 (start and end tokens)")
         _check(not self.jieba or self.kind == "sentencepiece",
                f"tokenizer.jieba segments Chinese for kind 'sentencepiece' only, not {self.kind!r}")
+        _check(not self.pad_with_end_token or self.kind == "clip_bpe",
+               f"tokenizer.pad_with_end_token (Stable Diffusion 1.x padding) applies to kind 'clip_bpe' only, not {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -512,3 +516,100 @@ def load_config(name_or_path: str, cls: Type[T] = PanGuDrawConfig) -> T:
     with open(path, "r", encoding="utf-8") as f:
         data = yaml.safe_load(f)
     return from_dict(cls, data, where=os.path.basename(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Coop-Diffusion recipes
+# --------------------------------------------------------------------------------------------
+
+PartnerKind = Literal["pangu", "diffusers", "controlnet", "image_variation"]
+
+
+@dataclass(frozen=True)
+class PartnerConfig:
+    """One partner model of a Coop-Diffusion run (Algorithm 1's model B).
+
+    kind ``pangu``: a PanGu-Draw model directory (``path``) or, for tests and smoke runs, a bundled config
+    name (``config``) with seeded random weights. ``diffusers``: a diffusers text-to-image folder of the
+    Stable Diffusion 1.x family (``unet/``, ``vae/``, ``text_encoder/``). ``controlnet``: ControlNet weights
+    (``path``, any layout we load) attached to ``base`` (``main`` or a partner's name), driven by
+    ``control_image``. ``image_variation``: a diffusers image-variation folder (``image_encoder/``,
+    ``unet/``, ``vae/``) conditioned on ``image``.
+
+    ``weight`` is d_i; the partner is fused for ``t_min <= t <= t_max``. ``height``/``width``: its native
+    pixel size (default: the main image's size for ``pangu`` and ControlNets on ``main``, else 512).
+    ``prompt``: its own prompt (default: the main prompt). ``resize_mode``: pixel resampling between the
+    two latent spaces when their sizes differ.
+    """
+
+    name: str
+    kind: PartnerKind
+    path: str = ""
+    config: str = ""
+    base: str = "main"
+    height: Optional[int] = None
+    width: Optional[int] = None
+    prompt: Optional[str] = None
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5
+    weight: float = 0.5
+    t_min: int = 0
+    t_max: int = 999
+    control_image: str = ""
+    control_scale: float = 1.0
+    guess_mode: bool = False
+    image: str = ""
+    resize_mode: Literal["bicubic", "bilinear", "nearest", "area"] = "bicubic"
+
+    def __post_init__(self):
+        where = f"partner {self.name!r}"
+        _check(bool(self.name) and self.name != "main", f"{where}: a partner needs a name other than 'main'")
+        _check(0.0 <= self.weight <= 1.0, f"{where}: weight (d) must be in [0, 1], got {self.weight}")
+        _check(0 <= self.t_min <= self.t_max, f"{where}: need 0 <= t_min <= t_max, got {self.t_min}..{self.t_max}")
+        _check(self.guidance_scale >= 0, f"{where}: guidance_scale must be >= 0")
+        _check((self.height is None) == (self.width is None), f"{where}: give both height and width, or neither")
+        if self.kind == "pangu":
+            _check(bool(self.path) != bool(self.config), f"{where}: kind pangu needs either path (a model directory) "
+                   "or config (a bundled config name, seeded random weights)")
+        elif self.kind in ("diffusers", "image_variation", "controlnet"):
+            _check(bool(self.path), f"{where}: kind {self.kind} needs path (the model's folder or file)")
+        if self.kind == "controlnet":
+            _check(bool(self.control_image), f"{where}: a controlnet partner needs control_image")
+        if self.kind == "image_variation":
+            _check(bool(self.image), f"{where}: an image_variation partner needs image (the reference picture)")
+
+
+@dataclass(frozen=True)
+class ResolutionBridgeConfig:
+    """Sub-module 2: ``partner`` (a low-resolution model) denoises from T down to ``t_low``; its x0 is
+    decoded, upsampled in pixel space (``upsample``), encoded by the main VAE and re-noised with fresh
+    noise; the main model continues. ``latent_bilinear`` is the paper's Fig. 3 baseline (bilinear
+    upsampling of the noisy latent; same latent space only)."""
+
+    partner: str
+    t_low: int = 500
+    upsample: Literal["bicubic", "bilinear", "nearest", "area", "latent_bilinear"] = "bicubic"
+
+    def __post_init__(self):
+        _check(0 < self.t_low < 1000, f"resolution_bridge.t_low must lie in (0, 1000), got {self.t_low}")
+
+
+@dataclass(frozen=True)
+class CoopRecipe:
+    """A Coop-Diffusion run: partners fused by sub-module 1 and/or a sub-module 2 resolution bridge."""
+
+    partners: Tuple[PartnerConfig, ...] = ()
+    resolution_bridge: Optional[ResolutionBridgeConfig] = None
+
+    def __post_init__(self):
+        names = [p.name for p in self.partners]
+        _check(len(set(names)) == len(names), f"recipe: partner names must be unique, got {names}")
+        _check(bool(self.partners), "recipe: name at least one partner")
+        for p in self.partners:
+            if p.kind == "controlnet":
+                bases = ["main"] + [q.name for q in self.partners if q.kind in ("pangu", "diffusers")]
+                _check(p.base in bases, f"partner {p.name!r}: base {p.base!r} is not 'main' or a pangu/diffusers "
+                       f"partner; valid: {bases}")
+        if self.resolution_bridge is not None:
+            _check(self.resolution_bridge.partner in names, f"resolution_bridge.partner "
+                   f"{self.resolution_bridge.partner!r} is not a partner of the recipe; valid: {names}")

@@ -18,10 +18,10 @@ from PIL import Image
 
 from ..buckets import BucketTable
 from ..config import PanGuDrawConfig
-from ..diffusion.denoiser import Conditioning, UNetEpsModel
+from ..diffusion.denoiser import Conditioning, ControlInput, UNetEpsModel
 from ..diffusion.experts import STRUCTURE, TEXTURE, SingleModel, TimeDecoupledExperts
 from ..diffusion.guidance import STYLE_PREFIXES, GuidanceBranch, GuidedDenoiser, guidance_weights
-from ..diffusion.samplers import make_sampler
+from ..diffusion.samplers import Sampler, make_sampler
 from ..diffusion.schedule import NoiseSchedule, add_noise
 from .components import ComponentStore
 from .prompt_encoder import PromptEncoder
@@ -55,6 +55,48 @@ def from_image(image: Union[str, Image.Image, np.ndarray], height: int, width: i
         image = image.resize((width, height), Image.BICUBIC)
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return arr.transpose(2, 0, 1)[None]
+
+
+@dataclass
+class Run:
+    """One request, resolved against the config's defaults and checked (:meth:`PanGuDrawPipeline.plan`)."""
+
+    prompts: List[str]
+    negative_prompt: str
+    sampler: Sampler
+    spacing: str
+    num_inference_steps: int
+    timesteps: np.ndarray
+    guidance_weights: Dict[str, float]
+    guidance_scale: float
+    style_scales: Dict[str, float]
+    guidance_rescale: float
+    t_struct: int
+    switch_rule: str
+    single_model: Optional[str]
+    seed: int
+    num_images_per_prompt: int
+    first_image_index: int
+    bucket_index: int
+    height: int
+    width: int
+    strength: Optional[float]
+    latent_shape: tuple
+
+    def sampler_rng(self) -> Optional[np.random.Generator]:
+        """The stochastic samplers' noise stream, apart from the initial-noise streams (seed, k)."""
+        if not self.sampler.stochastic:
+            return None
+        return np.random.default_rng([self.seed, self.first_image_index, self.latent_shape[0], 1])
+
+    def info(self) -> Dict:
+        return {"prompts": self.prompts, "negative_prompt": self.negative_prompt, "height": self.height,
+                "width": self.width, "bucket_index": self.bucket_index, "num_inference_steps": self.num_inference_steps,
+                "timesteps": [int(t) for t in self.timesteps], "sampler": self.sampler.name, "spacing": self.spacing,
+                "guidance_scale": self.guidance_scale, "style_scales": self.style_scales,
+                "guidance_rescale": self.guidance_rescale, "t_struct": self.t_struct, "switch_rule": self.switch_rule,
+                "single_model": self.single_model, "seed": self.seed, "num_images_per_prompt": self.num_images_per_prompt,
+                "strength": self.strength}
 
 
 class PanGuDrawPipeline:
@@ -100,13 +142,13 @@ class PanGuDrawPipeline:
         self.components.done_with("conditioner")
         return branches
 
-    def experts(self, t_struct: int, switch_rule: str) -> TimeDecoupledExperts:
-        def loader(name):
-            return lambda: UNetEpsModel(self.components.get(name))
+    def experts(self, t_struct: int, switch_rule: str, control: Optional[ControlInput] = None) -> TimeDecoupledExperts:
+        def eps_model(name):
+            return UNetEpsModel(self.components.get(name), control)
 
         sequential = self.components.memory == "sequential"
-        structure = loader("structure_unet") if sequential else UNetEpsModel(self.components.get("structure_unet"))
-        texture = loader("texture_unet") if sequential else UNetEpsModel(self.components.get("texture_unet"))
+        structure = (lambda: eps_model("structure_unet")) if sequential else eps_model("structure_unet")
+        texture = (lambda: eps_model("texture_unet")) if sequential else eps_model("texture_unet")
         names = {STRUCTURE: "structure_unet", TEXTURE: "texture_unet"}
         return TimeDecoupledExperts(structure, texture, t_struct=t_struct, rule=switch_rule, sequential=sequential,
                                     on_release=lambda expert: self.components.done_with(names[expert]))
@@ -125,7 +167,7 @@ class PanGuDrawPipeline:
         return latents
 
     # ---- a run ----------------------------------------------------------------------------------
-    def __call__(
+    def plan(
         self,
         prompt: Union[str, Sequence[str]],
         negative_prompt: Optional[str] = None,
@@ -145,103 +187,119 @@ class PanGuDrawPipeline:
         seed: int = 0,
         num_images_per_prompt: int = 1,
         first_image_index: int = 0,
-        noise: Optional[np.ndarray] = None,
-        init_image=None,
-        strength: float = 0.8,
         sampler_options: Optional[dict] = None,
-        output_type: str = "pil",
-        progress: Optional[ProgressCallback] = None,
-    ) -> PipelineOutput:
-        """Generate ``num_images_per_prompt`` images for each prompt.
-
-        Defaults come from ``config.sampling``. ``height``/``width`` must be a bucket of the structure
-        table unless ``snap_to_bucket``; ``ratio`` ("W:H") picks the nearest bucket. ``noise``: the initial
-        noise (B, C, h, w) instead of drawing it from ``seed`` (e.g. loaded from a .npy for comparison with
-        another implementation). Image k of the run draws its noise from ``(seed, first_image_index + k)``, so
-a batch equals the same images made one call at a time. ``single_model``: "structure" or "texture" runs that one UNet for every t
-        (the baseline the time split is compared with). ``init_image`` + ``strength``: image-to-image.
-        """
+        strength: Optional[float] = None,
+    ) -> Run:
+        """Resolve a request against ``config.sampling``'s defaults and check it (see :meth:`__call__`)."""
         defaults = self.config.sampling
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("every prompt must be a non-empty string (the negative prompt may be empty)")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        negative_prompt = defaults.negative_prompt if negative_prompt is None else negative_prompt
-        steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
-        spacing = spacing or defaults.spacing
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-        styles = dict(defaults.style_scales if style_scales is None else style_scales)
         t_struct = self.config.t_struct if t_struct is None else int(t_struct)
-        switch_rule = switch_rule or defaults.switch_rule
         if single_model not in (None, STRUCTURE, TEXTURE):
             raise ValueError(f"single_model must be None, {STRUCTURE!r} or {TEXTURE!r}, got {single_model!r}")
         if not 0 <= t_struct <= self.config.num_train_timesteps:
             raise ValueError(f"t_struct must lie in [0, {self.config.num_train_timesteps}], got {t_struct}")
-
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        styles = dict(defaults.style_scales if style_scales is None else style_scales)
         weights = guidance_weights(guidance_scale, styles)
-        sampler_impl = make_sampler(sampler or defaults.sampler, self.schedule, **(sampler_options or {}))
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        spacing = spacing or defaults.spacing
         timesteps = self.schedule.timesteps(steps, spacing)
-        if init_image is not None:
+        if strength is not None:
             timesteps = self.schedule.strength_timesteps(timesteps, strength)
         bucket_index, (h, w) = self.buckets.select(height, width, ratio, snap=snap_to_bucket)
         f = self.config.vae.downsample_factor
-        batch = len(prompts) * num_images_per_prompt
-        latent_shape = (batch, self.config.unet.in_channels, h // f, w // f)
+        return Run(
+            prompts=prompts, negative_prompt=defaults.negative_prompt if negative_prompt is None else negative_prompt,
+            sampler=make_sampler(sampler or defaults.sampler, self.schedule, **(sampler_options or {})),
+            spacing=spacing, num_inference_steps=steps, timesteps=timesteps, guidance_weights=weights,
+            guidance_scale=guidance_scale, style_scales={k: v for k, v in styles.items() if weights.get(k)},
+            guidance_rescale=guidance_rescale, t_struct=t_struct, switch_rule=switch_rule or defaults.switch_rule,
+            single_model=single_model, seed=seed, num_images_per_prompt=num_images_per_prompt,
+            first_image_index=first_image_index, bucket_index=bucket_index, height=h, width=w, strength=strength,
+            latent_shape=(len(prompts) * num_images_per_prompt, self.config.unet.in_channels, h // f, w // f))
 
+    def initial_noise(self, run: Run, noise: Optional[np.ndarray] = None) -> np.ndarray:
+        """The run's initial noise: given, or image k's from the generator seeded (seed, first index + k)."""
         if noise is None:
             # One generator per image: image k of a run gets the same noise whatever the batch around it.
-            noise = np.stack([np.random.default_rng([seed, first_image_index + k]).standard_normal(
-                latent_shape[1:], dtype=np.float32) for k in range(batch)])
+            noise = np.stack([np.random.default_rng([run.seed, run.first_image_index + k]).standard_normal(
+                run.latent_shape[1:], dtype=np.float32) for k in range(run.latent_shape[0])])
         noise = np.asarray(noise, dtype=np.float32)
-        if noise.shape != latent_shape:
-            raise ValueError(f"noise has shape {noise.shape}; this run needs {latent_shape}")
+        if noise.shape != run.latent_shape:
+            raise ValueError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}")
+        return noise
 
-        started = time.perf_counter()
-        active_styles = [s for s in styles if weights.get(s, 0) != 0]
-        conds = self.encode(prompts, negative_prompt, active_styles, bucket_index)
-        branches = [GuidanceBranch(name, conds[name].repeat(num_images_per_prompt), weight)
-                    for name, weight in weights.items()]
-        encoded = time.perf_counter()
+    def denoiser(self, run: Run, control: Optional[ControlInput] = None, control_scale: float = 1.0):
+        """(the guided denoiser ``denoise(z, t) -> eps``, the expert router whose ``trace`` it fills).
 
-        if init_image is None:
-            z = noise
+        Encodes the prompts, the negative prompt and the style-prefixed prompts once. With ``control``
+        every UNet call goes through the ControlNet too; in its guess mode the unconditional branch gets
+        no control."""
+        conds = self.encode(run.prompts, run.negative_prompt, list(run.style_scales), run.bucket_index)
+        branches = []
+        for name, weight in run.guidance_weights.items():
+            cond = conds[name].repeat(run.num_images_per_prompt)
+            if control is not None:
+                scale = 0.0 if (control.guess_mode and name == "uncond") else control_scale
+                cond.control_scale = np.full((cond.batch_size,), scale, np.float32)
+            branches.append(GuidanceBranch(name, cond, weight))
+        if run.single_model is None:
+            model = self.experts(run.t_struct, run.switch_rule, control)
         else:
-            z0 = np.repeat(self.encode_image(init_image, h, w), batch, axis=0)
-            z = add_noise(z0, noise, self.schedule.alpha_bar(timesteps[0])).astype(np.float32)
+            model = SingleModel(UNetEpsModel(self.components.get(run.single_model + "_unet"), control), run.single_model)
+        model.plan(run.timesteps)
+        return GuidedDenoiser(model, branches, run.guidance_rescale), model
 
-        if single_model is None:
-            model = self.experts(t_struct, switch_rule)
-        else:
-            model = SingleModel(UNetEpsModel(self.components.get(single_model + "_unet")), single_model)
-        model.plan(timesteps)
-        denoiser = GuidedDenoiser(model, branches, guidance_rescale)
-        # The stochastic samplers' noise stream, apart from the initial-noise streams (seed, k).
-        rng = np.random.default_rng([seed, first_image_index, batch, 1]) if sampler_impl.stochastic else None
-
-        def on_step(i, t, _z):
-            if progress is not None:
-                progress(i, len(timesteps), int(t), model.trace[-1][1])
-
-        latents = sampler_impl.sample(denoiser, z, timesteps, rng=rng, callback=on_step)
+    def release_unets(self, model) -> None:
         model.release_all()
         for name in ("structure_unet", "texture_unet"):
             self.components.done_with(name)
+
+    def __call__(self, prompt: Union[str, Sequence[str]], *, noise: Optional[np.ndarray] = None, init_image=None,
+                 strength: float = 0.8, output_type: str = "pil", progress: Optional[ProgressCallback] = None,
+                 **settings) -> PipelineOutput:
+        """Generate ``num_images_per_prompt`` images for each prompt.
+
+        Settings (defaults from ``config.sampling``): ``negative_prompt``, ``height``/``width`` (a bucket of
+        the structure table unless ``snap_to_bucket``) or ``ratio`` ("W:H", nearest bucket),
+        ``num_inference_steps``, ``sampler`` (+ ``sampler_options``), ``spacing``, ``guidance_scale``,
+        ``style_scales`` ({aesthetic, anime, photography}), ``guidance_rescale``, ``t_struct``,
+        ``switch_rule``, ``single_model`` ("structure"/"texture": that UNet for every t, the baseline of
+        the time split), ``seed``, ``num_images_per_prompt``, ``first_image_index``.
+
+        ``noise``: the initial noise (B, C, h, w) instead of drawing it from the seed (image k of the run
+        draws from ``(seed, first_image_index + k)``, so a batch equals its images made one call at a
+        time). ``init_image`` + ``strength``: image-to-image. ``output_type``: "pil" or "latent".
+        """
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        run = self.plan(prompt, strength=strength if init_image is not None else None, **settings)
+        noise = self.initial_noise(run, noise)
+        started = time.perf_counter()
+        denoiser, model = self.denoiser(run)
+        encoded = time.perf_counter()
+        if init_image is None:
+            z = noise
+        else:
+            z0 = np.repeat(self.encode_image(init_image, run.height, run.width), run.latent_shape[0], axis=0)
+            z = add_noise(z0, noise, self.schedule.alpha_bar(run.timesteps[0])).astype(np.float32)
+
+        def on_step(i, t, _z):
+            if progress is not None:
+                progress(i, len(run.timesteps), int(t), model.trace[-1][1])
+
+        latents = run.sampler.sample(denoiser, z, run.timesteps, rng=run.sampler_rng(), callback=on_step)
+        self.release_unets(model)
         sampled = time.perf_counter()
         images = [] if output_type == "latent" else to_pil(self.decode(latents))
         decoded = time.perf_counter()
-
-        info = {
-            "prompts": prompts, "negative_prompt": negative_prompt, "height": h, "width": w,
-            "bucket_index": bucket_index, "bucket_table": self.buckets.name, "num_inference_steps": steps,
-            "timesteps": [int(t) for t in timesteps], "sampler": sampler_impl.name, "spacing": spacing,
-            "guidance_scale": guidance_scale, "style_scales": {s: styles[s] for s in active_styles},
-            "guidance_rescale": guidance_rescale, "t_struct": t_struct, "switch_rule": switch_rule,
-            "single_model": single_model, "seed": seed, "num_images_per_prompt": num_images_per_prompt,
-            "strength": strength if init_image is not None else None,
-            "expert_trace": list(model.trace), "random_weights": self.components.random_weights,
-            "seconds": {"encode": encoded - started, "sample": sampled - encoded, "decode": decoded - sampled},
-        }
+        info = run.info()
+        info.update(bucket_table=self.buckets.name, expert_trace=list(model.trace), random_weights=self.components.random_weights,
+                    seconds={"encode": encoded - started, "sample": sampled - encoded, "decode": decoded - sampled})
         return PipelineOutput(images=images, latents=latents, info=info)
