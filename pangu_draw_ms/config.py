@@ -111,6 +111,31 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class ControlNetConfig:
+    """A ControlNet (sgm/cldm layout) for a UNet of architecture ``unet``: a trainable copy of that
+    UNet's encoder and middle block, fed the control image through a conv stack.
+
+    ``conditioning_channels``: channels of the control image (3 for RGB). ``hint_channels``: widths of
+    the control-image conv stack (diffusers ``conditioning_embedding_out_channels``); it halves the
+    resolution ``len(hint_channels) - 1`` times, which must equal the VAE's downsampling (8 for SDXL).
+    """
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    conditioning_channels: int = 3
+    hint_channels: Tuple[int, ...] = (16, 32, 96, 256)
+
+    def __post_init__(self):
+        _check(self.conditioning_channels >= 1,
+               f"controlnet.conditioning_channels must be >= 1, got {self.conditioning_channels}")
+        _check(len(self.hint_channels) >= 1 and all(c >= 1 for c in self.hint_channels),
+               f"controlnet.hint_channels must list at least one width >= 1, got {self.hint_channels}")
+
+    @property
+    def hint_downsample_factor(self) -> int:
+        return 2 ** (len(self.hint_channels) - 1)
+
+
+@dataclass(frozen=True)
 class VAEConfig:
     """SDXL AutoencoderKL (LDM encoder/decoder with a mid attention block)."""
 
@@ -160,7 +185,8 @@ class TokenizerConfig:
     ``pangu_draw_ms/tokenizers/data``. Empty = the bundled vocab of ``kind`` (wordpiece:
     ``bert_chinese_vocab.txt``, clip_bpe: ``bpe_simple_vocab_16e6.txt.gz``; sentencepiece has none).
     ``lowercase`` and ``jieba`` (Chinese word segmentation, sentencepiece only) must match how a
-    SentencePiece model was trained.
+    SentencePiece model was trained. ``pad_with_end_token``: CLIP BPE padded with ``<|endoftext|>`` as
+    transformers' CLIPTokenizer does (Stable Diffusion 1.x) instead of open_clip's 0.
     """
 
     kind: TokenizerKind = "clip_bpe"
@@ -168,6 +194,7 @@ class TokenizerConfig:
     max_length: int = 77
     lowercase: bool = True
     jieba: bool = False
+    pad_with_end_token: bool = False
 
     def __post_init__(self):
         _check(self.kind in _VOCAB_SUFFIX, f"tokenizer.kind {self.kind!r} is not valid; choose one of "
@@ -183,6 +210,8 @@ class TokenizerConfig:
         _check(self.max_length >= 2, "tokenizer.max_length must be >= 2 (start and end tokens)")
         _check(not self.jieba or self.kind == "sentencepiece",
                f"tokenizer.jieba segments Chinese for kind 'sentencepiece' only, not {self.kind!r}")
+        _check(not self.pad_with_end_token or self.kind == "clip_bpe",
+               f"tokenizer.pad_with_end_token (Stable Diffusion 1.x padding) applies to kind 'clip_bpe' only, not {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -239,6 +268,54 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
+class VisionEncoderConfig:
+    """A CLIP vision transformer with a projection: HF ``CLIPVisionModelWithProjection`` semantics.
+
+    The image is cut into ``patch_size`` squares (a strided convolution), a learned class token is put
+    in front, and the class token's output, final-LayerNormed and projected to ``projection_dim``, is the
+    image embedding. Defaults: the ViT-L/14 image encoder of SD image variations (lambdalabs
+    ``sd-image-variations-diffusers``), whose 768-wide embedding conditions an SD1.5-architecture UNet.
+    """
+
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "projection_dim"):
+            _check(getattr(self, name) >= 1, f"vision encoder: {name} must be >= 1, got {getattr(self, name)}")
+        below = max(1, self.image_size // self.patch_size) * self.patch_size
+        _check(
+            self.image_size % self.patch_size == 0,
+            f"vision encoder: image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
+            f"the patches must tile the image (e.g. image_size {below} or {below + self.patch_size})",
+        )
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"vision encoder: hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}",
+        )
+        _check(self.hidden_act in ("quick_gelu", "gelu"),
+               f"vision encoder: hidden_act {self.hidden_act!r} is not valid; choose 'quick_gelu' or 'gelu'")
+        _check(self.layer_norm_eps > 0, f"vision encoder: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        """Patches plus the class token."""
+        return self.num_patches + 1
+
+
+@dataclass(frozen=True)
 class ConditionerConfig:
     """Both text encoders run on the same prompt; their cross-attention features are concatenated on
     the feature axis (in this order), and the vector is pooled text || sinusoidal(bucket index)."""
@@ -273,6 +350,37 @@ class ConditionerConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling defaults of the pipeline and ``tools/infer.py`` (each can be overridden per call).
+
+    The released PanGu-Draw 3.0: Euler (EDM form), 40 steps, the sgm timestep spacing, guidance 6.0 and
+    aesthetic style guidance 4.0, experts switched by the release rule (see diffusion/experts.py).
+    """
+
+    num_inference_steps: int = 40
+    sampler: str = "euler"
+    spacing: Literal["release", "leading", "trailing", "linspace"] = "release"
+    guidance_scale: float = 6.0
+    aesthetic_scale: float = 0.0
+    anime_scale: float = 0.0
+    photography_scale: float = 0.0
+    switch_rule: Literal["exact", "release"] = "exact"
+    negative_prompt: str = ""
+
+    def __post_init__(self):
+        from .diffusion.samplers import SAMPLERS
+
+        _check(self.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
+        _check(self.sampler in SAMPLERS, f"sampling.sampler {self.sampler!r} is not valid; choose one of {sorted(SAMPLERS)}")
+        for name in ("guidance_scale", "aesthetic_scale", "anime_scale", "photography_scale"):
+            _check(getattr(self, name) >= 0, f"sampling.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def style_scales(self) -> dict:
+        return {"aesthetic": self.aesthetic_scale, "anime": self.anime_scale, "photography": self.photography_scale}
+
+
+@dataclass(frozen=True)
 class PanGuDrawConfig:
     """The whole model: one UNet architecture used twice (structure and texture generators), the
     VAE and the conditioner. ``t_struct``: the structure generator denoises t >= t_struct.
@@ -289,6 +397,7 @@ class PanGuDrawConfig:
     num_train_timesteps: int = 1000
     structure_buckets: Tuple[Tuple[int, ...], ...] = TABLE7_STRUCTURE
     texture_buckets: Tuple[Tuple[int, ...], ...] = TABLE7_TEXTURE
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
         _check(
@@ -407,3 +516,100 @@ def load_config(name_or_path: str, cls: Type[T] = PanGuDrawConfig) -> T:
     with open(path, "r", encoding="utf-8") as f:
         data = yaml.safe_load(f)
     return from_dict(cls, data, where=os.path.basename(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Coop-Diffusion recipes
+# --------------------------------------------------------------------------------------------
+
+PartnerKind = Literal["pangu", "diffusers", "controlnet", "image_variation"]
+
+
+@dataclass(frozen=True)
+class PartnerConfig:
+    """One partner model of a Coop-Diffusion run (Algorithm 1's model B).
+
+    kind ``pangu``: a PanGu-Draw model directory (``path``) or, for tests and smoke runs, a bundled config
+    name (``config``) with seeded random weights. ``diffusers``: a diffusers text-to-image folder of the
+    Stable Diffusion 1.x family (``unet/``, ``vae/``, ``text_encoder/``). ``controlnet``: ControlNet weights
+    (``path``, any layout we load) attached to ``base`` (``main`` or a partner's name), driven by
+    ``control_image``. ``image_variation``: a diffusers image-variation folder (``image_encoder/``,
+    ``unet/``, ``vae/``) conditioned on ``image``.
+
+    ``weight`` is d_i; the partner is fused for ``t_min <= t <= t_max``. ``height``/``width``: its native
+    pixel size (default: the main image's size for ``pangu`` and ControlNets on ``main``, else 512).
+    ``prompt``: its own prompt (default: the main prompt). ``resize_mode``: pixel resampling between the
+    two latent spaces when their sizes differ.
+    """
+
+    name: str
+    kind: PartnerKind
+    path: str = ""
+    config: str = ""
+    base: str = "main"
+    height: Optional[int] = None
+    width: Optional[int] = None
+    prompt: Optional[str] = None
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5
+    weight: float = 0.5
+    t_min: int = 0
+    t_max: int = 999
+    control_image: str = ""
+    control_scale: float = 1.0
+    guess_mode: bool = False
+    image: str = ""
+    resize_mode: Literal["bicubic", "bilinear", "nearest", "area"] = "bicubic"
+
+    def __post_init__(self):
+        where = f"partner {self.name!r}"
+        _check(bool(self.name) and self.name != "main", f"{where}: a partner needs a name other than 'main'")
+        _check(0.0 <= self.weight <= 1.0, f"{where}: weight (d) must be in [0, 1], got {self.weight}")
+        _check(0 <= self.t_min <= self.t_max, f"{where}: need 0 <= t_min <= t_max, got {self.t_min}..{self.t_max}")
+        _check(self.guidance_scale >= 0, f"{where}: guidance_scale must be >= 0")
+        _check((self.height is None) == (self.width is None), f"{where}: give both height and width, or neither")
+        if self.kind == "pangu":
+            _check(bool(self.path) != bool(self.config), f"{where}: kind pangu needs either path (a model directory) "
+                   "or config (a bundled config name, seeded random weights)")
+        elif self.kind in ("diffusers", "image_variation", "controlnet"):
+            _check(bool(self.path), f"{where}: kind {self.kind} needs path (the model's folder or file)")
+        if self.kind == "controlnet":
+            _check(bool(self.control_image), f"{where}: a controlnet partner needs control_image")
+        if self.kind == "image_variation":
+            _check(bool(self.image), f"{where}: an image_variation partner needs image (the reference picture)")
+
+
+@dataclass(frozen=True)
+class ResolutionBridgeConfig:
+    """Sub-module 2: ``partner`` (a low-resolution model) denoises from T down to ``t_low``; its x0 is
+    decoded, upsampled in pixel space (``upsample``), encoded by the main VAE and re-noised with fresh
+    noise; the main model continues. ``latent_bilinear`` is the paper's Fig. 3 baseline (bilinear
+    upsampling of the noisy latent; same latent space only)."""
+
+    partner: str
+    t_low: int = 500
+    upsample: Literal["bicubic", "bilinear", "nearest", "area", "latent_bilinear"] = "bicubic"
+
+    def __post_init__(self):
+        _check(0 < self.t_low < 1000, f"resolution_bridge.t_low must lie in (0, 1000), got {self.t_low}")
+
+
+@dataclass(frozen=True)
+class CoopRecipe:
+    """A Coop-Diffusion run: partners fused by sub-module 1 and/or a sub-module 2 resolution bridge."""
+
+    partners: Tuple[PartnerConfig, ...] = ()
+    resolution_bridge: Optional[ResolutionBridgeConfig] = None
+
+    def __post_init__(self):
+        names = [p.name for p in self.partners]
+        _check(len(set(names)) == len(names), f"recipe: partner names must be unique, got {names}")
+        _check(bool(self.partners), "recipe: name at least one partner")
+        for p in self.partners:
+            if p.kind == "controlnet":
+                bases = ["main"] + [q.name for q in self.partners if q.kind in ("pangu", "diffusers")]
+                _check(p.base in bases, f"partner {p.name!r}: base {p.base!r} is not 'main' or a pangu/diffusers "
+                       f"partner; valid: {bases}")
+        if self.resolution_bridge is not None:
+            _check(self.resolution_bridge.partner in names, f"resolution_bridge.partner "
+                   f"{self.resolution_bridge.partner!r} is not a partner of the recipe; valid: {names}")

@@ -12,7 +12,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from helpers import assert_close, randomize_torch_module, torch_state_numpy
 from pangu_draw_ms.config import ConfigError, VAEConfig
-from pangu_draw_ms.io.diffusers_vae import convert_diffusers_vae_state
+from pangu_draw_ms.io.diffusers_vae import vae_from_diffusers
 from pangu_draw_ms.io.state import load_state
 from pangu_draw_ms.models.layers import count_parameters
 from pangu_draw_ms.models.vae import AutoencoderKL
@@ -52,7 +52,7 @@ def inputs():
 
 def ours_from(reference_model, config=TINY, dtype=ms.float32) -> AutoencoderKL:
     vae = AutoencoderKL(config, dtype=dtype)
-    load_state(vae, convert_diffusers_vae_state(torch_state_numpy(reference_model)))
+    load_state(vae, vae_from_diffusers(torch_state_numpy(reference_model)))
     return vae
 
 
@@ -167,7 +167,7 @@ def test_mapping_covers_the_released_diffusers_layout():
         reference_model = diffusers_reference(config)
     # Zero-stride stand-ins: shapes without memory.
     state = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in reference_model.state_dict().items()}
-    converted = convert_diffusers_vae_state(state)
+    converted = vae_from_diffusers(state)
     with no_init_parameters():
         vae = AutoencoderKL(config)
     assert {k: v.shape for k, v in converted.items()} == {p.name: tuple(p.shape) for p in vae.get_parameters()}
@@ -184,7 +184,7 @@ def test_mapping_accepts_legacy_attention_names(reference):
 
     legacy_state = {legacy(k): v for k, v in state.items()}
     assert legacy_state.keys() != state.keys()
-    converted, converted_legacy = convert_diffusers_vae_state(state), convert_diffusers_vae_state(legacy_state)
+    converted, converted_legacy = vae_from_diffusers(state), vae_from_diffusers(legacy_state)
     assert converted.keys() == converted_legacy.keys()
     for name in converted:
         np.testing.assert_array_equal(converted_legacy[name], converted[name])
@@ -193,11 +193,11 @@ def test_mapping_accepts_legacy_attention_names(reference):
 def test_mapping_rejects_foreign_and_duplicate_entries(reference):
     state = torch_state_numpy(reference)
     with pytest.raises(ValueError, match=r"not diffusers AutoencoderKL weights: vae\.encoder\.conv_in\.weight"):
-        convert_diffusers_vae_state({"vae.encoder.conv_in.weight": state["encoder.conv_in.weight"]})
+        vae_from_diffusers({"vae.encoder.conv_in.weight": state["encoder.conv_in.weight"]})
     duplicated = dict(state)
     duplicated["encoder.mid_block.attentions.0.query.weight"] = state["encoder.mid_block.attentions.0.to_q.weight"]
     with pytest.raises(ValueError, match="encoder.mid.attn_1.q.weight"):
-        convert_diffusers_vae_state(duplicated)
+        vae_from_diffusers(duplicated)
 
 
 def test_bad_inputs_raise():

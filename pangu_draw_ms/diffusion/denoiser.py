@@ -2,8 +2,9 @@
 
 An *eps model* maps (z_t, t, conditioning) to the predicted noise: ``model(z, t, cond) -> eps`` with
 ``z`` float32 (B, C, h, w) latents in the model's own latent space (eq. (1)), ``t`` an integer timestep and
-``cond`` a :class:`Conditioning` of batch B. :class:`UNetEpsModel` wraps one of our UNet cells; anything
-else with that call signature (experts, fused Coop models, a diffusers model in tests) fits in its place.
+``cond`` a :class:`Conditioning` of batch B. :class:`UNetEpsModel` wraps one of our UNet cells (optionally
+with a ControlNet); anything else with that call signature (experts, fused Coop models, a diffusers model
+in tests) fits in its place.
 """
 from __future__ import annotations
 
@@ -16,12 +17,18 @@ import mindspore as ms
 from ..models.unet import UNetModel
 
 
+def _concat(parts):
+    return None if any(p is None for p in parts) else np.concatenate(parts, axis=0)
+
+
 @dataclass
 class Conditioning:
-    """What a UNet is conditioned on, per sample: cross-attention features and the vector input."""
+    """What a UNet is conditioned on, per sample: cross-attention features, the vector input, and (for
+    a ControlNet) how strongly the control applies to each sample (0 for guess mode's unconditional rows)."""
 
-    context: np.ndarray               # (B, L, context_dim)
-    vector: Optional[np.ndarray]      # (B, adm_in_channels), or None for models without label_emb
+    context: np.ndarray                       # (B, L, context_dim)
+    vector: Optional[np.ndarray] = None       # (B, adm_in_channels), or None for models without label_emb
+    control_scale: Optional[np.ndarray] = None  # (B,) ControlNet residual scale per sample
 
     @property
     def batch_size(self) -> int:
@@ -29,16 +36,14 @@ class Conditioning:
 
     @staticmethod
     def concat(parts: Sequence["Conditioning"]) -> "Conditioning":
-        vectors = [p.vector for p in parts]
-        return Conditioning(
-            context=np.concatenate([p.context for p in parts], axis=0),
-            vector=None if any(v is None for v in vectors) else np.concatenate(vectors, axis=0),
-        )
+        return Conditioning(np.concatenate([p.context for p in parts], axis=0), _concat([p.vector for p in parts]),
+                            _concat([p.control_scale for p in parts]))
 
     def repeat(self, times: int) -> "Conditioning":
         """Each sample repeated ``times`` times in place (prompt-major order: p0 p0 p1 p1 ...)."""
-        return Conditioning(np.repeat(self.context, times, axis=0),
-                            None if self.vector is None else np.repeat(self.vector, times, axis=0))
+        def rep(a):
+            return None if a is None else np.repeat(a, times, axis=0)
+        return Conditioning(rep(self.context), rep(self.vector), rep(self.control_scale))
 
 
 class EpsModel(Protocol):
@@ -46,22 +51,46 @@ class EpsModel(Protocol):
         ...
 
 
-class UNetEpsModel:
-    """The eps model of one UNet cell. Each distinct input shape compiles once (GRAPH_MODE) and is reused."""
+@dataclass
+class ControlInput:
+    """A ControlNet and its control image (1, C, H, W) in [0, 1] at H, W = ControlNet's factor x latents.
 
-    def __init__(self, unet: UNetModel):
+    ``guess_mode`` (ControlNet paper sec. 4 / diffusers): the residuals of block i are scaled by
+    10^(i/n - 1), rising to 1 at the middle block; with classifier-free guidance the unconditional rows
+    get no control (their ``Conditioning.control_scale`` is 0).
+    """
+
+    controlnet: ms.nn.Cell
+    image: np.ndarray
+    guess_mode: bool = False
+
+
+class UNetEpsModel:
+    """The eps model of one UNet cell (and optionally a ControlNet feeding it residuals). Each distinct
+    input shape compiles once (GRAPH_MODE) and is reused."""
+
+    def __init__(self, unet: UNetModel, control: Optional[ControlInput] = None):
         self.unet = unet
         self.has_vector = unet.has_label_emb
+        self.control = control
 
     def __call__(self, z: np.ndarray, t: int, cond: Conditioning) -> np.ndarray:
         if cond.batch_size != z.shape[0]:
             raise ValueError(f"conditioning batch {cond.batch_size} != latent batch {z.shape[0]}")
         if self.has_vector and cond.vector is None:
             raise ValueError("this UNet takes a vector conditioning (adm_in_channels) but none was given")
-        timesteps = np.full((z.shape[0],), float(t), np.float32)
+        timesteps = ms.Tensor(np.full((z.shape[0],), float(t), np.float32))
         # A model without label_emb ignores y; the timesteps stand in so that the graph sees a tensor.
-        vector = cond.vector if self.has_vector else timesteps
-        eps = self.unet(ms.Tensor(np.ascontiguousarray(z, np.float32)), ms.Tensor(timesteps),
-                        ms.Tensor(np.ascontiguousarray(cond.context, np.float32)),
-                        ms.Tensor(np.ascontiguousarray(vector, np.float32)))
-        return eps.asnumpy()
+        vector = ms.Tensor(np.ascontiguousarray(cond.vector, np.float32)) if self.has_vector else timesteps
+        x = ms.Tensor(np.ascontiguousarray(z, np.float32))
+        context = ms.Tensor(np.ascontiguousarray(cond.context, np.float32))
+        residuals = None
+        if self.control is not None:
+            hint = np.repeat(self.control.image.astype(np.float32), z.shape[0], axis=0)
+            scale = np.ones((z.shape[0],), np.float32) if cond.control_scale is None else cond.control_scale
+            residuals = self.control.controlnet(x, ms.Tensor(hint), timesteps, context, vector,
+                                                ms.Tensor(scale.astype(np.float32)[:, None, None, None]))
+            if self.control.guess_mode:
+                residuals = tuple(r * float(s) for r, s in zip(residuals, np.logspace(-1, 0, len(residuals))))
+            residuals = ms.mutable(tuple(residuals))
+        return self.unet(x, timesteps, context, vector, residuals).asnumpy()

@@ -89,3 +89,24 @@ class TimeDecoupledExperts:
         """Drop resident experts of a sequential run (loaders stay; the next run reloads)."""
         if self.sequential:
             self._resident.clear()
+
+
+class SingleModel:
+    """One eps model for every timestep (the baseline the time split is compared with), with the same
+    ``plan``/``trace`` interface as :class:`TimeDecoupledExperts`."""
+
+    def __init__(self, model: EpsModel, name: str):
+        self.model = model
+        self.name = name
+        self.trace: List[Tuple[int, str]] = []
+
+    def plan(self, timesteps) -> Dict[int, str]:
+        self.trace = []
+        return {int(t): self.name for t in timesteps}
+
+    def __call__(self, z: np.ndarray, t: int, cond: Conditioning) -> np.ndarray:
+        self.trace.append((int(t), self.name))
+        return self.model(z, t, cond)
+
+    def release_all(self) -> None:
+        """Nothing to release: the single model stays with its owner."""

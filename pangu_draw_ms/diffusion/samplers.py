@@ -40,14 +40,17 @@ class Sampler:
         raise NotImplementedError
 
     def sample(self, denoise: Denoise, z: np.ndarray, timesteps, rng: Optional[np.random.Generator] = None,
-               callback: Optional[StepCallback] = None) -> np.ndarray:
-        """Denoise ``z`` (the latent at ``timesteps[0]``) through every timestep down to the clean end."""
+               callback: Optional[StepCallback] = None, final_timestep: int = CLEAN) -> np.ndarray:
+        """Denoise ``z`` (the latent at ``timesteps[0]``) through every timestep down to ``final_timestep``
+        (the clean end by default; a later timestep stops part-way, e.g. at Coop-Diffusion's T_low)."""
         if self.stochastic and rng is None:
             raise ValueError(f"sampler {self.name!r} is stochastic: pass a numpy Generator as rng")
         self.reset()
         timesteps = [int(t) for t in timesteps]
+        if final_timestep != CLEAN and timesteps and final_timestep >= timesteps[-1]:
+            raise ValueError(f"final_timestep {final_timestep} must come after the last timestep {timesteps[-1]}")
         for i, t in enumerate(timesteps):
-            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
+            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else final_timestep
             z = self.step(denoise, z, t, t_next, rng)
             if callback is not None:
                 callback(i, t, z)

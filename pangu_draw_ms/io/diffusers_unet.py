@@ -132,3 +132,74 @@ def unet_from_diffusers(state: Mapping[str, np.ndarray], config: UNetConfig) -> 
         shown = ", ".join(unmapped[:10]) + (f" (+{len(unmapped) - 10} more)" if len(unmapped) > 10 else "")
         raise ValueError(f"{len(unmapped)} diffusers UNet key(s) have no counterpart in the sgm layout: {shown}")
     return out
+
+
+_SUPPORTED_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
+# diffusers options that change the architecture away from the sgm UNet, with the value we support.
+_FIXED_OPTIONS = {"class_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
+                  "time_cond_proj_dim": None, "resnet_time_scale_shift": "default", "only_cross_attention": False,
+                  "dual_cross_attention": False, "act_fn": "silu", "center_input_sample": False,
+                  "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1,
+                  "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_type": "positional",
+                  "attention_type": "default", "reverse_transformer_layers_per_block": None, "norm_eps": 1e-5}
+
+
+def _per_level(value, levels: int, what: str) -> list:
+    values = [value] * levels if isinstance(value, int) else list(value)
+    if len(values) != levels:
+        raise ValueError(f"diffusers config: {what} has {len(values)} entries for {levels} blocks")
+    return values
+
+
+def unet_config_from_diffusers(config: Mapping) -> UNetConfig:
+    """Our :class:`UNetConfig` from a diffusers ``UNet2DConditionModel`` (or ``ControlNetModel``) config
+    dict (``config.json``). Raises ``ValueError`` naming any option our sgm-layout UNet does not have."""
+    for key, supported in _FIXED_OPTIONS.items():
+        value = config.get(key, supported)
+        if key == "only_cross_attention" and not isinstance(value, bool):
+            value = any(value)
+        if value != supported:
+            raise ValueError(f"diffusers UNet config: {key}={config[key]!r} is not supported (only {supported!r})")
+    down = list(config["down_block_types"])
+    unknown = sorted(set(down) - _SUPPORTED_BLOCKS)
+    if unknown:
+        raise ValueError(f"diffusers UNet config: block types {unknown} are not supported; supported: "
+                         f"{sorted(_SUPPORTED_BLOCKS)}")
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"diffusers UNet config: mid_block_type {config['mid_block_type']!r} is not supported "
+                         "(only 'UNetMidBlock2DCrossAttn')")
+    levels = len(down)
+    channels = list(config["block_out_channels"])
+    model_channels = channels[0]
+    if any(c % model_channels for c in channels):
+        raise ValueError(f"diffusers UNet config: block_out_channels {channels} are not multiples of the first")
+    layers = _per_level(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
+    if any(not isinstance(n, int) for n in layers):
+        raise ValueError("diffusers UNet config: per-block lists of transformer_layers_per_block are not supported")
+    depth = tuple(n if kind.startswith("CrossAttn") else 0 for n, kind in zip(layers, down))
+    heads = _per_level(config.get("num_attention_heads") or config.get("attention_head_dim", 8), levels,
+                       "attention_head_dim")
+    widths = {c // h for c, h, kind in zip(channels, heads, down) if kind.startswith("CrossAttn")}
+    widths.add(channels[-1] // heads[-1])  # the middle block
+    if len(set(heads)) == 1:
+        head_kwargs = dict(num_heads=heads[0], num_head_channels=None)
+    elif len(widths) == 1:
+        head_kwargs = dict(num_head_channels=widths.pop(), num_heads=None)
+    else:
+        raise ValueError(f"diffusers UNet config: heads {heads} over channels {channels} have neither one count nor "
+                         "one width; our UNet needs one of the two")
+    addition = config.get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        raise ValueError(f"diffusers UNet config: addition_embed_type {addition!r} is not supported "
+                         "(only None or 'text_time')")
+    context_dim = config.get("cross_attention_dim", 1280)
+    if not isinstance(context_dim, int):
+        raise ValueError("diffusers UNet config: a per-block cross_attention_dim is not supported")
+    return UNetConfig(
+        in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
+        model_channels=model_channels, channel_mult=tuple(c // model_channels for c in channels),
+        num_res_blocks=config.get("layers_per_block", 2), transformer_depth=depth,
+        transformer_depth_middle=layers[-1], context_dim=context_dim,
+        adm_in_channels=config.get("projection_class_embeddings_input_dim") if addition else None,
+        use_linear_in_transformer=config.get("use_linear_projection", False),
+        norm_num_groups=config.get("norm_num_groups", 32), **head_kwargs)

@@ -16,9 +16,11 @@ as ``{name: numpy array}``. Output: our LDM/sgm names, ready for ``io.state.load
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import numpy as np
+
+from ..config import VAEConfig
 
 _RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
                  "conv_shortcut": "nin_shortcut"}
@@ -58,15 +60,20 @@ _RULES = tuple((re.compile(pattern + r"\.(weight|bias)"), build) for pattern, bu
 ))
 
 
-def convert_diffusers_vae_state(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def vae_from_diffusers(state: Mapping[str, np.ndarray], config: Optional[VAEConfig] = None) -> Dict[str, np.ndarray]:
     """Rename (and reshape) a diffusers ``AutoencoderKL`` state dict to our parameter names.
 
-    Raises ``ValueError`` naming the entries that are not diffusers AutoencoderKL weights, or when two
-    entries (e.g. ``to_q`` and the legacy ``query``) map onto the same parameter. Whether the result
-    fits a given model (missing entries, shapes) is checked by ``io.state.load_state``.
+    ``config`` fixes the number of decoder levels (``up_blocks.{k}`` -> ``up.{levels - 1 - k}``); without
+    it the levels are counted in ``state``, which must then hold the whole decoder. Raises ``ValueError``
+    naming the entries that are not diffusers AutoencoderKL weights, or when two entries (e.g. ``to_q``
+    and the legacy ``query``) map onto the same parameter. Whether the result fits a given model
+    (missing entries, shapes) is checked by ``io.state.load_state``.
     """
-    up_levels = {int(m[1]) for m in (_UP_BLOCK.match(name) for name in state) if m}
-    num_levels = max(up_levels) + 1 if up_levels else 0
+    if config is not None:
+        num_levels = len(config.channel_mult)
+    else:
+        up_levels = {int(m[1]) for m in (_UP_BLOCK.match(name) for name in state) if m}
+        num_levels = max(up_levels) + 1 if up_levels else 0
 
     converted: Dict[str, np.ndarray] = {}
     unknown = []
@@ -98,3 +105,21 @@ def convert_diffusers_vae_state(state: Mapping[str, np.ndarray]) -> Dict[str, np
             "'encoder.down_blocks.0.resnets.0.conv1.weight' or 'decoder.mid_block.attentions.0.to_q.weight' "
             "(the vae/ folder of a diffusers pipeline, without a 'vae.' prefix)")
     return converted
+
+
+def vae_config_from_diffusers(config: Mapping) -> VAEConfig:
+    """Our :class:`VAEConfig` from a diffusers ``AutoencoderKL`` config dict (``config.json``)."""
+    channels = list(config["block_out_channels"])
+    base = channels[0]
+    if any(c % base for c in channels):
+        raise ValueError(f"diffusers VAE config: block_out_channels {channels} are not multiples of the first")
+    for key, supported in (("act_fn", "silu"), ("mid_block_add_attention", True), ("use_quant_conv", True),
+                           ("use_post_quant_conv", True)):
+        if config.get(key, supported) != supported:
+            raise ValueError(f"diffusers VAE config: {key}={config[key]!r} is not supported (only {supported!r})")
+    return VAEConfig(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
+                     base_channels=base, channel_mult=tuple(c // base for c in channels),
+                     num_res_blocks=config.get("layers_per_block", 1), latent_channels=config.get("latent_channels", 4),
+                     norm_num_groups=config.get("norm_num_groups", 32),
+                     scaling_factor=float(config.get("scaling_factor", 0.18215)),
+                     force_fp32=bool(config.get("force_upcast", True)))

@@ -26,10 +26,11 @@ class LoadReport:
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # name, expected, got
+    wrong_dtype: List[Tuple[str, str, str]] = field(default_factory=list)  # name, expected kind, got dtype
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype)
 
     def describe(self) -> str:
         parts = []
@@ -41,7 +42,21 @@ class LoadReport:
             shown = ", ".join(f"{n} expected {tuple(e)} got {tuple(g)}" for n, e, g in self.mismatched[:_SHOW])
             more = f" (+{len(self.mismatched) - _SHOW} more)" if len(self.mismatched) > _SHOW else ""
             parts.append(f"{len(self.mismatched)} shape mismatch(es): {shown}{more}")
+        if self.wrong_dtype:
+            shown = ", ".join(f"{n} expected {e} got {g}" for n, e, g in self.wrong_dtype[:_SHOW])
+            more = f" (+{len(self.wrong_dtype) - _SHOW} more)" if len(self.wrong_dtype) > _SHOW else ""
+            parts.append(f"{len(self.wrong_dtype)} dtype mismatch(es): {shown}{more}")
         return "; ".join(parts) if parts else f"all {len(self.loaded)} parameters loaded"
+
+
+def dtype_kind_error(param_dtype, value_dtype) -> str:
+    """"" when numpy ``value_dtype`` may be cast into a parameter of MindSpore ``param_dtype`` (floats
+    into float parameters, integers into integer ones), else what the parameter needs."""
+    wants = np.dtype(ms.dtype_to_nptype(param_dtype)).kind
+    got = np.dtype(value_dtype).kind
+    if wants == "f":
+        return "" if got == "f" else "a floating dtype"
+    return "" if got in "iu" else "an integer dtype"
 
 
 def cell_state(cell: nn.Cell) -> Dict[str, np.ndarray]:
@@ -64,12 +79,15 @@ def load_state(cell: nn.Cell, state: Mapping[str, np.ndarray], strict: bool = Tr
     for name, value in state.items():
         if name in params and tuple(params[name].shape) != tuple(np.shape(value)):
             report.mismatched.append((name, tuple(params[name].shape), tuple(np.shape(value))))
+        elif name in params and dtype_kind_error(params[name].dtype, np.asarray(value).dtype):
+            report.wrong_dtype.append((name, dtype_kind_error(params[name].dtype, np.asarray(value).dtype),
+                                       str(np.asarray(value).dtype)))
     if not report.ok:
         message = f"{what} does not fit {type(cell).__name__}: {report.describe()}"
         if strict:
             raise StateDictError(message)
         logger.warning(message)
-    bad = {n for n, _, _ in report.mismatched}
+    bad = {n for n, _, _ in report.mismatched + report.wrong_dtype}
     for name, value in state.items():
         if name in params and name not in bad:
             param = params[name]

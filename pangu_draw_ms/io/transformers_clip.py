@@ -1,7 +1,8 @@
-"""Weight-name mapping from transformers and OpenCLIP CLIP text models to :class:`CLIPTextEncoder`.
+"""Weight-name mapping from transformers and OpenCLIP CLIP text models to :class:`CLIPTextEncoder`, and
+from transformers' CLIP vision model with projection to :class:`CLIPVisionEncoder`.
 
 Pure functions on ``{name: array}`` dicts; load the result with :func:`pangu_draw_ms.io.state.load_state`.
-Both accept torch suffixes (``weight``/``bias``) and MindSpore ones (``gamma``/``beta``/
+All accept torch suffixes (``weight``/``bias``) and MindSpore ones (``gamma``/``beta``/
 ``embedding_table``), because the released PanGu-Draw checkpoints hold these same models under
 MindSpore naming (``conditioner.embedders.0.transformer.`` + transformers names,
 ``conditioner.embedders.1.model.`` + OpenCLIP names): strip those prefixes and map the rest here.
@@ -9,10 +10,12 @@ MindSpore naming (``conditioner.embedders.0.transformer.`` + transformers names,
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping
+from dataclasses import dataclass
+from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
+from ..config import TextEncoderConfig
 from .state import StateDictError
 
 Tensors = Dict[str, np.ndarray]
@@ -20,10 +23,30 @@ Tensors = Dict[str, np.ndarray]
 _TORCH_TO_MS_NORM = {"weight": "gamma", "bias": "beta", "gamma": "gamma", "beta": "beta"}
 _EMBEDDING_SUFFIXES = ("weight", "embedding_table")
 
-_HF_PREFIX = "text_model."  # transformers' on-disk prefix of the text tower
-_HF_POSITION_IDS = "text_model.embeddings.position_ids"  # a buffer, not a weight
-_HF_PROJECTION = "text_projection.weight"  # CLIPTextModelWithProjection only
-_HF_NORMS = ("layer_norm1", "layer_norm2", "final_layer_norm")
+
+@dataclass(frozen=True)
+class _TransformersTower:
+    """How one transformers CLIP tower is named on disk."""
+
+    what: str
+    prefix: str  # of every tower weight
+    projection: str  # the projection weight, outside the prefix
+    norms: Tuple[str, ...]  # LayerNorm modules: weight/bias -> gamma/beta
+    lookup_tables: Tuple[str, ...]  # Embedding modules: weight -> embedding_table
+
+    @property
+    def position_ids(self) -> str:
+        """A buffer, not a weight (persistent in older checkpoints)."""
+        return self.prefix + "embeddings.position_ids"
+
+
+_HF_TEXT = _TransformersTower("transformers CLIP text model", "text_model.", "text_projection.weight",
+                              ("layer_norm1", "layer_norm2", "final_layer_norm"),
+                              ("token_embedding", "position_embedding"))
+# The patch embedding is a convolution (its weight stays `weight`); the class embedding is a bare vector.
+_HF_VISION = _TransformersTower("transformers CLIP vision model", "vision_model.", "visual_projection.weight",
+                                ("layer_norm1", "layer_norm2", "pre_layrnorm", "post_layernorm"),
+                                ("position_embedding",))
 
 # OpenCLIP block layout -> ours, for everything in a block except the fused q/k/v projection.
 _OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
@@ -47,26 +70,43 @@ def clip_text_from_transformers(state: Mapping[str, np.ndarray]) -> Tensors:
     Norm ``weight``/``bias`` become ``gamma``/``beta``, embedding ``weight`` becomes ``embedding_table``;
     the ``position_ids`` buffer is dropped. Raises :class:`StateDictError` on keys of other models.
     """
+    return _from_transformers(state, _HF_TEXT)
+
+
+def clip_vision_from_transformers(state: Mapping[str, np.ndarray]) -> Tensors:
+    """Map a transformers ``CLIPVisionModelWithProjection`` state dict, with its on-disk names
+    (``vision_model.*``, ``visual_projection.weight``), to :class:`CLIPVisionEncoder` names.
+
+    Norm ``weight``/``bias`` (``pre_layrnorm``, ``layer_norm1/2``, ``post_layernorm``) become
+    ``gamma``/``beta``, the position embedding ``weight`` becomes ``embedding_table``; the class embedding,
+    the patch convolution and the projection keep their names; the ``position_ids`` buffer is dropped.
+    Raises :class:`StateDictError` on keys of other models (e.g. ``text_model.*`` of a full ``CLIPModel``:
+    take its ``vision_model.*`` and ``visual_projection.weight`` entries).
+    """
+    return _from_transformers(state, _HF_VISION)
+
+
+def _from_transformers(state: Mapping[str, np.ndarray], tower: _TransformersTower) -> Tensors:
     mapped: Tensors = {}
     unknown = []
     for name, value in state.items():
-        if name == _HF_POSITION_IDS:
+        if name == tower.position_ids:
             continue
-        if name == _HF_PROJECTION:
+        if name == tower.projection:
             mapped[name] = np.asarray(value)
             continue
-        if not name.startswith(_HF_PREFIX):
+        if not name.startswith(tower.prefix):
             unknown.append(name)
             continue
-        module, leaf = name[len(_HF_PREFIX):].rsplit(".", 1)
-        if module.endswith(_HF_NORMS) and leaf in _TORCH_TO_MS_NORM:
+        module, leaf = name[len(tower.prefix):].rsplit(".", 1)
+        if module.endswith(tower.norms) and leaf in _TORCH_TO_MS_NORM:
             leaf = _TORCH_TO_MS_NORM[leaf]
-        elif module.endswith("_embedding") and leaf in _EMBEDDING_SUFFIXES:
+        elif module.endswith(tower.lookup_tables) and leaf in _EMBEDDING_SUFFIXES:
             leaf = "embedding_table"
         mapped[f"{module}.{leaf}"] = np.asarray(value)
     if unknown:
-        raise _unknown(unknown, "transformers CLIP text model",
-                       f"names under {_HF_PREFIX!r} and {_HF_PROJECTION!r} (strip any outer prefix first)")
+        raise _unknown(unknown, tower.what,
+                       f"names under {tower.prefix!r} and {tower.projection!r} (strip any outer prefix first)")
     return mapped
 
 
@@ -127,3 +167,25 @@ def _open_clip_entries(name: str, value: np.ndarray):
     if name == "text_projection":
         return {"text_projection.weight": np.ascontiguousarray(value.T)}
     return None
+
+
+def text_encoder_config_from_transformers(config: Mapping, output_layer: str = "last") -> TextEncoderConfig:
+    """Our :class:`TextEncoderConfig` from a transformers ``CLIPTextConfig`` dict (``config.json`` of a
+    ``CLIPTextModel`` or ``CLIPTextModelWithProjection``; a full ``CLIPConfig``'s ``text_config`` works too).
+
+    The projection exists when the architecture is ``CLIPTextModelWithProjection``. Pooling follows
+    transformers: at the argmax id for the legacy ``eos_token_id == 2``, else at ``eos_token_id``.
+    ``output_layer`` is how the features will be used (SDXL-style pipelines use ``penultimate``); the
+    file does not record it.
+    """
+    config = dict(config.get("text_config") or config)
+    with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
+    eos = config.get("eos_token_id", 2)
+    return TextEncoderConfig(
+        vocab_size=config.get("vocab_size", 49408), hidden_size=config.get("hidden_size", 512),
+        num_layers=config.get("num_hidden_layers", 12), num_heads=config.get("num_attention_heads", 8),
+        intermediate_size=config.get("intermediate_size", 2048),
+        max_position_embeddings=config.get("max_position_embeddings", 77),
+        hidden_act=config.get("hidden_act", "quick_gelu"), layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        output_layer=output_layer, projection_dim=config.get("projection_dim", 512) if with_projection else None,
+        eot_token_id=None if eos == 2 else eos)

@@ -1,4 +1,5 @@
-"""CLIP text transformer (HF ``CLIPTextModel`` semantics and parameter names).
+"""CLIP text transformer (HF ``CLIPTextModel`` semantics and parameter names), and the transformer
+blocks it shares with the CLIP vision encoder (:mod:`pangu_draw_ms.models.clip_vision`).
 
 One cell serves both PanGu-Draw text encoders: the 11-layer Chinese CLIP (quick_gelu, output after the
 final LayerNorm, no projection) and the OpenCLIP ViT-bigG text tower (gelu, output of the penultimate
@@ -6,9 +7,12 @@ block, pooled EOT feature through ``text_projection``). Parameter names are thos
 ``text_model.*`` with MindSpore suffixes, so the released Chinese keys map by prefix and OpenCLIP
 weights map through :mod:`pangu_draw_ms.io.transformers_clip`.
 
-Pre-LN blocks: ``x + attn(LN1(x))`` with a causal mask, then ``x + mlp(LN2(x))``.
+Pre-LN blocks: ``x + attn(LN1(x))``, then ``x + mlp(LN2(x))``; the text encoder attends under a causal
+mask, the vision encoder without one.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 import mindspore as ms
@@ -16,6 +20,18 @@ from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig
 from .layers import GELU, Dense, Embedding, LayerNorm, ScaledDotProductAttention, quick_gelu
+
+
+class CLIPBlockConfig(Protocol):
+    """What the shared blocks read from a config: :class:`TextEncoderConfig` and
+    :class:`~pangu_draw_ms.config.VisionEncoderConfig` both have these fields."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str
+    layer_norm_eps: float
 
 
 class CLIPTextEmbeddings(nn.Cell):
@@ -37,9 +53,9 @@ class CLIPTextEmbeddings(nn.Cell):
 
 
 class CLIPAttention(nn.Cell):
-    """Multi-head self-attention with separate q/k/v/out projections."""
+    """Multi-head self-attention with separate q/k/v/out projections; ``mask``: additive, or None."""
 
-    def __init__(self, config: TextEncoderConfig, dtype=ms.float32):
+    def __init__(self, config: CLIPBlockConfig, dtype=ms.float32):
         super().__init__()
         width = config.hidden_size
         self.q_proj = Dense(width, width, dtype=dtype)
@@ -53,7 +69,7 @@ class CLIPAttention(nn.Cell):
 
 
 class CLIPMLP(nn.Cell):
-    def __init__(self, config: TextEncoderConfig, dtype=ms.float32):
+    def __init__(self, config: CLIPBlockConfig, dtype=ms.float32):
         super().__init__()
         self.fc1 = Dense(config.hidden_size, config.intermediate_size, dtype=dtype)
         self.fc2 = Dense(config.intermediate_size, config.hidden_size, dtype=dtype)
@@ -64,7 +80,7 @@ class CLIPMLP(nn.Cell):
 
 
 class CLIPEncoderLayer(nn.Cell):
-    def __init__(self, config: TextEncoderConfig, dtype=ms.float32):
+    def __init__(self, config: CLIPBlockConfig, dtype=ms.float32):
         super().__init__()
         self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, dtype=dtype)
         self.self_attn = CLIPAttention(config, dtype=dtype)
@@ -79,7 +95,7 @@ class CLIPEncoderLayer(nn.Cell):
 class CLIPEncoder(nn.Cell):
     """The stack of blocks; returns the outputs of the last two (the input when there is one block)."""
 
-    def __init__(self, config: TextEncoderConfig, dtype=ms.float32):
+    def __init__(self, config: CLIPBlockConfig, dtype=ms.float32):
         super().__init__()
         self.layers = nn.CellList([CLIPEncoderLayer(config, dtype=dtype) for _ in range(config.num_layers)])
 

@@ -117,10 +117,11 @@ class GroupNorm(nn.Cell):
 
     def construct(self, x):
         x = x.astype(ms.float32)
+        gamma, beta = self.gamma.astype(ms.float32), self.beta.astype(ms.float32)
         if self.fast:
-            y = mint.nn.functional.group_norm(x, self.num_groups, self.gamma, self.beta, self.eps)
+            y = mint.nn.functional.group_norm(x, self.num_groups, gamma, beta, self.eps)
         else:
-            y = ops.group_norm(x, self.num_groups, self.gamma, self.beta, self.eps)
+            y = ops.group_norm(x, self.num_groups, gamma, beta, self.eps)
         return y.astype(self.dtype)
 
 
@@ -142,10 +143,11 @@ class LayerNorm(nn.Cell):
 
     def construct(self, x):
         x = x.astype(ms.float32)
+        gamma, beta = self.gamma.astype(ms.float32), self.beta.astype(ms.float32)
         if self.fast:
-            y = mint.nn.functional.layer_norm(x, self.normalized_shape, self.gamma, self.beta, self.eps)
+            y = mint.nn.functional.layer_norm(x, self.normalized_shape, gamma, beta, self.eps)
         else:
-            y, _, _ = self.layer_norm(x, self.gamma, self.beta)
+            y, _, _ = self.layer_norm(x, gamma, beta)
         return y.astype(self.dtype)
 
 
@@ -237,15 +239,17 @@ class ScaledDotProductAttention(nn.Cell):
     Inputs are (B, L, num_heads * head_dim); ``mask`` (optional) is an additive float mask broadcastable
     to (B, num_heads, Lq, Lk). Flash attention is used on Ascend when the compute dtype is fp16/bf16,
     the head size is a multiple of 16 (<= 512) and there is no mask; otherwise batched matmuls with the
-    softmax in float32.
+    softmax in float32, the queries processed in slices so that one slice's score matrix holds at most
+    ``max_scores`` elements (a 1024x1024 SDXL VAE attention would otherwise need a 16384^2 matrix).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, dtype=ms.float32):
+    def __init__(self, num_heads: int, head_dim: int, dtype=ms.float32, max_scores: int = 2 ** 26):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.dtype = dtype
         self.scale = 1.0 / math.sqrt(head_dim)
+        self.max_scores = max_scores
         self.flash = (ascend_kernels() and dtype in (ms.float16, ms.bfloat16)
                       and head_dim % 16 == 0 and head_dim <= 512)
 
@@ -253,6 +257,15 @@ class ScaledDotProductAttention(nn.Cell):
         b, n, _ = x.shape
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3).reshape(
             b * self.num_heads, n, self.head_dim)
+
+    def _attend(self, qh, kh, vh, mask, b):
+        lq, lk = qh.shape[1], kh.shape[1]
+        scores = ops.bmm(qh, kh.transpose(0, 2, 1)).astype(ms.float32) * self.scale
+        if mask is not None:
+            scores = (scores.reshape(b, self.num_heads, lq, lk) + mask.astype(ms.float32)).reshape(
+                b * self.num_heads, lq, lk)
+        probs = ops.softmax(scores, axis=-1).astype(self.dtype)
+        return ops.bmm(probs, vh)
 
     def construct(self, q, k, v, mask: Optional[Tensor] = None):
         q = q.astype(self.dtype)
@@ -265,12 +278,14 @@ class ScaledDotProductAttention(nn.Cell):
         qh = self._split_heads(q)
         kh = self._split_heads(k)
         vh = self._split_heads(v)
-        scores = ops.bmm(qh, kh.transpose(0, 2, 1)).astype(ms.float32) * self.scale
-        if mask is not None:
-            scores = (scores.reshape(b, self.num_heads, lq, lk) + mask.astype(ms.float32)).reshape(
-                b * self.num_heads, lq, lk)
-        probs = ops.softmax(scores, axis=-1).astype(self.dtype)
-        out = ops.bmm(probs, vh)
+        rows = max(1, self.max_scores // (b * self.num_heads * lk))
+        if mask is not None or rows >= lq:
+            out = self._attend(qh, kh, vh, mask, b)
+        else:
+            slices = ()
+            for start in range(0, lq, rows):
+                slices = slices + (self._attend(qh[:, start:start + rows], kh, vh, None, b),)
+            out = ops.cat(slices, axis=1)
         return out.reshape(b, self.num_heads, lq, self.head_dim).transpose(0, 2, 1, 3).reshape(
             b, lq, self.num_heads * self.head_dim)
 

@@ -12,7 +12,7 @@ and a vector ``y`` = pooled English text || sinusoidal(256) of the resolution-bu
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import mindspore as ms
 from mindspore import nn, ops
@@ -166,6 +166,62 @@ class TimestepEmbedSequential(nn.SequentialCell):
         return x
 
 
+def time_embedding(config: UNetConfig, dtype) -> nn.SequentialCell:
+    """``time_embed``: Linear-SiLU-Linear on the sinusoidal timestep embedding."""
+    width = config.time_embed_dim
+    return nn.SequentialCell([L.Dense(config.model_channels, width, dtype=dtype), L.SiLU(),
+                              L.Dense(width, width, dtype=dtype)])
+
+
+def label_embedding(config: UNetConfig, dtype) -> nn.SequentialCell:
+    """``label_emb``: the vector conditioning's Linear-SiLU-Linear (nested once, as sgm names it)."""
+    width = config.time_embed_dim
+    return nn.SequentialCell([nn.SequentialCell([L.Dense(config.adm_in_channels, width, dtype=dtype), L.SiLU(),
+                                                 L.Dense(width, width, dtype=dtype)])])
+
+
+def _res_block(config: UNetConfig, channels: int, out_channels: int, dtype) -> ResBlock:
+    return ResBlock(channels, config.time_embed_dim, out_channels, config.norm_num_groups, config.dropout, dtype)
+
+
+def _attention(config: UNetConfig, channels: int, depth: int, dtype) -> SpatialTransformer:
+    heads, head_dim = config.heads(channels)
+    return SpatialTransformer(channels, heads, head_dim, depth, config.context_dim, config, dtype)
+
+
+def encoder_blocks(config: UNetConfig, dtype) -> Tuple[List[TimestepEmbedSequential], List[int]]:
+    """The ``input_blocks`` stages and the channels of each stage's output (the skip features).
+
+    Shared by :class:`UNetModel` and the ControlNet, which copies this encoder.
+    """
+    mc = config.model_channels
+    blocks = [TimestepEmbedSequential([L.Conv2d(config.in_channels, mc, 3, padding=1, dtype=dtype)])]
+    channels = [mc]
+    ch = mc
+    last_level = len(config.channel_mult) - 1
+    for level, mult in enumerate(config.channel_mult):
+        depth = config.transformer_depth[level]
+        for _ in range(config.num_res_blocks):
+            stage = [_res_block(config, ch, mc * mult, dtype)]
+            ch = mc * mult
+            if depth > 0:
+                stage.append(_attention(config, ch, depth, dtype))
+            blocks.append(TimestepEmbedSequential(stage))
+            channels.append(ch)
+        if level != last_level:
+            blocks.append(TimestepEmbedSequential([Downsample(ch, dtype)]))
+            channels.append(ch)
+    return blocks, channels
+
+
+def middle_block(config: UNetConfig, dtype) -> TimestepEmbedSequential:
+    """ResBlock - SpatialTransformer - ResBlock at the coarsest level."""
+    ch = config.model_channels * config.channel_mult[-1]
+    return TimestepEmbedSequential([_res_block(config, ch, ch, dtype),
+                                    _attention(config, ch, config.transformer_depth_middle, dtype),
+                                    _res_block(config, ch, ch, dtype)])
+
+
 class UNetModel(nn.Cell):
     """eps_theta(x_t, t, context, y) of an SDXL-style latent diffusion model.
 
@@ -176,6 +232,9 @@ class UNetModel(nn.Cell):
     Inputs: ``x`` (B, C, H, W) latents, ``timesteps`` (B,) (float or int), ``context`` (B, L,
     context_dim), ``y`` (B, adm_in_channels) vector conditioning (ignored when adm_in_channels is None;
     pass any tensor, e.g. the timesteps). H and W must be divisible by 2**(levels-1).
+    ``control`` (optional): ControlNet residuals, one per input block then one for the middle block
+    (what :class:`~pangu_draw_ms.models.controlnet.ControlNet` returns, already scaled); as in diffusers
+    they are added to the skip features and to the middle block's output.
     """
 
     def __init__(self, config: UNetConfig, dtype=ms.float32):
@@ -185,61 +244,40 @@ class UNetModel(nn.Cell):
         self.model_channels = config.model_channels
         self.size_multiple = 2 ** (len(config.channel_mult) - 1)
         mc = config.model_channels
-        ted = config.time_embed_dim
-        groups = config.norm_num_groups
-        self.time_embed = nn.SequentialCell([L.Dense(mc, ted, dtype=dtype), L.SiLU(), L.Dense(ted, ted, dtype=dtype)])
+        self.time_embed = time_embedding(config, dtype)
         self.has_label_emb = config.adm_in_channels is not None
         if self.has_label_emb:
-            self.label_emb = nn.SequentialCell([nn.SequentialCell([
-                L.Dense(config.adm_in_channels, ted, dtype=dtype), L.SiLU(), L.Dense(ted, ted, dtype=dtype)])])
+            self.label_emb = label_embedding(config, dtype)
 
-        def res(cin, cout):
-            return ResBlock(cin, ted, cout, groups, config.dropout, dtype)
-
-        def attn(ch, depth):
-            heads, head_dim = config.heads(ch)
-            return SpatialTransformer(ch, heads, head_dim, depth, config.context_dim, config, dtype)
-
-        input_blocks: List[nn.Cell] = [TimestepEmbedSequential([L.Conv2d(config.in_channels, mc, 3, padding=1, dtype=dtype)])]
-        skip_channels = [mc]
-        ch = mc
-        last_level = len(config.channel_mult) - 1
-        for level, mult in enumerate(config.channel_mult):
-            depth = config.transformer_depth[level]
-            for _ in range(config.num_res_blocks):
-                stage = [res(ch, mc * mult)]
-                ch = mc * mult
-                if depth > 0:
-                    stage.append(attn(ch, depth))
-                input_blocks.append(TimestepEmbedSequential(stage))
-                skip_channels.append(ch)
-            if level != last_level:
-                input_blocks.append(TimestepEmbedSequential([Downsample(ch, dtype)]))
-                skip_channels.append(ch)
+        input_blocks, skip_channels = encoder_blocks(config, dtype)
         self.input_blocks = nn.CellList(input_blocks)
-
-        self.middle_block = TimestepEmbedSequential([res(ch, ch), attn(ch, config.transformer_depth_middle), res(ch, ch)])
+        self.num_control = len(input_blocks) + 1
+        self.middle_block = middle_block(config, dtype)
 
         output_blocks: List[nn.Cell] = []
+        ch = skip_channels[-1]
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             depth = config.transformer_depth[level]
             for i in range(config.num_res_blocks + 1):
-                stage = [res(ch + skip_channels.pop(), mc * mult)]
+                stage = [_res_block(config, ch + skip_channels.pop(), mc * mult, dtype)]
                 ch = mc * mult
                 if depth > 0:
-                    stage.append(attn(ch, depth))
+                    stage.append(_attention(config, ch, depth, dtype))
                 if level != 0 and i == config.num_res_blocks:
                     stage.append(Upsample(ch, dtype))
                 output_blocks.append(TimestepEmbedSequential(stage))
         self.output_blocks = nn.CellList(output_blocks)
 
-        self.out = nn.SequentialCell([L.GroupNorm(groups, ch, eps=1e-5, dtype=dtype), L.SiLU(),
+        self.out = nn.SequentialCell([L.GroupNorm(config.norm_num_groups, ch, eps=1e-5, dtype=dtype), L.SiLU(),
                                       L.Conv2d(mc, config.out_channels, 3, padding=1, dtype=dtype)])
 
-    def construct(self, x, timesteps, context, y):
+    def construct(self, x, timesteps, context, y, control=None):
         if x.shape[-2] % self.size_multiple != 0 or x.shape[-1] % self.size_multiple != 0:
             raise ValueError(f"UNet: latent height and width must be multiples of {self.size_multiple}, "
                              f"got {x.shape[-2]}x{x.shape[-1]}")
+        if control is not None and len(control) != self.num_control:
+            raise ValueError(f"UNet: got {len(control)} ControlNet residuals; this UNet takes {self.num_control} "
+                             "(one per input block, then the middle block's)")
         t_emb = L.sinusoidal_embedding(timesteps, self.model_channels)
         emb = self.time_embed(t_emb.astype(self.dtype))
         if self.has_label_emb:
@@ -247,10 +285,12 @@ class UNetModel(nn.Cell):
         context = context.astype(self.dtype)
         h = x.astype(self.dtype)
         skips = []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
-            skips.append(h)
+            skips.append(h if control is None else h + control[i].astype(self.dtype))
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            h = h + control[-1].astype(self.dtype)
         num_skips = len(skips)
         for i, block in enumerate(self.output_blocks):
             h = ops.cat((h, skips[num_skips - 1 - i]), axis=1)

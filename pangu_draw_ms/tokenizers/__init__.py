@@ -37,6 +37,7 @@ def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
     if config.kind == "wordpiece":
         return WordPieceTokenizer(path, max_length=config.max_length, lowercase=config.lowercase)
     if config.kind == "clip_bpe":
-        return ClipBPETokenizer(path, max_length=config.max_length, lowercase=config.lowercase)
+        return ClipBPETokenizer(path, max_length=config.max_length, lowercase=config.lowercase,
+                                pad_with_end_token=config.pad_with_end_token)
     return SentencePieceTokenizer(path, max_length=config.max_length, lowercase=config.lowercase,
                                   jieba=config.jieba)

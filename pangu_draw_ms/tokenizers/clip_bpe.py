@@ -73,9 +73,11 @@ def clean_text(text: str, lowercase: bool = True) -> str:
 
 
 class ClipBPETokenizer(Tokenizer):
-    """CLIP byte-level BPE: ``<|startoftext|> ids <|endoftext|>``, zero-padded to ``max_length``."""
+    """CLIP byte-level BPE: ``<|startoftext|> ids <|endoftext|>``, zero-padded to ``max_length``
+    (open_clip, PanGu-Draw's English encoder) or, with ``pad_with_end_token``, padded with
+    ``<|endoftext|>`` (transformers' CLIPTokenizer, the tokenizer of Stable Diffusion 1.x)."""
 
-    def __init__(self, merges_file: str, max_length: int = 77, lowercase: bool = True):
+    def __init__(self, merges_file: str, max_length: int = 77, lowercase: bool = True, pad_with_end_token: bool = False):
         merges = load_merges(merges_file)
         self.byte_to_char = bytes_to_unicode()
         self.char_to_byte = {c: b for b, c in self.byte_to_char.items()}
@@ -88,7 +90,8 @@ class ClipBPETokenizer(Tokenizer):
         # Per instance, bounded: prompts repeat words, a long-running server sees unbounded new ones.
         self.bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe)
         super().__init__(vocab_size=len(vocab), max_length=max_length, start_token_id=self.encoder[START_OF_TEXT],
-                         eot_token_id=self.encoder[END_OF_TEXT], pad_token_id=0)
+                         eot_token_id=self.encoder[END_OF_TEXT],
+                         pad_token_id=self.encoder[END_OF_TEXT] if pad_with_end_token else 0)
 
     def _bpe(self, pre_token: str) -> Tuple[str, ...]:
         """BPE symbols of one byte-mapped pre-token."""

@@ -4,8 +4,8 @@ Both run on the CPU in this one process, one after the other, with the same thre
 script prints seconds per forward (median of --repeats after --warmup) and the ratio ours / diffusers.
 PyTorch timings collapse when another process is busy: run this on a quiet machine.
 
-    python tools/bench_unet.py --config tiny --latent 32 32
-    python tools/bench_unet.py --config mid --latent 64 64 --batch 2
+    python bench/unet_speed.py --config tiny --latent 32 32
+    python bench/unet_speed.py --config mid --latent 64 64 --batch 2
 """
 from __future__ import annotations
 

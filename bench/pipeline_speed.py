@@ -1,0 +1,100 @@
+"""Seconds per denoising step and per image: our pipeline vs diffusers' StableDiffusionXLPipeline with the
+same UNet/VAE weights, embeddings, noise, Euler steps and guidance, both on the CPU in this one process.
+
+    python bench/pipeline_speed.py --config tiny --size 256 256 --steps 10
+    python bench/pipeline_speed.py --config mid --size 512 512 --steps 4
+
+``mid`` is the SDXL layout at ~0.4B UNet parameters (bench/unet_speed.py's MID) with the full SDXL VAE and
+two one-layer text encoders of the released widths (768 + 1280). Prints both timings and the ratio, and
+the max relative difference of the two final latents (they run the same computation).
+PyTorch timings collapse when another process is busy: run on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+
+def bench_config(name: str, height: int, width: int):
+    from pangu_draw_ms.config import ConditionerConfig, PanGuDrawConfig, TextEncoderConfig, TokenizerConfig, VAEConfig, load_config
+    from unet_speed import MID
+
+    if name == "mid":
+        encoders = (
+            TextEncoderConfig(vocab_size=21128, hidden_size=768, num_layers=1, num_heads=12, intermediate_size=3072,
+                              tokenizer=TokenizerConfig(kind="wordpiece")),
+            TextEncoderConfig(vocab_size=49408, hidden_size=1280, num_layers=2, num_heads=20, intermediate_size=5120,
+                              hidden_act="gelu", output_layer="penultimate", projection_dim=1280),
+        )
+        config = PanGuDrawConfig(name="mid", unet=MID, vae=VAEConfig(), conditioner=ConditionerConfig(encoders=encoders))
+    else:
+        config = load_config(name)
+    return dataclasses.replace(config, structure_buckets=((height, width),))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", help="'mid' or a bundled config name / YAML path")
+    parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--guidance-scale", type=float, default=6.0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    import mindspore as ms
+    import torch
+
+    from reference_pipeline import build_pair, reference_run
+
+    torch.set_num_threads(args.threads)
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU", runtime_num_threads=args.threads)
+    height, width = args.size
+    config = bench_config(args.config, height, width)
+    ours, reference = build_pair(config, randomize=False)
+    f = config.vae.downsample_factor
+    noise = np.random.default_rng(0).standard_normal((1, config.unet.in_channels, height // f, width // f)).astype(np.float32)
+    prompt = "一个红色的圆形 a red circle"
+    common = dict(height=height, width=width, guidance_scale=args.guidance_scale, noise=noise)
+
+    def run_ours(steps, output_type):
+        return ours(prompt, num_inference_steps=steps, spacing="leading", sampler="euler", output_type=output_type,
+                    **common)
+
+    def run_reference(steps, output_type):
+        with torch.no_grad():
+            return reference_run(reference, ours, prompt, bucket_index=0, steps=steps, output_type=output_type, **common)
+
+    run_ours(2, "pil")  # compile every graph (both experts, VAE, text encoders) before timing
+    run_reference(1, "pil")
+    timings = {}
+    for label, fn in (("ours", run_ours), ("diffusers", run_reference)):
+        start = time.perf_counter()
+        latents = fn(args.steps, "latent")
+        sampled = time.perf_counter()
+        fn(args.steps, "pil")
+        whole = time.perf_counter()
+        timings[label] = ((sampled - start) / args.steps, whole - sampled,
+                          latents.latents if label == "ours" else latents.numpy())
+    diff = np.abs(timings["ours"][2] - timings["diffusers"][2]).max() / np.abs(timings["diffusers"][2]).max()
+    unet_params = sum(p.size for p in ours.components.get("structure_unet").get_parameters())
+    print(f"config={args.config} unet_params={unet_params:,} size={height}x{width} steps={args.steps} "
+          f"guidance={args.guidance_scale} threads={args.threads}")
+    for label in ("ours", "diffusers"):
+        per_step, per_image, _ = timings[label]
+        print(f"{label:10s} {per_step:.4f} s/step  {per_image:.2f} s/image ({args.steps} steps + decode)")
+    print(f"ratio ours/diffusers: {timings['ours'][0] / timings['diffusers'][0]:.2f} per step, "
+          f"{timings['ours'][1] / timings['diffusers'][1]:.2f} per image; latents max rel diff {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Text-to-image and image-to-image with time-decoupled sampling (PanGu-Draw sec. 3.1).
+
+One run: encode the prompts, the negative prompt and any style-prefixed prompts once; pick the
+resolution bucket and its index; draw the initial noise per image from the seed; denoise with the
+structure generator for t >= T_struct and the texture generator below (classifier-free + style guidance
+batched into one UNet call per step); decode with the VAE.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import mindspore as ms
+from PIL import Image
+
+from ..buckets import BucketTable
+from ..config import PanGuDrawConfig
+from ..diffusion.denoiser import Conditioning, ControlInput, UNetEpsModel
+from ..diffusion.experts import STRUCTURE, TEXTURE, SingleModel, TimeDecoupledExperts
+from ..diffusion.guidance import STYLE_PREFIXES, GuidanceBranch, GuidedDenoiser, guidance_weights
+from ..diffusion.samplers import Sampler, make_sampler
+from ..diffusion.schedule import NoiseSchedule, add_noise
+from .components import ComponentStore
+from .prompt_encoder import PromptEncoder
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, int, str], None]  # (step index, num steps, t, expert)
+
+
+@dataclass
+class PipelineOutput:
+    images: List[Image.Image]
+    latents: np.ndarray                       # (B, C, h, w) final latents (scaled, as the UNet sees them)
+    info: Dict = field(default_factory=dict)  # settings, bucket, expert trace, timings
+
+
+def to_pil(images: np.ndarray) -> List[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL RGB images."""
+    arr = np.clip((images.transpose(0, 2, 3, 1) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def from_image(image: Union[str, Image.Image, np.ndarray], height: int, width: int) -> np.ndarray:
+    """A path, PIL image or HxWx3 uint8 array -> (1, 3, H, W) float32 in [-1, 1], resized to the bucket."""
+    if isinstance(image, str):
+        image = Image.open(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8))
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return arr.transpose(2, 0, 1)[None]
+
+
+@dataclass
+class Run:
+    """One request, resolved against the config's defaults and checked (:meth:`PanGuDrawPipeline.plan`)."""
+
+    prompts: List[str]
+    negative_prompt: str
+    sampler: Sampler
+    spacing: str
+    num_inference_steps: int
+    timesteps: np.ndarray
+    guidance_weights: Dict[str, float]
+    guidance_scale: float
+    style_scales: Dict[str, float]
+    guidance_rescale: float
+    t_struct: int
+    switch_rule: str
+    single_model: Optional[str]
+    seed: int
+    num_images_per_prompt: int
+    first_image_index: int
+    bucket_index: int
+    height: int
+    width: int
+    strength: Optional[float]
+    latent_shape: tuple
+
+    def sampler_rng(self) -> Optional[np.random.Generator]:
+        """The stochastic samplers' noise stream, apart from the initial-noise streams (seed, k)."""
+        if not self.sampler.stochastic:
+            return None
+        return np.random.default_rng([self.seed, self.first_image_index, self.latent_shape[0], 1])
+
+    def info(self) -> Dict:
+        return {"prompts": self.prompts, "negative_prompt": self.negative_prompt, "height": self.height,
+                "width": self.width, "bucket_index": self.bucket_index, "num_inference_steps": self.num_inference_steps,
+                "timesteps": [int(t) for t in self.timesteps], "sampler": self.sampler.name, "spacing": self.spacing,
+                "guidance_scale": self.guidance_scale, "style_scales": self.style_scales,
+                "guidance_rescale": self.guidance_rescale, "t_struct": self.t_struct, "switch_rule": self.switch_rule,
+                "single_model": self.single_model, "seed": self.seed, "num_images_per_prompt": self.num_images_per_prompt,
+                "strength": self.strength}
+
+
+class PanGuDrawPipeline:
+    """PanGu-Draw text-to-image / image-to-image.
+
+    Build with :meth:`from_pretrained` (a model directory), or :meth:`from_config` (seeded random
+    weights, or a ``files`` dict ``{component: path}``). ``memory="sequential"`` keeps only the active
+    network resident (see :mod:`pangu_draw_ms.pipelines.components`).
+    """
+
+    def __init__(self, components: ComponentStore):
+        self.components = components
+        self.config: PanGuDrawConfig = components.config
+        self.schedule = NoiseSchedule(self.config.num_train_timesteps)
+        self.buckets = BucketTable(f"{self.config.name} structure buckets", tuple(self.config.structure_buckets))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, **kwargs) -> "PanGuDrawPipeline":
+        return cls(ComponentStore.from_pretrained(model_dir, **kwargs))
+
+    @classmethod
+    def from_config(cls, config: PanGuDrawConfig, files: Optional[Dict[str, str]] = None, **kwargs) -> "PanGuDrawPipeline":
+        return cls(ComponentStore(config, dict(files or {}), **kwargs))
+
+    # ---- pieces of a run ------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str], negative_prompt: str, styles: Sequence[str], bucket_index: int
+               ) -> Dict[str, Conditioning]:
+        """Conditioning of every guidance branch: "cond", "uncond" (the real encoding of the negative
+        prompt), and one per active style (its prefix + the prompt, for both encoders)."""
+        encoder = PromptEncoder.from_config(self.config.conditioner, self.components.get("conditioner"))
+        texts = list(prompts) + [negative_prompt] + [STYLE_PREFIXES[s] + p for s in styles for p in prompts]
+        everything = encoder(texts, bucket_index)
+        n = len(prompts)
+
+        def rows(start, count):
+            return Conditioning(everything.context[start:start + count], everything.vector[start:start + count])
+
+        branches = {"cond": rows(0, n), "uncond": rows(n, 1)}
+        branches["uncond"] = Conditioning(np.repeat(branches["uncond"].context, n, 0),
+                                          np.repeat(branches["uncond"].vector, n, 0))
+        for i, style in enumerate(styles):
+            branches[style] = rows(n + 1 + i * n, n)
+        self.components.done_with("conditioner")
+        return branches
+
+    def experts(self, t_struct: int, switch_rule: str, control: Optional[ControlInput] = None) -> TimeDecoupledExperts:
+        def eps_model(name):
+            return UNetEpsModel(self.components.get(name), control)
+
+        sequential = self.components.memory == "sequential"
+        structure = (lambda: eps_model("structure_unet")) if sequential else eps_model("structure_unet")
+        texture = (lambda: eps_model("texture_unet")) if sequential else eps_model("texture_unet")
+        names = {STRUCTURE: "structure_unet", TEXTURE: "texture_unet"}
+        return TimeDecoupledExperts(structure, texture, t_struct=t_struct, rule=switch_rule, sequential=sequential,
+                                    on_release=lambda expert: self.components.done_with(names[expert]))
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents -> images in [-1, 1], one image at a time (the VAE's activations dominate memory)."""
+        vae = self.components.get("vae")
+        images = np.concatenate([vae.decode_latents(ms.Tensor(latents[i:i + 1].astype(np.float32))).asnumpy()
+                                 for i in range(latents.shape[0])])
+        self.components.done_with("vae")
+        return images
+
+    def encode_image(self, image, height: int, width: int) -> np.ndarray:
+        vae = self.components.get("vae")
+        latents = vae.encode_to_latents(ms.Tensor(from_image(image, height, width))).asnumpy()
+        return latents
+
+    # ---- a run ----------------------------------------------------------------------------------
+    def plan(
+        self,
+        prompt: Union[str, Sequence[str]],
+        negative_prompt: Optional[str] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        ratio: Optional[str] = None,
+        snap_to_bucket: bool = False,
+        num_inference_steps: Optional[int] = None,
+        sampler: Optional[str] = None,
+        spacing: Optional[str] = None,
+        guidance_scale: Optional[float] = None,
+        style_scales: Optional[Dict[str, float]] = None,
+        guidance_rescale: float = 0.0,
+        t_struct: Optional[int] = None,
+        switch_rule: Optional[str] = None,
+        single_model: Optional[str] = None,
+        seed: int = 0,
+        num_images_per_prompt: int = 1,
+        first_image_index: int = 0,
+        sampler_options: Optional[dict] = None,
+        strength: Optional[float] = None,
+    ) -> Run:
+        """Resolve a request against ``config.sampling``'s defaults and check it (see :meth:`__call__`)."""
+        defaults = self.config.sampling
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError("every prompt must be a non-empty string (the negative prompt may be empty)")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        t_struct = self.config.t_struct if t_struct is None else int(t_struct)
+        if single_model not in (None, STRUCTURE, TEXTURE):
+            raise ValueError(f"single_model must be None, {STRUCTURE!r} or {TEXTURE!r}, got {single_model!r}")
+        if not 0 <= t_struct <= self.config.num_train_timesteps:
+            raise ValueError(f"t_struct must lie in [0, {self.config.num_train_timesteps}], got {t_struct}")
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        styles = dict(defaults.style_scales if style_scales is None else style_scales)
+        weights = guidance_weights(guidance_scale, styles)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+        steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        spacing = spacing or defaults.spacing
+        timesteps = self.schedule.timesteps(steps, spacing)
+        if strength is not None:
+            timesteps = self.schedule.strength_timesteps(timesteps, strength)
+        bucket_index, (h, w) = self.buckets.select(height, width, ratio, snap=snap_to_bucket)
+        f = self.config.vae.downsample_factor
+        return Run(
+            prompts=prompts, negative_prompt=defaults.negative_prompt if negative_prompt is None else negative_prompt,
+            sampler=make_sampler(sampler or defaults.sampler, self.schedule, **(sampler_options or {})),
+            spacing=spacing, num_inference_steps=steps, timesteps=timesteps, guidance_weights=weights,
+            guidance_scale=guidance_scale, style_scales={k: v for k, v in styles.items() if weights.get(k)},
+            guidance_rescale=guidance_rescale, t_struct=t_struct, switch_rule=switch_rule or defaults.switch_rule,
+            single_model=single_model, seed=seed, num_images_per_prompt=num_images_per_prompt,
+            first_image_index=first_image_index, bucket_index=bucket_index, height=h, width=w, strength=strength,
+            latent_shape=(len(prompts) * num_images_per_prompt, self.config.unet.in_channels, h // f, w // f))
+
+    def initial_noise(self, run: Run, noise: Optional[np.ndarray] = None) -> np.ndarray:
+        """The run's initial noise: given, or image k's from the generator seeded (seed, first index + k)."""
+        if noise is None:
+            # One generator per image: image k of a run gets the same noise whatever the batch around it.
+            noise = np.stack([np.random.default_rng([run.seed, run.first_image_index + k]).standard_normal(
+                run.latent_shape[1:], dtype=np.float32) for k in range(run.latent_shape[0])])
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape != run.latent_shape:
+            raise ValueError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}")
+        return noise
+
+    def denoiser(self, run: Run, control: Optional[ControlInput] = None, control_scale: float = 1.0):
+        """(the guided denoiser ``denoise(z, t) -> eps``, the expert router whose ``trace`` it fills).
+
+        Encodes the prompts, the negative prompt and the style-prefixed prompts once. With ``control``
+        every UNet call goes through the ControlNet too; in its guess mode the unconditional branch gets
+        no control."""
+        conds = self.encode(run.prompts, run.negative_prompt, list(run.style_scales), run.bucket_index)
+        branches = []
+        for name, weight in run.guidance_weights.items():
+            cond = conds[name].repeat(run.num_images_per_prompt)
+            if control is not None:
+                scale = 0.0 if (control.guess_mode and name == "uncond") else control_scale
+                cond.control_scale = np.full((cond.batch_size,), scale, np.float32)
+            branches.append(GuidanceBranch(name, cond, weight))
+        if run.single_model is None:
+            model = self.experts(run.t_struct, run.switch_rule, control)
+        else:
+            model = SingleModel(UNetEpsModel(self.components.get(run.single_model + "_unet"), control), run.single_model)
+        model.plan(run.timesteps)
+        return GuidedDenoiser(model, branches, run.guidance_rescale), model
+
+    def release_unets(self, model) -> None:
+        model.release_all()
+        for name in ("structure_unet", "texture_unet"):
+            self.components.done_with(name)
+
+    def __call__(self, prompt: Union[str, Sequence[str]], *, noise: Optional[np.ndarray] = None, init_image=None,
+                 strength: float = 0.8, output_type: str = "pil", progress: Optional[ProgressCallback] = None,
+                 **settings) -> PipelineOutput:
+        """Generate ``num_images_per_prompt`` images for each prompt.
+
+        Settings (defaults from ``config.sampling``): ``negative_prompt``, ``height``/``width`` (a bucket of
+        the structure table unless ``snap_to_bucket``) or ``ratio`` ("W:H", nearest bucket),
+        ``num_inference_steps``, ``sampler`` (+ ``sampler_options``), ``spacing``, ``guidance_scale``,
+        ``style_scales`` ({aesthetic, anime, photography}), ``guidance_rescale``, ``t_struct``,
+        ``switch_rule``, ``single_model`` ("structure"/"texture": that UNet for every t, the baseline of
+        the time split), ``seed``, ``num_images_per_prompt``, ``first_image_index``.
+
+        ``noise``: the initial noise (B, C, h, w) instead of drawing it from the seed (image k of the run
+        draws from ``(seed, first_image_index + k)``, so a batch equals its images made one call at a
+        time). ``init_image`` + ``strength``: image-to-image. ``output_type``: "pil" or "latent".
+        """
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        run = self.plan(prompt, strength=strength if init_image is not None else None, **settings)
+        noise = self.initial_noise(run, noise)
+        started = time.perf_counter()
+        denoiser, model = self.denoiser(run)
+        encoded = time.perf_counter()
+        if init_image is None:
+            z = noise
+        else:
+            z0 = np.repeat(self.encode_image(init_image, run.height, run.width), run.latent_shape[0], axis=0)
+            z = add_noise(z0, noise, self.schedule.alpha_bar(run.timesteps[0])).astype(np.float32)
+
+        def on_step(i, t, _z):
+            if progress is not None:
+                progress(i, len(run.timesteps), int(t), model.trace[-1][1])
+
+        latents = run.sampler.sample(denoiser, z, run.timesteps, rng=run.sampler_rng(), callback=on_step)
+        self.release_unets(model)
+        sampled = time.perf_counter()
+        images = [] if output_type == "latent" else to_pil(self.decode(latents))
+        decoded = time.perf_counter()
+        info = run.info()
+        info.update(bucket_table=self.buckets.name, expert_trace=list(model.trace), random_weights=self.components.random_weights,
+                    seconds={"encode": encoded - started, "sample": sampled - encoded, "decode": decoded - sampled})
+        return PipelineOutput(images=images, latents=latents, info=info)
