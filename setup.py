@@ -24,6 +24,8 @@ setup(
     package_data={
         "pangu_draw_ms.configs": ["*.yaml", "*/*.yaml"],
         "pangu_draw_ms.tokenizers": ["data/*"],
+        # The demo model trained with tools/train.py: the default of tools/infer.py.
+        "pangu_draw_ms.demo": ["config.yaml", "*.safetensors", "*.model"],
     },
     install_requires=read_requirements(),
     extras_require={

@@ -510,11 +510,28 @@ def resolve_config_path(name_or_path: str) -> str:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a bundled config; bundled: {bundled}")
 
 
+def _vocab_beside(data: Any, folder: str) -> None:
+    """Point relative tokenizer vocab paths of a PanGuDrawConfig mapping that name a file in ``folder`` (the
+    YAML's own folder) at that file: a model directory's config names its trained SentencePiece model by
+    file name and works from any working directory."""
+    encoders = ((data or {}).get("conditioner") or {}).get("encoders") or [] if isinstance(data, dict) else []
+    for encoder in encoders:
+        tokenizer = encoder.get("tokenizer") if isinstance(encoder, dict) else None
+        vocab = tokenizer.get("vocab") if isinstance(tokenizer, dict) else None
+        if isinstance(vocab, str) and vocab and not os.path.isabs(vocab) and os.path.isfile(os.path.join(folder, vocab)):
+            tokenizer["vocab"] = os.path.join(folder, vocab)
+
+
 def load_config(name_or_path: str, cls: Type[T] = PanGuDrawConfig) -> T:
-    """Load a YAML config file (or a bundled config by name) into dataclass ``cls``."""
+    """Load a YAML config file (or a bundled config by name) into dataclass ``cls``.
+
+    A PanGuDrawConfig's tokenizer vocab given as a path relative to the YAML's folder is resolved there.
+    """
     path = resolve_config_path(name_or_path)
     with open(path, "r", encoding="utf-8") as f:
         data = yaml.safe_load(f)
+    if cls is PanGuDrawConfig:
+        _vocab_beside(data, os.path.dirname(os.path.abspath(path)))
     return from_dict(cls, data, where=os.path.basename(path))
 
 

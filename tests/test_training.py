@@ -17,15 +17,17 @@ from mindspore import Parameter, Tensor, nn
 from pangu_draw_ms.buckets import BucketTable
 from pangu_draw_ms.config import ConfigError, PanGuDrawConfig, from_dict, to_dict
 from pangu_draw_ms.demo.shapes import write_dataset
-from pangu_draw_ms.io.state import cell_state, load_state
+from pangu_draw_ms.io.checkpoint import load_tensors, open_checkpoint
+from pangu_draw_ms.io.layouts import load_component
+from pangu_draw_ms.io.state import cell_state
 from pangu_draw_ms.models.conditioner import Conditioner
 from pangu_draw_ms.models.vae import AutoencoderKL
-from pangu_draw_ms.training.checkpointing import CheckpointFolder, atomic_write_bytes, load_tensors
+from pangu_draw_ms.tokenizers import train as train_tokenizer
+from pangu_draw_ms.training.checkpointing import CheckpointFolder
 from pangu_draw_ms.training.config import LossScaleConfig, OptimConfig, load_train_config
 from pangu_draw_ms.training.data import BatchPlan, BatchStream, assign_buckets, read_manifest
 from pangu_draw_ms.training.metrics import read_metrics
-from pangu_draw_ms.tokenizers import train as train_tokenizer
-from pangu_draw_ms.training.model_dir import load_component, load_model_config, save_component, write_model_config
+from pangu_draw_ms.training.model_dir import load_model_config, save_component, write_model_config
 from pangu_draw_ms.training.optim import WarmupCosine
 from pangu_draw_ms.training.step import TrainStep
 from pangu_draw_ms.training.trainer import Trainer
@@ -64,8 +66,8 @@ def weights(tmp_path_factory, dataset):
     model = from_dict(PanGuDrawConfig, data)
     write_model_config(directory, model)
     ms.set_seed(123)
-    save_component(directory, "vae", cell_state(AutoencoderKL(model.vae)))
-    save_component(directory, "conditioner", cell_state(Conditioner(model.conditioner)))
+    save_component(directory, "vae", cell_state(AutoencoderKL(model.vae)), model)
+    save_component(directory, "conditioner", cell_state(Conditioner(model.conditioner)), model)
     paths = {name: os.path.join(directory, f"{name}.safetensors") for name in ("vae", "conditioner")}
     return dict(paths, model=directory)
 
@@ -318,9 +320,10 @@ def test_vae_stage_exports_a_model_directory(tmp_path, dataset, weights):
     summary = Trainer(config).train()
     exported = load_model_config(str(tmp_path / "model"))
     assert exported.vae.scaling_factor == pytest.approx(1.0 / summary["export"]["latent_std"])
-    vae = AutoencoderKL(exported.vae)
-    load_state(vae, load_component(str(tmp_path / "model" / "vae.safetensors")))
-    tensors, _ = load_tensors(CheckpointFolder(f"{tmp_path}/run/checkpoints").latest())
+    load_component(AutoencoderKL(exported.vae), str(tmp_path / "model" / "vae.safetensors"), "vae")
+    with open_checkpoint(str(tmp_path / "model" / "vae.safetensors")) as reader:
+        assert reader.metadata["component"] == "vae"
+    tensors = load_tensors(CheckpointFolder(f"{tmp_path}/run/checkpoints").latest())
     assert any(k.startswith("ema/") for k in tensors) and any(k.startswith("optimizer/adam_m.") for k in tensors)
 
 
@@ -332,8 +335,9 @@ def test_checkpoint_folder_keeps_the_newest_and_leaves_no_temporary_files(tmp_pa
     tensors, state = CheckpointFolder.load(folder.latest())
     assert state == {"step": 15} and tensors["w"].tolist() == [15, 15, 15]
     assert sorted(os.listdir(tmp_path)) == ["step_00000010.safetensors", "step_00000015.safetensors"]
-    atomic_write_bytes(str(tmp_path / "x.bin"), b"abc")
-    assert (tmp_path / "x.bin").read_bytes() == b"abc" and len(os.listdir(tmp_path)) == 3
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        save_component(str(tmp_path), "vae", {"w": np.zeros(2, np.float32)}, load_model_config("tiny_train"))
+        CheckpointFolder.load(str(tmp_path / "vae.safetensors"))
 
 
 # ---- data-parallel training with msrun --------------------------------------------------------------

@@ -8,9 +8,8 @@ Colour: the median foreground colour named by the nearest palette colour; shape:
 on masks of images drawn by the dataset generator (pangu_draw_ms.demo.judge). Writes OUT/results.json and
 OUT/samples.png (one row per prompt and language, one column per seed).
 
-Images come from pangu_draw_ms.pipelines.PanGuDrawPipeline when the package has it; until then from
-:class:`StandInPipeline` below, a sampling loop over the package's diffusion pieces (conditioner, the two
-experts switched at t_struct, classifier-free guidance, Euler sampler, VAE decode).
+Images come from PanGuDrawPipeline.from_pretrained(--model): time-decoupled Euler sampling with
+classifier-free guidance against the empty prompt.
 """
 from __future__ import annotations
 
@@ -26,84 +25,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class StandInPipeline:
-    """Text-to-image over a model directory with the pipeline's call shape (``images`` as uint8 arrays)."""
-
-    def __init__(self, model_dir: str):
-        import mindspore as ms
-
-        from pangu_draw_ms.diffusion.schedule import NoiseSchedule
-        from pangu_draw_ms.io.state import load_state
-        from pangu_draw_ms.models.conditioner import Conditioner
-        from pangu_draw_ms.models.unet import UNetModel
-        from pangu_draw_ms.models.vae import AutoencoderKL
-        from pangu_draw_ms.tokenizers import build_tokenizer
-        from pangu_draw_ms.training.model_dir import COMPONENT_FILES, load_component, load_model_config
-
-        self.ms = ms
-        self.config = load_model_config(model_dir)
-        cells = {"structure_unet": UNetModel(self.config.unet), "texture_unet": UNetModel(self.config.unet),
-                 "vae": AutoencoderKL(self.config.vae), "conditioner": Conditioner(self.config.conditioner)}
-        for name, cell in cells.items():
-            path = os.path.join(model_dir, COMPONENT_FILES[name])
-            load_state(cell, load_component(path), what=path)
-            cell.set_train(False)
-        self.cells = cells
-        self.tokenizers = [build_tokenizer(e.tokenizer) for e in self.config.conditioner.encoders]
-        self.schedule = NoiseSchedule(self.config.num_train_timesteps)
-
-    def _condition(self, prompts: Sequence[str], bucket: int):
-        from pangu_draw_ms.diffusion.denoiser import Conditioning
-
-        ids = tuple(self.ms.Tensor(tokenizer(list(prompts))) for tokenizer in self.tokenizers)
-        context, vector = self.cells["conditioner"](ids, self.ms.Tensor(np.full(len(prompts), bucket, np.int32)))
-        return Conditioning(context.asnumpy(), vector.asnumpy())
-
-    def __call__(self, prompt: Sequence[str], negative_prompt: str = "", height: int = 64, width: int = 64,
-                 num_inference_steps: int = 30, guidance_scale: float = 5.0, seed: int = 0) -> np.ndarray:
-        from pangu_draw_ms.buckets import BucketTable
-        from pangu_draw_ms.diffusion.denoiser import UNetEpsModel
-        from pangu_draw_ms.diffusion.experts import TimeDecoupledExperts
-        from pangu_draw_ms.diffusion.guidance import GuidanceBranch, GuidedDenoiser, guidance_weights
-        from pangu_draw_ms.diffusion.samplers import EulerSampler
-
-        prompts = list(prompt)
-        bucket = BucketTable("structure", self.config.structure_buckets).index(height, width)
-        weights = guidance_weights(guidance_scale, {})
-        branches = [GuidanceBranch("uncond", self._condition([negative_prompt] * len(prompts), bucket), weights["uncond"]),
-                    GuidanceBranch("cond", self._condition(prompts, bucket), weights["cond"])]
-        experts = TimeDecoupledExperts(UNetEpsModel(self.cells["structure_unet"]),
-                                       UNetEpsModel(self.cells["texture_unet"]), self.config.t_struct)
-        denoiser = GuidedDenoiser(experts, branches)
-        f = self.config.vae.downsample_factor
-        rng = np.random.default_rng(seed)
-        z = rng.standard_normal((len(prompts), self.config.vae.latent_channels, height // f, width // f),
-                                dtype=np.float32)
-        timesteps = self.schedule.timesteps(num_inference_steps, "release")
-        experts.plan(timesteps)
-        z = EulerSampler(self.schedule).sample(denoiser, z, timesteps)
-        images = self.cells["vae"].decode_latents(self.ms.Tensor(z)).asnumpy()
-        return (np.clip((images.transpose(0, 2, 3, 1) + 1.0) * 127.5, 0, 255) + 0.5).astype(np.uint8)
-
-
 def load_pipeline(model_dir: str):
-    """``generate(prompts, seed, height, width, steps, guidance) -> uint8 (N, H, W, 3)`` for a model directory."""
-    try:
-        from pangu_draw_ms.pipelines import PanGuDrawPipeline
-    except ImportError:
-        stand_in = StandInPipeline(model_dir)
+    """``generate(prompts, seed, height, width, steps, guidance) -> uint8 (N, H, W, 3)`` over a model directory."""
+    from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
-        def generate(prompts, seed, height, width, steps, guidance):
-            return stand_in(prompts, height=height, width=width, num_inference_steps=steps,
-                            guidance_scale=guidance, seed=seed)
-
-        return generate
     pipe = PanGuDrawPipeline.from_pretrained(model_dir)
 
     def generate(prompts, seed, height, width, steps, guidance):
-        out = pipe(prompt=list(prompts), negative_prompt="", height=height, width=width,
-                   num_inference_steps=steps, sampler="euler", guidance_scale=guidance, seed=seed,
-                   num_images_per_prompt=1)
+        out = pipe(list(prompts), negative_prompt="", height=height, width=width, num_inference_steps=steps,
+                   sampler="euler", guidance_scale=guidance, seed=seed, num_images_per_prompt=1)
         return np.stack([np.asarray(image.convert("RGB")) for image in out.images])
 
     return generate

@@ -41,6 +41,8 @@ def main(argv=None) -> dict:
 
     if args.device:
         ms.set_device(args.device)
+    if os.environ.get("PANGU_LAUNCH_BLOCKING"):
+        ms.runtime.launch_blocking()
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     rank, world = 0, 1
     if launched_by_msrun():
@@ -49,7 +51,7 @@ def main(argv=None) -> dict:
         init()
         rank, world = get_rank(), get_group_size()
     local_workers = int(os.environ.get("MS_LOCAL_WORKER", "0") or 0) or world
-    ms.set_context(runtime_num_threads=args.threads or max(1, (os.cpu_count() or 1) // max(1, local_workers)))
+    ms.device_context.cpu.op_tuning.threads_num(args.threads or max(1, (os.cpu_count() or 1) // max(1, local_workers)))
 
     from pangu_draw_ms.training.config import load_train_config
     from pangu_draw_ms.training.trainer import Trainer

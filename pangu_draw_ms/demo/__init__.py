@@ -1,0 +1,6 @@
+"""The demo: a synthetic bilingual coloured-shapes world (:mod:`.shapes`), a judge of prompt following
+(:mod:`.judge`), and - in this folder - the model trained on it with our tools (``config.yaml``, one
+safetensors file per component, the SentencePiece tokenizer), the default model of ``tools/infer.py``."""
+import os
+
+DEMO_MODEL_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -133,8 +133,11 @@ class InitConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. ``model``: a model YAML (or bundled config name) or a model directory holding
-    ``config.yaml``. ``steps``: optimizer steps. ``export_dir``: model directory the trained weights are
-    written into at the end (with ``config.yaml``; see ``pangu_draw_ms.training.export``)."""
+    ``config.yaml``. ``steps``: optimizer steps. ``export_dir``: model directory the trained weights (the
+    EMA when it is on, floats in ``export_dtype``) are written into at the end, with ``config.yaml`` (see
+    ``pangu_draw_ms.training.model_dir``). ``precision``: compute dtype (``auto``: fp16 on Ascend, fp32 on
+    CPU; fp16 turns dynamic loss scaling on). ``recompute``: recompute each UNet block's activations in the
+    backward pass (less memory, more compute)."""
 
     model: str = "tiny"
     stage: Stage = "structure"
@@ -150,7 +153,7 @@ class TrainConfig:
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
     init: InitConfig = field(default_factory=InitConfig)
     export_dir: str = ""
-    export_dtype: Literal["float32", "float16"] = "float32"
+    export_dtype: Literal["fp32", "fp16"] = "fp32"
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2

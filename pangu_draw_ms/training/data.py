@@ -219,10 +219,11 @@ class FeatureCache:
             return json.load(f).get("fingerprint") == self.fingerprint
 
     def mark_valid(self) -> None:
-        from .checkpointing import atomic_write_bytes
+        from ..io.checkpoint import atomic_output
 
-        atomic_write_bytes(os.path.join(self.directory, "meta.json"),
-                           json.dumps({"fingerprint": self.fingerprint}).encode("utf-8"))
+        with atomic_output(os.path.join(self.directory, "meta.json")) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"fingerprint": self.fingerprint}, f)
 
 
 class BatchStream:

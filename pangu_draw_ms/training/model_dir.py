@@ -1,30 +1,30 @@
-"""Model directories: what training writes and the pipeline reads.
+"""Model directories as training reads and fills them (the layout ``PanGuDrawPipeline.from_pretrained`` loads).
 
-Layout (one safetensors file per component, our parameter names)::
+Layout (one safetensors file per component, our parameter names, component and config in the metadata)::
 
     config.yaml                   a PanGuDrawConfig
-    structure_unet.safetensors    UNet for t >= t_struct
-    texture_unet.safetensors      UNet for t < t_struct
+    structure_unet.safetensors    UNet for t >= t_struct   (metadata role=structure)
+    texture_unet.safetensors      UNet for t < t_struct    (metadata role=texture)
     vae.safetensors               AutoencoderKL
     conditioner.safetensors       the text encoders (Conditioner parameters)
-    <tokenizer>.model             a trained SentencePiece model the config references by file name
+    <tokenizer>.model             a trained SentencePiece model, named in config.yaml by file name
 
-A tokenizer vocab in ``config.yaml`` that is neither bundled with the package nor an absolute path is
-a file in the model directory. Training stages fill the directory one component at a time.
+Training stages fill a directory one component at a time; later stages read the config (with the VAE's
+measured ``scaling_factor``) and the frozen components from it.
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
-from typing import Dict, Mapping
+from typing import Mapping, Optional, Tuple
 
 import numpy as np
-import yaml
 
-from ..config import PanGuDrawConfig, from_dict, resolve_config_path, to_dict
+from ..config import PanGuDrawConfig, from_dict, load_config, to_dict
+from ..io.checkpoint import save_checkpoint
+from ..io.layouts import component_metadata
+from ..io.released import write_config
 from ..tokenizers import bundled_vocabs
-from .checkpointing import atomic_write_bytes, load_tensors, save_tensors
 
 CONFIG_FILE = "config.yaml"
 COMPONENT_FILES = {
@@ -35,36 +35,17 @@ COMPONENT_FILES = {
 }
 
 
-def _encoder_tokenizers(data: dict):
-    return [encoder.setdefault("tokenizer", {}) for encoder in data.get("conditioner", {}).get("encoders", [])]
-
-
 def load_model_config(path: str) -> PanGuDrawConfig:
-    """A PanGuDrawConfig from a model directory, a YAML file, or a bundled config name.
-
-    Tokenizer vocab paths that are not bundled vocabs are resolved against the YAML file's folder when
-    they exist there (so a model directory can be used from any working directory).
-    """
-    yaml_path = os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else resolve_config_path(path)
-    if not os.path.isfile(yaml_path):
-        raise FileNotFoundError(f"model directory {path!r} has no {CONFIG_FILE}")
-    with open(yaml_path, "r", encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    folder = os.path.dirname(os.path.abspath(yaml_path))
-    for tokenizer in _encoder_tokenizers(data):
-        vocab = tokenizer.get("vocab", "")
-        if vocab and vocab not in bundled_vocabs() and not os.path.isabs(vocab):
-            beside = os.path.join(folder, vocab)
-            if os.path.isfile(beside):
-                tokenizer["vocab"] = beside
-    return from_dict(PanGuDrawConfig, data, where=yaml_path)
+    """A PanGuDrawConfig from a model directory, a YAML file, or a bundled config name."""
+    return load_config(os.path.join(path, CONFIG_FILE) if os.path.isdir(path) else path)
 
 
 def write_model_config(directory: str, config: PanGuDrawConfig) -> None:
     """Write ``config.yaml``; tokenizer files that are not bundled are copied in and named by file name."""
     os.makedirs(directory, exist_ok=True)
     data = to_dict(config)
-    for tokenizer in _encoder_tokenizers(data):
+    for encoder in data["conditioner"]["encoders"]:
+        tokenizer = encoder["tokenizer"]
         vocab = tokenizer["vocab"]
         if vocab in bundled_vocabs():
             continue
@@ -72,30 +53,30 @@ def write_model_config(directory: str, config: PanGuDrawConfig) -> None:
         if os.path.abspath(vocab) != os.path.abspath(target):
             shutil.copyfile(vocab, target)
         tokenizer["vocab"] = os.path.basename(vocab)
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    atomic_write_bytes(os.path.join(directory, CONFIG_FILE), text.encode("utf-8"))
+    write_config(from_dict(PanGuDrawConfig, data), os.path.join(directory, CONFIG_FILE))
 
 
-def save_component(directory: str, component: str, state: Mapping[str, np.ndarray], dtype: str = "float32") -> str:
-    """Write one component's ``{name: array}`` (float arrays cast to ``dtype``) into the model directory."""
+def save_component(directory: str, component: str, state: Mapping[str, np.ndarray], config: PanGuDrawConfig,
+                   dtype: str = "fp32", timesteps: Optional[Tuple[int, int]] = None) -> str:
+    """Write one component's ``{name: array}`` into the model directory (floats in ``dtype``), recording the
+    component, its config and - for the UNets - the role the swapped-files guard reads and the timestep
+    range it was trained on (default: its role's range)."""
     if component not in COMPONENT_FILES:
         raise ValueError(f"unknown component {component!r}; valid: {sorted(COMPONENT_FILES)}")
+    kind = "unet" if component.endswith("unet") else component
+    extra = {}
+    if kind == "unet":
+        role = component.split("_")[0]
+        low, high = timesteps or ((config.t_struct, config.num_train_timesteps) if role == "structure"
+                                  else (0, config.t_struct))
+        extra = {"role": role, "timesteps": f"[{low}, {high})"}
     path = os.path.join(directory, COMPONENT_FILES[component])
-    cast = {name: (value.astype(dtype) if np.issubdtype(value.dtype, np.floating) else value)
-            for name, value in state.items()}
-    save_tensors(path, cast, {"component": component})
+    save_checkpoint(dict(state), path, dtype=dtype, metadata=component_metadata(kind, getattr(config, kind), **extra))
     return path
-
-
-def load_component(path: str) -> Dict[str, np.ndarray]:
-    """``{name: float32 array}`` of a component file (float16 files are widened)."""
-    tensors, _ = load_tensors(path)
-    return {name: (value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value)
-            for name, value in tensors.items()}
 
 
 def with_scaling_factor(config: PanGuDrawConfig, scaling_factor: float) -> PanGuDrawConfig:
     """A copy of ``config`` whose VAE latent ``scaling_factor`` is replaced."""
-    data = copy.deepcopy(to_dict(config))
+    data = to_dict(config)
     data["vae"]["scaling_factor"] = float(scaling_factor)
     return from_dict(PanGuDrawConfig, data)

@@ -23,6 +23,7 @@ from mindspore import Tensor, nn
 from ..buckets import BucketTable
 from ..config import to_dict
 from ..diffusion.schedule import NoiseSchedule
+from ..io.layouts import load_component
 from ..io.state import cell_state, load_state
 from ..models.conditioner import Conditioner
 from ..models.layers import compute_dtype
@@ -34,8 +35,7 @@ from .config import TrainConfig
 from .data import UNCOND, BatchPlan, BatchStream, FeatureCache, Skipped, assign_buckets, read_manifest
 from .losses import diffusion_loss, vae_loss
 from .metrics import MetricsLog, plot_loss
-from .model_dir import COMPONENT_FILES, load_component, load_model_config, save_component, write_model_config
-from .model_dir import with_scaling_factor
+from .model_dir import COMPONENT_FILES, load_model_config, save_component, with_scaling_factor, write_model_config
 from .step import TrainStep
 
 logger = logging.getLogger("pangu_draw_ms.train")
@@ -90,7 +90,7 @@ class Trainer:
 
     # ---- models ---------------------------------------------------------------------------------
     def _load(self, name: str, cell: nn.Cell, path: str) -> None:
-        load_state(cell, load_component(path), what=path)
+        load_component(cell, path, name)
         if self.is_main:
             logger.info("%s: loaded %s", name, path)
 
@@ -422,7 +422,8 @@ class Trainer:
                 model_config = with_scaling_factor(model_config, 1.0 / std)
                 written["latent_std"] = std
             for component in self._component_files(name):
-                written[component] = save_component(directory, component, state, self.config.export_dtype)
+                written[component] = save_component(directory, component, state, model_config,
+                                                    self.config.export_dtype, self.t_range)
         for name, source in self.sources.items():
             if name not in self.trainable:
                 target = os.path.join(directory, COMPONENT_FILES[name])

@@ -1,0 +1,78 @@
+"""The demo: its synthetic dataset, the judge of prompt following, and the shipped model drawing what it is told."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pangu_draw_ms.demo import DEMO_MODEL_DIR
+from pangu_draw_ms.demo.judge import ShapeClassifier, color_of, judge
+from pangu_draw_ms.demo.shapes import (COLORS, SHAPES, Scene, all_combinations, captions, heldout_combinations,
+                                       random_scene, render, write_dataset)
+
+
+def _rows(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_dataset_is_deterministic_bilingual_and_holds_out_its_eval_captions(tmp_path):
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        write_dataset(str(tmp_path / name), 24, seed=seed, low_res_fraction=0.5, scale=0.5)
+    a, b, c = (_rows(tmp_path / name / "train.jsonl") for name in "abc")
+    assert a == b and a != c
+    for row in a:
+        assert (tmp_path / "a" / row["image"]).read_bytes() == (tmp_path / "b" / row["image"]).read_bytes()
+        color_en, color_zh, _ = COLORS[row["color"]]
+        shape_en, shape_zh = SHAPES[row["shape"]]
+        assert f"{color_en} {shape_en}" in row["caption_en"].replace("big ", "").replace("small ", "")
+        assert color_zh in row["caption_zh"] and shape_zh in row["caption_zh"]
+    assert len({(r["height"], r["width"]) for r in a}) > 5  # several sizes and aspect ratios
+    held = heldout_combinations(5)
+    assert len(held) == len(COLORS) * len(SHAPES) == len({(h[0], h[1]) for h in held})
+    seen = {(r["color"], r["shape"], r["size"], r["position"], r["background"]) for r in a}
+    assert not seen & set(held)
+    heldout = _rows(tmp_path / "a" / "heldout.jsonl")
+    assert [(r["color"], r["shape"], r["size"], r["position"], r["background"]) for r in heldout] == held
+
+
+def test_captions_name_the_same_attributes_in_both_languages():
+    scene = Scene("orange", "cross", "big", "left", "white", 64, 64)
+    assert captions(scene) == ("a big orange cross on the left on a white background", "白色背景上左边有一个橙色的大十字形")
+    assert captions(scene, (False, False, False)) == ("an orange cross", "一个橙色的十字形")
+    assert captions(Scene("red", "circle", "small", "top", "black", 8, 8), (True, True, False)) == \
+        ("a small red circle at the top", "上方有一个红色的小圆形")
+
+
+def test_judge_reads_colour_and_shape_of_rendered_scenes():
+    classifier = ShapeClassifier.trained_on_renders(num_images=600, seed=1)
+    rng = np.random.default_rng(2)
+    scenes = [random_scene(rng, all_combinations()) for _ in range(200)]
+    colors, shapes = judge([render(s) for s in scenes], classifier)
+    assert colors == [s.color for s in scenes]
+    assert shapes == [s.shape for s in scenes]
+    assert color_of(np.full((32, 32, 3), 128, np.uint8)) is None  # nothing drawn: no colour
+
+
+@pytest.fixture(scope="module")
+def demo_pipeline():
+    from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
+
+    if not os.path.isfile(os.path.join(DEMO_MODEL_DIR, "config.yaml")):
+        pytest.fail(f"the demo model is not shipped in {DEMO_MODEL_DIR}")
+    return PanGuDrawPipeline.from_pretrained(DEMO_MODEL_DIR)
+
+
+def test_shipped_demo_model_draws_the_colour_it_is_asked_for(demo_pipeline):
+    """Colour following in both languages, read from the pixels of generated images."""
+    requests = [("一个红色的圆形", "red"), ("a blue square", "blue"), ("一个黄色的三角形", "yellow"),
+                ("a green cross", "green"), ("一个紫色的正方形", "purple"), ("an orange circle", "orange")]
+    out = demo_pipeline([p for p, _ in requests], height=64, width=64, seed=0)
+    images = [np.asarray(image.convert("RGB")) for image in out.images]
+    assert all(image.shape == (64, 64, 3) for image in images)
+    got = [color_of(image) for image in images]
+    print("requested / drawn:", [(c, g) for (_, c), g in zip(requests, got)])
+    assert got == [c for _, c in requests]
+    # The two generators really split the trajectory at t_struct.
+    experts = {expert for _, expert in out.info["expert_trace"]}
+    assert experts == {"structure", "texture"}
