@@ -327,6 +327,82 @@ def test_vae_stage_exports_a_model_directory(tmp_path, dataset, weights):
     assert any(k.startswith("ema/") for k in tensors) and any(k.startswith("optimizer/adam_m.") for k in tensors)
 
 
+def test_edge_map_outlines_a_shape_and_nothing_else():
+    from pangu_draw_ms.demo.shapes import Scene, render
+    from pangu_draw_ms.pipelines.image_processing import edge_map
+
+    image = render(Scene("red", "square", "big", "center", "white", 40, 40))
+    edges = edge_map(image.transpose(2, 0, 1)[None] / 255.0)[0]
+    assert edges.shape == (3, 40, 40) and set(np.unique(edges)) == {0.0, 1.0}
+    assert np.array_equal(edges[0], edges[2])
+    rows, cols = np.nonzero(edges[0])
+    # The square's outline: edge pixels on its four sides, none inside it or in the background.
+    inside = np.abs(image.astype(int) - image[20, 20]).max(axis=2) < 10
+    assert inside.sum() > 100 and not edges[0][3:-3, 3:-3][inside[3:-3, 3:-3] & np.roll(inside, 2, 0)[3:-3, 3:-3]
+                                                          & np.roll(inside, -2, 0)[3:-3, 3:-3]
+                                                          & np.roll(inside, 2, 1)[3:-3, 3:-3]
+                                                          & np.roll(inside, -2, 1)[3:-3, 3:-3]].any()
+    assert rows.min() >= 5 and rows.max() <= 34 and cols.min() >= 5 and cols.max() <= 34
+    assert not edge_map(np.full((1, 3, 8, 8), 0.5, np.float32)).any()
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory, weights):
+    """A seeded random structure generator of the tiny_train architecture."""
+    from pangu_draw_ms.models.unet import UNetModel
+
+    model = load_model_config(weights["model"])
+    ms.set_seed(7)
+    return save_component(str(tmp_path_factory.mktemp("generator")), "structure_unet",
+                          cell_state(UNetModel(model.unet)), model)
+
+
+def controlnet_config(tmp_path, dataset, weights, generator, *overrides):
+    return tiny_config(tmp_path, dataset, weights, "stage=controlnet", "train_text_encoders=false",
+                       f"init.unet={generator}", f"init.conditioner={weights['conditioner']}", *overrides)
+
+
+def test_controlnet_stage_starts_as_a_no_op_and_learns_with_the_generator_frozen(tmp_path, dataset, weights,
+                                                                                 generator):
+    from pangu_draw_ms.pipelines.partners import load_controlnet
+    from pangu_draw_ms.training.losses import diffusion_loss
+
+    config = controlnet_config(tmp_path, dataset, weights, generator, "steps=6", "optim.learning_rate=3e-3",
+                               "controlnet.hint_channels=[8, 16]", f"export_dir={tmp_path}/model")
+    trainer = Trainer(config)
+    assert trainer.trainable == ["controlnet"]
+    unet = trainer.cells["unet"]
+    generator_before = cell_state(unet)
+
+    def loss_without_control(micro):
+        inputs, _ = trainer._inputs(trainer.stream.batch(micro), micro)
+        z0, noise, timesteps, alpha_bar, _, _, context, vector = inputs
+        return float(diffusion_loss(unet, z0, noise, timesteps, alpha_bar, context, vector).asnumpy())
+
+    fixed = range(3)
+    before = [trainer.loss_on(m) for m in fixed]
+    np.testing.assert_allclose(before, [loss_without_control(m) for m in fixed], rtol=1e-6)  # zero convs
+    summary = trainer.train()
+    after = [trainer.loss_on(m) for m in fixed]
+    print(f"controlnet loss on fixed batches: {np.mean(before):.4f} -> {np.mean(after):.4f}")
+    assert np.mean(after) < np.mean(before)
+    assert summary["t_seen"][0] >= 500
+    for name, value in cell_state(unet).items():
+        np.testing.assert_array_equal(value, generator_before[name], err_msg=name)
+    controlnet = load_controlnet(summary["export"]["structure_controlnet"], ms.float32)
+    assert controlnet.config.hint_channels == (8, 16)
+    with open_checkpoint(summary["export"]["structure_controlnet"]) as reader:
+        assert reader.metadata["role"] == "structure" and reader.metadata["timesteps"] == "[500, 1000)"
+
+
+def test_controlnet_stage_rejects_a_hint_stack_that_does_not_match_the_vae(tmp_path, dataset, weights, generator):
+    config = controlnet_config(tmp_path, dataset, weights, generator, "controlnet.hint_channels=[8, 16, 32]")
+    with pytest.raises(ValueError, match="downsample the control image 4x but the VAE downsamples 2x"):
+        Trainer(config)
+    with pytest.raises(ConfigError, match="set init.unet"):
+        tiny_config(tmp_path, dataset, weights, "stage=controlnet", "train_text_encoders=false")
+
+
 def test_checkpoint_folder_keeps_the_newest_and_leaves_no_temporary_files(tmp_path):
     folder = CheckpointFolder(str(tmp_path), keep=2)
     for step in (5, 10, 15):

@@ -60,3 +60,16 @@ def _preprocess_one(image: Image.Image, size: int) -> np.ndarray:
     pixels = pixels[top:top + size, left:left + size].astype(np.float64) / 255.0
     pixels = (pixels - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
     return pixels.transpose(2, 0, 1).astype(np.float32)
+
+
+def edge_map(pixels: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+    """Edge control images (white outlines on black, as ControlNet's edge conditions) of images
+    ``pixels`` (B, 3, H, W) in [0, 1]: a pixel is an edge where the largest colour step to its right or
+    lower neighbour exceeds ``threshold``. Returns float32 (B, 3, H, W) in {0, 1}."""
+    pixels = np.asarray(pixels, np.float32)
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"edge_map takes images (B, 3, H, W) in [0, 1], got shape {pixels.shape}")
+    step_x = np.abs(np.diff(pixels, axis=3, append=pixels[..., -1:])).max(axis=1)
+    step_y = np.abs(np.diff(pixels, axis=2, append=pixels[..., -1:, :])).max(axis=1)
+    edges = (np.maximum(step_x, step_y) > threshold).astype(np.float32)
+    return np.repeat(edges[:, None], 3, axis=1)

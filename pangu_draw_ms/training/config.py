@@ -7,7 +7,9 @@ A training run trains ONE stage of PanGu-Draw's recipe:
   images (those smaller than their bucket upscaled into it - the paper's data-efficiency point);
 * ``texture``: the texture generator, t uniform in [0, t_struct), the texture (lower-resolution) bucket
   list, only images at least as large as their bucket;
-* ``full_range``: the single-model baseline, t uniform in [0, T), the structure bucket list.
+* ``full_range``: the single-model baseline, t uniform in [0, T), the structure bucket list;
+* ``controlnet``: a ControlNet for a frozen trained generator (``controlnet.base``), on that generator's
+  timestep range and bucket list, the control image made from each training image (``controlnet.control``).
 
 ``t_struct``, T and the bucket lists come from the model config; :attr:`TrainConfig.timestep_range`
 turns the stage into its range.
@@ -22,8 +24,9 @@ import yaml
 
 from ..config import PanGuDrawConfig, _check, from_dict, resolve_config_path
 
-Stage = Literal["vae", "structure", "texture", "full_range"]
-STAGES = ("vae", "structure", "texture", "full_range")
+Stage = Literal["vae", "structure", "texture", "full_range", "controlnet"]
+STAGES = ("vae", "structure", "texture", "full_range", "controlnet")
+CONTROLS = ("edges",)
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 CAPTION_LANGUAGES = ("en", "zh")
 
@@ -120,10 +123,32 @@ class VAELossConfig:
 
 
 @dataclass(frozen=True)
+class ControlNetTrainConfig:
+    """Stage ``controlnet``: the ControlNet steers the frozen ``base`` generator (``init.unet``: its weights)
+    and trains on that generator's timestep range and buckets; it starts as a copy of the generator's
+    encoder (Zhang et al. 2023, sec. 3.2) with zero convs, so training starts from the unchanged generator.
+    ``control``: the control image made from each training image - ``edges`` (white outlines on black,
+    :func:`pangu_draw_ms.pipelines.image_processing.edge_map`). ``hint_channels``: widths of the control
+    image's conv stack; ``len - 1`` stride-2 convs must equal the VAE's downsampling."""
+
+    base: Literal["structure", "texture"] = "structure"
+    control: str = "edges"
+    hint_channels: Tuple[int, ...] = (16, 32, 96, 256)
+
+    def __post_init__(self):
+        _check(self.base in ("structure", "texture"),
+               f"controlnet.base must be 'structure' or 'texture', got {self.base!r}")
+        _check(self.control in CONTROLS, f"controlnet.control {self.control!r} is not valid; choose one of {list(CONTROLS)}")
+        _check(len(self.hint_channels) >= 1 and all(c >= 1 for c in self.hint_channels),
+               f"controlnet.hint_channels must list widths >= 1, got {list(self.hint_channels)}")
+
+
+@dataclass(frozen=True)
 class InitConfig:
     """Weights to start from (safetensors with our parameter names, as in a model directory). Frozen
     components must be given: the diffusion stages need ``vae``, and ``conditioner`` unless the text
-    encoders are trained. A trainable component without a file starts from random weights."""
+    encoders are trained; stage ``controlnet`` needs ``unet`` (the generator it steers) and ``conditioner``.
+    A trainable component without a file starts from random weights."""
 
     vae: str = ""
     conditioner: str = ""
@@ -152,6 +177,7 @@ class TrainConfig:
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
     export_dir: str = ""
     export_dtype: Literal["fp32", "fp16"] = "fp32"
     log_every: int = 10
@@ -169,16 +195,28 @@ class TrainConfig:
         _check(not (self.train_text_encoders and self.data.cache_dir),
                "data.cache_dir caches the features of FROZEN text encoders; it cannot be combined with "
                "train_text_encoders (drop one of them)")
+        if self.stage == "controlnet":
+            _check(bool(self.init.unet) and bool(self.init.conditioner) and bool(self.init.vae),
+                   "stage 'controlnet' steers a trained generator: set init.unet (its structure_unet or "
+                   "texture_unet.safetensors), init.conditioner and init.vae")
+            _check(not self.train_text_encoders, "stage 'controlnet' keeps the text encoders frozen: "
+                   "set train_text_encoders: false")
+            _check(not self.data.cache_dir, "stage 'controlnet' makes its control images from the decoded "
+                   "training images every step: leave data.cache_dir empty")
 
     def timestep_range(self, model: PanGuDrawConfig) -> Tuple[int, int]:
-        """[low, high) of the uniformly sampled training timesteps of a diffusion stage."""
+        """[low, high) of the uniformly sampled training timesteps of a diffusion stage (a ControlNet
+        trains on its base generator's range)."""
+        stage = self.controlnet.base if self.stage == "controlnet" else self.stage
         return {"structure": (model.t_struct, model.num_train_timesteps),
                 "texture": (0, model.t_struct),
-                "full_range": (0, model.num_train_timesteps)}[self.stage]
+                "full_range": (0, model.num_train_timesteps)}[stage]
 
     def buckets(self, model: PanGuDrawConfig) -> Tuple[Tuple[int, ...], ...]:
-        """The (H, W) bucket list this stage trains at: the texture list for ``texture``, else the structure list."""
-        return model.texture_buckets if self.stage == "texture" else model.structure_buckets
+        """The (H, W) bucket list this stage trains at: the texture list for ``texture`` (and a ControlNet
+        of the texture generator), else the structure list."""
+        stage = self.controlnet.base if self.stage == "controlnet" else self.stage
+        return model.texture_buckets if stage == "texture" else model.structure_buckets
 
 
 def _parse_value(text: str):

@@ -9,13 +9,15 @@ from ..models.vae import AutoencoderKL
 from .config import VAELossConfig
 
 
-def diffusion_loss(unet: UNetModel, z0, noise, timesteps, alpha_bar, context, vector):
+def diffusion_loss(unet: UNetModel, z0, noise, timesteps, alpha_bar, context, vector, controlnet=None, hint=None):
     """PanGu-Draw eq. (2): E || eps - eps_theta(z_t, t, c) ||^2 with z_t from eq. (1).
 
-    ``alpha_bar``: a_t gathered per sample, shape (B, 1, 1, 1); ``timesteps``: (B,) float.
+    ``alpha_bar``: a_t gathered per sample, shape (B, 1, 1, 1); ``timesteps``: (B,) float. With a
+    ``controlnet``, eps_theta is the UNet steered by the ControlNet's residuals for control image ``hint``.
     """
     z_t = add_noise(z0, noise, alpha_bar)
-    eps = unet(z_t, timesteps, context, vector)
+    control = None if controlnet is None else controlnet(z_t, hint, timesteps, context, vector)
+    eps = unet(z_t, timesteps, context, vector, control)
     return ops.mean(ops.square(eps - noise))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -32,6 +32,8 @@ COMPONENT_FILES = {
     "texture_unet": "texture_unet.safetensors",
     "vae": "vae.safetensors",
     "conditioner": "conditioner.safetensors",
+    "structure_controlnet": "structure_controlnet.safetensors",
+    "texture_controlnet": "texture_controlnet.safetensors",
 }
 
 
@@ -57,21 +59,23 @@ def write_model_config(directory: str, config: PanGuDrawConfig) -> None:
 
 
 def save_component(directory: str, component: str, state: Mapping[str, np.ndarray], config: PanGuDrawConfig,
-                   dtype: str = "fp32", timesteps: Optional[Tuple[int, int]] = None) -> str:
+                   dtype: str = "fp32", timesteps: Optional[Tuple[int, int]] = None,
+                   component_config: Any = None) -> str:
     """Write one component's ``{name: array}`` into the model directory (floats in ``dtype``), recording the
-    component, its config and - for the UNets - the role the swapped-files guard reads and the timestep
-    range it was trained on (default: its role's range)."""
+    component, its config (``component_config``, default the model config's section) and - for the UNets
+    and ControlNets - the role (the generator they are / steer; the swapped-files guard reads it) and the
+    timestep range they were trained on (default: the role's range)."""
     if component not in COMPONENT_FILES:
         raise ValueError(f"unknown component {component!r}; valid: {sorted(COMPONENT_FILES)}")
-    kind = "unet" if component.endswith("unet") else component
+    kind = component.split("_")[-1] if component.endswith(("unet", "controlnet")) else component
     extra = {}
-    if kind == "unet":
+    if kind in ("unet", "controlnet"):
         role = component.split("_")[0]
         low, high = timesteps or ((config.t_struct, config.num_train_timesteps) if role == "structure"
                                   else (0, config.t_struct))
         extra = {"role": role, "timesteps": f"[{low}, {high})"}
     path = os.path.join(directory, COMPONENT_FILES[component])
-    save_checkpoint(dict(state), path, dtype=dtype, metadata=component_metadata(kind, getattr(config, kind), **extra))
+    save_checkpoint(dict(state), path, dtype=dtype, metadata=component_metadata(kind, component_config or getattr(config, kind), **extra))
     return path
 
 

@@ -21,14 +21,16 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ..buckets import BucketTable
-from ..config import to_dict
+from ..config import ControlNetConfig, to_dict
 from ..diffusion.schedule import NoiseSchedule
 from ..io.layouts import load_component
 from ..io.state import cell_state, load_state
 from ..models.conditioner import Conditioner
+from ..models.controlnet import ControlNet
 from ..models.layers import compute_dtype
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
+from ..pipelines.image_processing import edge_map
 from ..tokenizers import build_tokenizer
 from .checkpointing import CheckpointFolder
 from .config import TrainConfig
@@ -118,7 +120,11 @@ class Trainer:
             elif not config.train_text_encoders:
                 raise ValueError("the text encoders are frozen (train_text_encoders: false) but init.conditioner names "
                                  "no weights; give a conditioner.safetensors or set train_text_encoders: true")
-            self.trainable = ["unet"] + (["conditioner"] if config.train_text_encoders else [])
+            if config.stage == "controlnet":
+                self.cells["controlnet"] = self._controlnet_copying(self.cells["unet"])
+                self.trainable = ["controlnet"]
+            else:
+                self.trainable = ["unet"] + (["conditioner"] if config.train_text_encoders else [])
             if config.recompute:
                 unet = self.cells["unet"]
                 for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
@@ -144,6 +150,29 @@ class Trainer:
 
             self._encode_text = wrap(encode_text)
 
+    def _controlnet_copying(self, unet: UNetModel) -> ControlNet:
+        """A ControlNet for ``unet`` whose encoder, middle block and embeddings start as copies of the
+        generator's (ControlNet sec. 3.2); its zero convs make it a no-op until it learns."""
+        settings, vae = self.config.controlnet, self.model_config.vae
+        config = ControlNetConfig(unet=self.model_config.unet, conditioning_channels=3,
+                                  hint_channels=tuple(settings.hint_channels))
+        if config.hint_downsample_factor != vae.downsample_factor:
+            raise ValueError(f"controlnet.hint_channels {list(settings.hint_channels)} downsample the control image "
+                             f"{config.hint_downsample_factor}x but the VAE downsamples {vae.downsample_factor}x: give "
+                             f"{int(np.log2(vae.downsample_factor)) + 1} widths")
+        controlnet = ControlNet(config, self.dtype)
+        generator = {p.name: p for p in unet.get_parameters()}
+        copied = 0
+        for param in controlnet.get_parameters():
+            source = generator.get(param.name)
+            if source is not None and source.shape == param.shape:
+                param.set_data(source.value().copy())
+                copied += 1
+        if self.is_main:
+            logger.info("controlnet: %d of %d tensors copied from the %s generator", copied,
+                        len(controlnet.get_parameters()), settings.base)
+        return controlnet
+
     def _loss_fn(self):
         if not self.diffusion:
             vae, weights = self.cells["vae"], self.config.vae_loss
@@ -153,7 +182,12 @@ class Trainer:
 
             return loss
         unet, conditioner = self.cells["unet"], self.cells["conditioner"]
-        if self.config.train_text_encoders:
+        if self.config.stage == "controlnet":
+            controlnet = self.cells["controlnet"]
+
+            def loss(z0, noise, timesteps, alpha_bar, bucket, hint, context, vector):
+                return diffusion_loss(unet, z0, noise, timesteps, alpha_bar, context, vector, controlnet, hint)
+        elif self.config.train_text_encoders:
             def loss(z0, noise, timesteps, alpha_bar, bucket, *ids):
                 context, vector = conditioner(ids, bucket)
                 return diffusion_loss(unet, z0, noise, timesteps, alpha_bar, context, vector)
@@ -282,7 +316,9 @@ class Trainer:
             text = (Tensor(batch["context"]), Tensor(batch["vector"]))
         else:
             text = tuple(self._encode_text(bucket, *ids))
-        inputs = (Tensor(z0), Tensor(noise), Tensor(timesteps.astype(np.float32)), Tensor(alpha_bar), bucket) + text
+        control = (Tensor(edge_map((images + 1.0) / 2.0)),) if self.config.stage == "controlnet" else ()
+        inputs = (Tensor(z0), Tensor(noise), Tensor(timesteps.astype(np.float32)), Tensor(alpha_bar), bucket) \
+            + control + text
         return inputs, timesteps
 
     def loss_on(self, micro: int) -> float:
@@ -423,7 +459,8 @@ class Trainer:
                 written["latent_std"] = std
             for component in self._component_files(name):
                 written[component] = save_component(directory, component, state, model_config,
-                                                    self.config.export_dtype, self.t_range)
+                                                    self.config.export_dtype, self.t_range,
+                                                    getattr(self.cells[name], "config", None))
         for name, source in self.sources.items():
             if name not in self.trainable:
                 target = os.path.join(directory, COMPONENT_FILES[name])
@@ -435,6 +472,8 @@ class Trainer:
         return written
 
     def _component_files(self, name: str) -> List[str]:
+        if name == "controlnet":
+            return [f"{self.config.controlnet.base}_controlnet"]
         if name != "unet":
             return [name]
         return {"structure": ["structure_unet"], "texture": ["texture_unet"],
