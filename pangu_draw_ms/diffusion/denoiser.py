@@ -62,7 +62,13 @@ class ControlInput:
 
     controlnet: ms.nn.Cell
     image: np.ndarray
+    scale: float = 1.0
     guess_mode: bool = False
+
+    def row_scale(self, branch: str, batch: int) -> np.ndarray:
+        """``Conditioning.control_scale`` for the rows of a guidance branch."""
+        scale = 0.0 if (self.guess_mode and branch == "uncond") else self.scale
+        return np.full((batch,), scale, np.float32)
 
 
 class UNetEpsModel:
@@ -87,7 +93,8 @@ class UNetEpsModel:
         residuals = None
         if self.control is not None:
             hint = np.repeat(self.control.image.astype(np.float32), z.shape[0], axis=0)
-            scale = np.ones((z.shape[0],), np.float32) if cond.control_scale is None else cond.control_scale
+            scale = np.full((z.shape[0],), self.control.scale, np.float32) if cond.control_scale is None \
+                else cond.control_scale
             residuals = self.control.controlnet(x, ms.Tensor(hint), timesteps, context, vector,
                                                 ms.Tensor(scale.astype(np.float32)[:, None, None, None]))
             if self.control.guess_mode:

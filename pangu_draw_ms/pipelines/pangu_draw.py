@@ -235,7 +235,7 @@ class PanGuDrawPipeline:
             raise ValueError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}")
         return noise
 
-    def denoiser(self, run: Run, control: Optional[ControlInput] = None, control_scale: float = 1.0):
+    def denoiser(self, run: Run, control: Optional[ControlInput] = None):
         """(the guided denoiser ``denoise(z, t) -> eps``, the expert router whose ``trace`` it fills).
 
         Encodes the prompts, the negative prompt and the style-prefixed prompts once. With ``control``
@@ -246,8 +246,7 @@ class PanGuDrawPipeline:
         for name, weight in run.guidance_weights.items():
             cond = conds[name].repeat(run.num_images_per_prompt)
             if control is not None:
-                scale = 0.0 if (control.guess_mode and name == "uncond") else control_scale
-                cond.control_scale = np.full((cond.batch_size,), scale, np.float32)
+                cond.control_scale = control.row_scale(name, cond.batch_size)
             branches.append(GuidanceBranch(name, cond, weight))
         if run.single_model is None:
             model = self.experts(run.t_struct, run.switch_rule, control)
