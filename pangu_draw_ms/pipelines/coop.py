@@ -31,6 +31,7 @@ class CoopPipeline:
         self.main = main
         self.recipe = recipe
         self._partners: Dict[tuple, Dict[str, Partner]] = {}
+        self._bridge_cells: Dict[tuple, LatentBridge] = {}
 
     def partners(self, main_size) -> Dict[str, Partner]:
         """Every partner of the recipe, built once per main image size."""
@@ -46,12 +47,19 @@ class CoopPipeline:
         return np.stack([np.random.default_rng([seed, stream, first + k]).standard_normal(shape[1:], dtype=np.float32)
                          for k in range(shape[0])])
 
+    def _bridge(self, source_vae, target_vae, size, mode) -> LatentBridge:
+        """One bridge cell per (source, target, size, mode), so its graph compiles once across runs."""
+        key = (id(source_vae), id(target_vae), tuple(size), mode)
+        if key not in self._bridge_cells:
+            self._bridge_cells[key] = LatentBridge(source_vae, target_vae, size, mode)
+        return self._bridge_cells[key]
+
     def _bridges(self, partner: Partner, main_vae, main_size, resize_mode):
         """(to main, from main) bridges; None for both when the partner shares the main latent space."""
         if partner.vae is main_vae and tuple(partner.pixel_size) == tuple(main_size):
             return None, None
-        return (LatentBridge(partner.vae, main_vae, main_size, resize_mode),
-                LatentBridge(main_vae, partner.vae, partner.pixel_size, resize_mode))
+        return (self._bridge(partner.vae, main_vae, main_size, resize_mode),
+                self._bridge(main_vae, partner.vae, partner.pixel_size, resize_mode))
 
     def __call__(self, prompt: Union[str, Sequence[str]], *, output_type: str = "pil",
                  progress: Optional[ProgressCallback] = None, **settings) -> PipelineOutput:
@@ -102,7 +110,7 @@ class CoopPipeline:
                 z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, None, z,
                                                latent_upsample=run.latent_shape[2:])
             else:
-                bridge = LatentBridge(low.vae, main_vae, main_size, bridge_cfg.upsample)
+                bridge = self._bridge(low.vae, main_vae, main_size, bridge_cfg.upsample)
                 fresh = self._noise(run.seed, _BRIDGE_STREAM + 1, run.first_image_index, run.latent_shape)
                 z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, bridge, fresh)
             timesteps = timesteps[k:]

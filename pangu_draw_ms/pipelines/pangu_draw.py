@@ -24,6 +24,7 @@ from ..diffusion.guidance import STYLE_PREFIXES, GuidanceBranch, GuidedDenoiser,
 from ..diffusion.samplers import Sampler, make_sampler
 from ..diffusion.schedule import NoiseSchedule, add_noise
 from .components import ComponentStore
+from ..tokenizers import build_tokenizer
 from .prompt_encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class PanGuDrawPipeline:
         self.config: PanGuDrawConfig = components.config
         self.schedule = NoiseSchedule(self.config.num_train_timesteps)
         self.buckets = BucketTable(f"{self.config.name} structure buckets", tuple(self.config.structure_buckets))
+        self._tokenizers = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str, **kwargs) -> "PanGuDrawPipeline":
@@ -126,7 +128,9 @@ class PanGuDrawPipeline:
                ) -> Dict[str, Conditioning]:
         """Conditioning of every guidance branch: "cond", "uncond" (the real encoding of the negative
         prompt), and one per active style (its prefix + the prompt, for both encoders)."""
-        encoder = PromptEncoder.from_config(self.config.conditioner, self.components.get("conditioner"))
+        if self._tokenizers is None:  # the vocabularies are read once per pipeline
+            self._tokenizers = [build_tokenizer(e.tokenizer) for e in self.config.conditioner.encoders]
+        encoder = PromptEncoder(self.components.get("conditioner"), self._tokenizers)
         texts = list(prompts) + [negative_prompt] + [STYLE_PREFIXES[s] + p for s in styles for p in prompts]
         everything = encoder(texts, bucket_index)
         n = len(prompts)
