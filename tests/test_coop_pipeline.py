@@ -213,3 +213,23 @@ def test_bundled_recipes_are_valid():
     assert len(names) >= 4
     for name in names:
         assert load_config(os.path.join(folder, name), CoopRecipe).partners
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_compiled_fused_steps_equal_the_host_loop(main, models, sampler):
+    """Each fused step as one graph (partner UNets + bridges + fusion + update) gives the latents of the
+    host loop (any-sampler path), in GRAPH mode."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    coop = CoopPipeline(main, recipe(partners=[
+        {"name": "sd15", "kind": "diffusers", "path": models["sd15"], "weight": 0.4, "height": 32, "width": 32,
+         "t_min": 400},
+        {"name": "edges", "kind": "controlnet", "path": models["controlnet"], "control_image": models["edges"],
+         "weight": 0.3}]))
+    kwargs = dict(output_type="latent", sampler=sampler, **RUN)
+    graph = coop(PROMPT, compiled=True, **kwargs)
+    host = coop(PROMPT, compiled=False, **kwargs)
+    assert graph.info["compiled_fused_steps"] and not host.info["compiled_fused_steps"]
+    assert graph.info["coop_trace"] == host.info["coop_trace"]
+    np.testing.assert_allclose(graph.latents, host.latents, rtol=1e-4, atol=1e-4 * np.abs(host.latents).max())
+    with pytest.raises(ValueError, match="compiled fused step needs"):
+        coop(PROMPT, compiled=True, output_type="latent", sampler="heun", **RUN)

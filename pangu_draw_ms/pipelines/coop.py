@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..config import CoopRecipe
-from ..diffusion.coop import CoopDenoiser, CoopPartner, LatentBridge, resolution_bridge
+from ..diffusion.coop import CoopDenoiser, CoopPartner, LatentBridge, compilable, resolution_bridge, sample_compiled
 from ..diffusion.schedule import add_noise
 from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, to_pil
 from .partners import Partner, build_partner
@@ -62,7 +62,10 @@ class CoopPipeline:
                 self._bridge(main_vae, partner.vae, partner.pixel_size, resize_mode))
 
     def __call__(self, prompt: Union[str, Sequence[str]], *, output_type: str = "pil",
-                 progress: Optional[ProgressCallback] = None, **settings) -> PipelineOutput:
+                 progress: Optional[ProgressCallback] = None, compiled: Optional[bool] = None,
+                 **settings) -> PipelineOutput:
+        """Generate with the recipe. ``compiled``: run each fused step as one graph (:class:`FusedStep`;
+        needs Euler or DDIM with eta 0 and no guidance rescale); None = whenever possible."""
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         main = self.main
@@ -128,20 +131,27 @@ class CoopPipeline:
                 latents0.append(noise if from_main is not None else z.copy())
             else:  # starting at T_low: the partner's latent is the main x0 carried over and re-noised (eq. 1)
                 a = schedule.alpha_bar(timesteps[0])
-                start = z0_main if from_main is None else from_main(z0_main)
+                start = z0_main if from_main is None else from_main.numpy(z0_main)
                 latents0.append(add_noise(start, noise, a).astype(np.float32))
             fused.append(CoopPartner(config.name, partner_denoiser(config), shape, config.weight, config.t_min,
                                      config.t_max, to_main, from_main))
         coop = CoopDenoiser(main_denoise, run.latent_shape, fused, schedule)
-        state = coop.pack(z, latents0)
         offset = len(run.timesteps) - len(timesteps)
 
-        def on_step(i, t, _state):
+        def on_step(i, t, _state=None):
             if progress is not None:
                 progress(offset + i, len(run.timesteps), t, "+".join(coop.trace[-1][1]))
 
-        state = run.sampler.sample(coop, state, timesteps, rng=run.sampler_rng(), callback=on_step)
-        latents, _ = coop.unpack(state)
+        use_graph = bool(fused) and compilable(coop, run.sampler)
+        if compiled and not use_graph:
+            raise ValueError("a compiled fused step needs partners to fuse, the euler or ddim (eta 0) sampler and no "
+                             "guidance rescale")
+        if use_graph and compiled is not False:
+            latents, _ = sample_compiled(coop, run.sampler, z, latents0, timesteps, callback=on_step)
+        else:
+            use_graph = False
+            state = run.sampler.sample(coop, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(), callback=on_step)
+            latents, _ = coop.unpack(state)
         main.release_unets(main_model)
         sampled = time.perf_counter()
         images = [] if output_type == "latent" else to_pil(main.decode(latents))
@@ -152,6 +162,7 @@ class CoopPipeline:
                             {"partner": bridge_cfg.partner, "t_low": bridge_cfg.t_low, "upsample": bridge_cfg.upsample}},
                     unet_evaluations={name: sum(name in names for _, names in low_trace + coop.trace)
                                       for name in ["main"] + [p.name for p in self.recipe.partners]},
+                    compiled_fused_steps=use_graph,
                     seconds={"sample": sampled - started, "decode": time.perf_counter() - sampled},
                     random_weights=main.components.random_weights)
         return PipelineOutput(images=images, latents=latents, info=info)
