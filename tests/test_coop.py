@@ -66,7 +66,7 @@ def test_identity_bridge_returns_eps_unchanged(rng):
     eps = rng.standard_normal(z_t.shape).astype(np.float32)
     for t in (999, 500, 20):
         a = SCHEDULE.alpha_bar(t)
-        np.testing.assert_allclose(bridged_eps(z_t, predict_x0(z_t, eps, a), bridge, a), eps, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(bridged_eps(z_t, predict_x0(z_t, eps, a), bridge.numpy, a), eps, rtol=1e-4, atol=1e-4)
 
 
 def test_eps_tilde_renoises_a_reconstructible_x0_to_z_t(rng):
@@ -77,8 +77,8 @@ def test_eps_tilde_renoises_a_reconstructible_x0_to_z_t(rng):
     x0_partner = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     for t in (900, 300):
         a = SCHEDULE.alpha_bar(t)
-        z0 = bridge(x0_partner)
-        eps_tilde = bridged_eps(z_t, x0_partner, bridge, a)
+        z0 = bridge.numpy(x0_partner)
+        eps_tilde = bridged_eps(z_t, x0_partner, bridge.numpy, a)
         np.testing.assert_allclose(add_noise(z0, eps_tilde, a), z_t, rtol=1e-4, atol=1e-4)
 
 
@@ -87,8 +87,10 @@ def test_bridge_across_resolutions_and_latent_spaces(rng):
     vae_b = AutoencoderKL(VAEConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=8))
     vae_a = AutoencoderKL(VAEConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, norm_num_groups=8,
                                     latent_channels=8, scaling_factor=0.5))
+    names = [p.name for p in vae_a.get_parameters()]
     bridge = LatentBridge(vae_b, vae_a, (64, 64), resize_mode="bilinear")
-    out = bridge(rng.standard_normal((2, 4, 16, 16)).astype(np.float32))
+    assert [p.name for p in vae_a.get_parameters()] == names  # holding a VAE does not rename its weights
+    out = bridge.numpy(rng.standard_normal((2, 4, 16, 16)).astype(np.float32))
     assert out.shape == (2, 8, 16, 16)
     with pytest.raises(ValueError, match="resize mode"):
         LatentBridge(vae_b, vae_a, (64, 64), resize_mode="lanczos")

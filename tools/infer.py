@@ -58,6 +58,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                           help="one UNet for every timestep (baseline for the time split)")
 
     model = p.add_argument_group("model and weights")
+    model.add_argument("--recipe", help="a Coop-Diffusion recipe YAML: partner models fused with the main model "
+                                        "(and/or a low-resolution model up to T_low); see configs/recipes/")
     model.add_argument("--config", help="config name or YAML (default: the model directory's, else the demo/tiny)")
     model.add_argument("--model-dir", help="a directory with config.yaml and per-component weights")
     model.add_argument("--structure-ckpt", help="structure (high-timestep) UNet weights, e.g. pangu_high_timestamp-*.ckpt")
@@ -172,6 +174,16 @@ def run(args: argparse.Namespace) -> List[str]:
 
     ms.set_context(device_target=args.device, mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     pipe, source = build_pipeline(args)
+    generate = pipe
+    if args.recipe:
+        from pangu_draw_ms.config import CoopRecipe, load_config
+        from pangu_draw_ms.pipelines.coop import CoopPipeline
+
+        if args.init_image or args.noise:
+            raise SystemExit("error: --init-image and --noise do not combine with --recipe")
+        recipe = load_config(args.recipe, CoopRecipe)
+        source += f", fused with {', '.join(p.name for p in recipe.partners)} (recipe {args.recipe})"
+        generate = CoopPipeline(pipe, recipe)
     if args.list_buckets:
         print(pipe.buckets.describe())
         return []
@@ -206,20 +218,23 @@ def run(args: argparse.Namespace) -> List[str]:
                     bar.set_postfix_str(f"t={t} {expert}")
                     bar.update(1)
 
-            out = pipe(prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                       ratio=args.ratio, snap_to_bucket=args.snap, num_inference_steps=args.steps,
-                       sampler=args.sampler, spacing=args.spacing, guidance_scale=args.guidance_scale,
-                       style_scales=styles, guidance_rescale=args.guidance_rescale, t_struct=args.t_struct,
-                       switch_rule=args.switch_rule, single_model=args.single_model, seed=args.seed,
-                       first_image_index=index, noise=None if noise is None else noise[index:index + 1],
-                       init_image=args.init_image, strength=args.strength, sampler_options=sampler_options,
-                       progress=progress)
+            settings = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                            ratio=args.ratio, snap_to_bucket=args.snap, num_inference_steps=args.steps,
+                            sampler=args.sampler, spacing=args.spacing, guidance_scale=args.guidance_scale,
+                            style_scales=styles, guidance_rescale=args.guidance_rescale, t_struct=args.t_struct,
+                            switch_rule=args.switch_rule, single_model=args.single_model, seed=args.seed,
+                            first_image_index=index, sampler_options=sampler_options, progress=progress)
+            if not args.recipe:
+                settings.update(noise=None if noise is None else noise[index:index + 1], init_image=args.init_image,
+                                strength=args.strength)
+            out = generate(prompt, **settings)
             if bar is not None:
                 bar.close()
-            info = {k: v for k, v in out.info.items() if k not in ("prompts", "expert_trace", "seconds")}
-            info.update(prompt=prompt, image_index=index, source=source,
-                        experts={name: sum(1 for _, n in out.info["expert_trace"] if n == name)
-                                 for name in ("structure", "texture")})
+            info = {k: v for k, v in out.info.items() if k not in ("prompts", "expert_trace", "coop_trace", "seconds")}
+            info.update(prompt=prompt, image_index=index, source=source)
+            if "expert_trace" in out.info:
+                info["experts"] = {name: sum(1 for _, n in out.info["expert_trace"] if n == name)
+                                   for name in ("structure", "texture")}
             images += out.images
             infos.append(info)
             latents.append(out.latents[0])

@@ -29,7 +29,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .schedule import NoiseSchedule, add_noise, eps_from_x0, predict_x0
+from .schedule import CLEAN, NoiseSchedule, add_noise, eps_from_x0, predict_x0
 
 Denoise = Callable[[np.ndarray, int], np.ndarray]
 RESIZE_MODES = ("bicubic", "bilinear", "nearest", "area")
@@ -45,7 +45,8 @@ class LatentBridge(nn.Cell):
 
     def __init__(self, source_vae: nn.Cell, target_vae: nn.Cell, target_size: Tuple[int, int],
                  resize_mode: str = "bicubic"):
-        super().__init__()
+        # auto_prefix=False: the VAEs belong to their pipelines; holding them must not rename their parameters.
+        super().__init__(auto_prefix=False)
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
         self.source_vae = source_vae
@@ -59,15 +60,41 @@ class LatentBridge(nn.Cell):
             image = ops.interpolate(image, size=self.target_size, mode=self.resize_mode)
         return self.target_vae.encode_to_latents(image)
 
-    def __call__(self, x0):  # numpy in, numpy out (the samplers' arrays)
-        return super().__call__(ms.Tensor(np.ascontiguousarray(x0, np.float32))).asnumpy()
+    def numpy(self, x0: np.ndarray) -> np.ndarray:
+        """The bridge on the samplers' numpy arrays."""
+        return self(ms.Tensor(np.ascontiguousarray(x0, np.float32))).asnumpy()
 
 
-def bridged_eps(z_t, x0_source, bridge: Optional[LatentBridge], alpha_bar: float):
+def bridged_eps(z_t, x0_source, bridge: Optional[Callable], alpha_bar):
     """eps~ (eq. 5) in the target space for a clean prediction made in the source space (eq. 4 first);
     ``bridge=None`` means both share one latent space and x0 carries over unchanged."""
     z0 = x0_source if bridge is None else bridge(x0_source)
     return eps_from_x0(z_t, z0, alpha_bar)
+
+
+def fuse_predictions(z, eps_main, partner_latents, partner_eps, weights, to_main, from_main, alpha_bar):
+    """Algorithm 1 lines 2-9 up to the sampler: (eps_fuse, [eps'_fuse per partner]).
+
+    ``partner_eps[i]`` is None for a partner inactive at t; ``to_main[i]`` / ``from_main[i]`` are the
+    bridges (callables) or None for a shared latent space. Operators only, so the same code runs on
+    numpy arrays (:class:`CoopDenoiser`) and inside the compiled :class:`FusedStep`.
+    """
+    fused = eps_main
+    total = 0.0
+    terms = []
+    for z_p, eps_p, weight, bridge in zip(partner_latents, partner_eps, weights, to_main):
+        if eps_p is not None:
+            terms.append(weight * bridged_eps(z, predict_x0(z_p, eps_p, alpha_bar), bridge, alpha_bar))
+            total += weight
+    if terms:
+        fused = (1.0 - total) * eps_main
+        for term in terms:
+            fused = fused + term
+    # Carry the fused prediction back to every partner's space for its own update (line 9).
+    x0_fused = predict_x0(z, fused, alpha_bar)
+    carried = [fused if back is None else bridged_eps(z_p, x0_fused, back, alpha_bar)
+               for z_p, back in zip(partner_latents, from_main)]
+    return fused, carried
 
 
 @dataclass
@@ -135,30 +162,25 @@ class CoopDenoiser:
         arrays = [p.reshape(s) for p, s in zip(parts, self._shapes)]
         return arrays[0], arrays[1:]
 
+    def active(self, t: int) -> Tuple[bool, ...]:
+        return tuple(p.active(t) for p in self.partners)
+
+    def check_weights(self, t: int) -> None:
+        total = sum(p.weight for p in self.partners if p.active(t))
+        if total > 1.0 + 1e-6:
+            raise ValueError(f"the active partners' weights sum to {total:.3f} > 1 at t={t}")
+
     def fuse(self, z: np.ndarray, partner_latents: Sequence[np.ndarray], t: int):
-        """(eps_fuse, [eps'_fuse per partner]) at timestep t (Algorithm 1 lines 1-7)."""
+        """(eps_fuse, [eps'_fuse per partner]) at timestep t (Algorithm 1 lines 1-9)."""
+        self.check_weights(t)
         a = self.schedule.alpha_bar(t)
         eps = self.main(z, t)
-        ran = [self.main_name]
-        fused = eps
-        total = 0.0
-        contributions = []
-        for partner, z_p in zip(self.partners, partner_latents):
-            if partner.active(t):
-                eps_p = partner.denoise(z_p, t)
-                ran.append(partner.name)
-                x0_p = predict_x0(z_p, eps_p, a)
-                contributions.append(partner.weight * bridged_eps(z, x0_p, partner.to_main, a))
-                total += partner.weight
-        if contributions:
-            if total > 1.0 + 1e-6:
-                raise ValueError(f"the active partners' weights sum to {total:.3f} > 1 at t={t}")
-            fused = (1.0 - total) * eps + sum(contributions)
-        self.trace.append((int(t), tuple(ran)))
-        # Carry the fused prediction back to every partner's space for its own update (line 9).
-        x0_fused = predict_x0(z, fused, a)
-        carried = [fused if p.from_main is None else bridged_eps(z_p, x0_fused, p.from_main, a)
-                   for p, z_p in zip(self.partners, partner_latents)]
+        partner_eps = [p.denoise(z_p, t) if p.active(t) else None for p, z_p in zip(self.partners, partner_latents)]
+        self.trace.append((int(t), (self.main_name,) + tuple(p.name for p in self.partners if p.active(t))))
+        fused, carried = fuse_predictions(
+            z, eps, partner_latents, partner_eps, [p.weight for p in self.partners],
+            [None if p.to_main is None else p.to_main.numpy for p in self.partners],
+            [None if p.from_main is None else p.from_main.numpy for p in self.partners], a)
         return fused.astype(np.float32), [c.astype(np.float32) for c in carried]
 
     def __call__(self, state: np.ndarray, t: int) -> np.ndarray:
@@ -183,7 +205,82 @@ def resolution_bridge(z_low: np.ndarray, eps_low: np.ndarray, t: int, schedule: 
             return ops.interpolate(ms.Tensor(np.ascontiguousarray(v, np.float32)), size=tuple(latent_upsample),
                                    mode="bilinear").asnumpy()
         return up(z_low), up(x0_low)
-    z0_high = bridge(x0_low)
+    z0_high = bridge.numpy(x0_low)
     if noise.shape != z0_high.shape:
         raise ValueError(f"noise shape {noise.shape} != high-resolution latent shape {z0_high.shape}")
     return add_noise(z0_high, noise, a).astype(np.float32), z0_high
+
+
+class FusedStep(nn.Cell):
+    """One Coop-Diffusion step of a first-order deterministic sampler as ONE compiled graph: the main
+    model's guided UNet call, the active partners' guided UNet calls, the latent bridges (VAE decode,
+    resize, encode), the fusion and carry-back (:func:`fuse_predictions`) and the update
+    z_next = A z + B eps for every latent.
+
+    Built for one combination of expert networks and active partners (a run needs a handful); inputs:
+    the latents, the per-step scalars (alpha_bar, A, B) as a (3,) tensor, and each guided UNet's inputs.
+    """
+
+    def __init__(self, main, partners, weights, to_main, from_main):
+        super().__init__(auto_prefix=False)  # every network keeps its own parameter names
+        self.main = main
+        self.active = tuple(p is not None for p in partners)
+        self.partner_nets = nn.CellList([p for p in partners if p is not None])
+        self.net_index = tuple(sum(self.active[:i]) for i in range(len(partners)))
+        self.weights = tuple(float(w) for w in weights)
+        bridges = [b for b in list(to_main) + list(from_main) if b is not None]
+        self.bridges = nn.CellList(bridges)
+        positions = {id(b): i for i, b in enumerate(bridges)}
+        self.to_index = tuple(-1 if b is None else positions[id(b)] for b in to_main)
+        self.from_index = tuple(-1 if b is None else positions[id(b)] for b in from_main)
+
+    def construct(self, z, partner_latents, scalars, main_inputs, partner_inputs):
+        alpha_bar, a, b = scalars[0], scalars[1], scalars[2]
+        eps_main = self.main(z, *main_inputs)
+        partner_eps = []
+        for i in range(len(self.active)):
+            if self.active[i]:
+                partner_eps.append(self.partner_nets[self.net_index[i]](partner_latents[i], *partner_inputs[i]))
+            else:
+                partner_eps.append(None)
+        to_main = [None if j < 0 else self.bridges[j] for j in self.to_index]
+        from_main = [None if j < 0 else self.bridges[j] for j in self.from_index]
+        fused, carried = fuse_predictions(z, eps_main, partner_latents, partner_eps, self.weights, to_main, from_main,
+                                          alpha_bar)
+        return a * z + b * fused, tuple(a * z_p + b * c for z_p, c in zip(partner_latents, carried))
+
+
+def compilable(coop: CoopDenoiser, sampler) -> bool:
+    """Whether a run can take :func:`sample_compiled`: a first-order deterministic sampler (Euler, DDIM
+    with eta 0) and guided UNet models everywhere (no guidance rescale)."""
+    denoisers = [coop.main] + [p.denoise for p in coop.partners]
+    return (sampler.linear_coefficients(999, CLEAN) is not None
+            and all(getattr(d, "compilable", False) for d in denoisers))
+
+
+def sample_compiled(coop: CoopDenoiser, sampler, z: np.ndarray, partner_latents: Sequence[np.ndarray], timesteps,
+                    callback: Optional[Callable[[int, int], None]] = None):
+    """The same denoising as ``sampler.sample(coop, coop.pack(z, partner_latents), timesteps)``, every step
+    one :class:`FusedStep` graph (one cell per combination of experts and active partners, compiled once).
+    Returns (z_0, partner latents)."""
+    timesteps = [int(t) for t in timesteps]
+    steps = {}
+    z_t = ms.Tensor(np.ascontiguousarray(z, np.float32))
+    latents = tuple(ms.Tensor(np.ascontiguousarray(l, np.float32)) for l in partner_latents)
+    for i, t in enumerate(timesteps):
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
+        coop.check_weights(t)
+        a, b = sampler.linear_coefficients(t, t_next)
+        main_cell, main_inputs = coop.main.graph(t)
+        partner_graphs = [p.denoise.graph(t) if p.active(t) else (None, ()) for p in coop.partners]
+        key = (id(main_cell),) + tuple(None if cell is None else id(cell) for cell, _ in partner_graphs)
+        if key not in steps:
+            steps[key] = FusedStep(main_cell, [cell for cell, _ in partner_graphs], [p.weight for p in coop.partners],
+                                   [p.to_main for p in coop.partners], [p.from_main for p in coop.partners])
+        coop.trace.append((t, (coop.main_name,) + tuple(p.name for p in coop.partners if p.active(t))))
+        scalars = ms.Tensor(np.array([coop.schedule.alpha_bar(t), a, b], np.float32))
+        z_t, latents = steps[key](z_t, ms.mutable(latents), scalars, ms.mutable(tuple(main_inputs)),
+                                  ms.mutable(tuple(tuple(inputs) for _, inputs in partner_graphs)))
+        if callback is not None:
+            callback(i, t)
+    return z_t.asnumpy(), [l.asnumpy() for l in latents]

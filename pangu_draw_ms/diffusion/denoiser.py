@@ -13,6 +13,7 @@ from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import mindspore as ms
+from mindspore import nn
 
 from ..models.unet import UNetModel
 
@@ -60,37 +61,63 @@ class ControlInput:
     get no control (their ``Conditioning.control_scale`` is 0).
     """
 
-    controlnet: ms.nn.Cell
+    controlnet: nn.Cell
     image: np.ndarray
+    scale: float = 1.0
     guess_mode: bool = False
+
+    def row_scale(self, branch: str, batch: int) -> np.ndarray:
+        """``Conditioning.control_scale`` for the rows of a guidance branch."""
+        scale = 0.0 if (self.guess_mode and branch == "uncond") else self.scale
+        return np.full((batch,), scale, np.float32)
+
+
+class ControlledUNet(nn.Cell):
+    """A UNet fed by a ControlNet: residuals = ControlNet(x, hint, ...) x per-row scale (x the guess-mode
+    ramp), added to the UNet's skip features and middle block. One graph."""
+
+    def __init__(self, unet: UNetModel, controlnet: nn.Cell, guess_mode: bool):
+        super().__init__(auto_prefix=False)  # the networks keep their own parameter names
+        self.unet = unet
+        self.controlnet = controlnet
+        self.guess_mode = guess_mode
+        n = unet.num_control
+        self.ramp = tuple(float(s) for s in np.logspace(-1, 0, n)) if guess_mode else (1.0,) * n
+
+    def construct(self, x, timesteps, context, y, hint, row_scale):
+        residuals = self.controlnet(x, hint, timesteps, context, y, row_scale.reshape(-1, 1, 1, 1))
+        residuals = tuple(r * s for r, s in zip(residuals, self.ramp))
+        return self.unet(x, timesteps, context, y, residuals)
 
 
 class UNetEpsModel:
-    """The eps model of one UNet cell (and optionally a ControlNet feeding it residuals). Each distinct
-    input shape compiles once (GRAPH_MODE) and is reused."""
+    """The eps model of one UNet cell (optionally with a ControlNet feeding it). Each distinct input shape
+    compiles once (GRAPH_MODE) and is reused."""
 
     def __init__(self, unet: UNetModel, control: Optional[ControlInput] = None):
         self.unet = unet
         self.has_vector = unet.has_label_emb
         self.control = control
+        self.network = unet if control is None else ControlledUNet(unet, control.controlnet, control.guess_mode)
+
+    def condition_inputs(self, t: int, cond: Conditioning) -> tuple:
+        """The network's tensor inputs after the latents, for ``cond``'s rows at timestep ``t``."""
+        batch = cond.batch_size
+        if self.has_vector and cond.vector is None:
+            raise ValueError("this UNet takes a vector conditioning (adm_in_channels) but none was given")
+        timesteps = ms.Tensor(np.full((batch,), float(t), np.float32))
+        # A model without label_emb ignores y; the timesteps stand in so that the graph sees a tensor.
+        vector = ms.Tensor(np.ascontiguousarray(cond.vector, np.float32)) if self.has_vector else timesteps
+        args = (timesteps, ms.Tensor(np.ascontiguousarray(cond.context, np.float32)), vector)
+        if self.control is None:
+            return args
+        hint = np.repeat(self.control.image.astype(np.float32), batch, axis=0)
+        scale = np.full((batch,), self.control.scale, np.float32) if cond.control_scale is None \
+            else cond.control_scale
+        return args + (ms.Tensor(hint), ms.Tensor(scale.astype(np.float32)))
 
     def __call__(self, z: np.ndarray, t: int, cond: Conditioning) -> np.ndarray:
         if cond.batch_size != z.shape[0]:
             raise ValueError(f"conditioning batch {cond.batch_size} != latent batch {z.shape[0]}")
-        if self.has_vector and cond.vector is None:
-            raise ValueError("this UNet takes a vector conditioning (adm_in_channels) but none was given")
-        timesteps = ms.Tensor(np.full((z.shape[0],), float(t), np.float32))
-        # A model without label_emb ignores y; the timesteps stand in so that the graph sees a tensor.
-        vector = ms.Tensor(np.ascontiguousarray(cond.vector, np.float32)) if self.has_vector else timesteps
         x = ms.Tensor(np.ascontiguousarray(z, np.float32))
-        context = ms.Tensor(np.ascontiguousarray(cond.context, np.float32))
-        residuals = None
-        if self.control is not None:
-            hint = np.repeat(self.control.image.astype(np.float32), z.shape[0], axis=0)
-            scale = np.ones((z.shape[0],), np.float32) if cond.control_scale is None else cond.control_scale
-            residuals = self.control.controlnet(x, ms.Tensor(hint), timesteps, context, vector,
-                                                ms.Tensor(scale.astype(np.float32)[:, None, None, None]))
-            if self.control.guess_mode:
-                residuals = tuple(r * float(s) for r, s in zip(residuals, np.logspace(-1, 0, len(residuals))))
-            residuals = ms.mutable(tuple(residuals))
-        return self.unet(x, timesteps, context, vector, residuals).asnumpy()
+        return self.network(x, *self.condition_inputs(t, cond)).asnumpy()

@@ -80,10 +80,14 @@ class TimeDecoupledExperts:
             self._resident[name] = source() if self.sequential else source
         return self._resident[name]
 
-    def __call__(self, z: np.ndarray, t: int, cond: Conditioning) -> np.ndarray:
+    def model_for(self, t: int) -> EpsModel:
+        """The expert that evaluates timestep t (loaded if needed); the evaluation is recorded."""
         name = self.expert_for(int(t))
         self.trace.append((int(t), name))
-        return self._model(name)(z, t, cond)
+        return self._model(name)
+
+    def __call__(self, z: np.ndarray, t: int, cond: Conditioning) -> np.ndarray:
+        return self.model_for(t)(z, t, cond)
 
     def release_all(self) -> None:
         """Drop resident experts of a sequential run (loaders stay; the next run reloads)."""
@@ -104,9 +108,12 @@ class SingleModel:
         self.trace = []
         return {int(t): self.name for t in timesteps}
 
-    def __call__(self, z: np.ndarray, t: int, cond: Conditioning) -> np.ndarray:
+    def model_for(self, t: int) -> EpsModel:
         self.trace.append((int(t), self.name))
-        return self.model(z, t, cond)
+        return self.model
+
+    def __call__(self, z: np.ndarray, t: int, cond: Conditioning) -> np.ndarray:
+        return self.model_for(t)(z, t, cond)
 
     def release_all(self) -> None:
         """Nothing to release: the single model stays with its owner."""

@@ -14,11 +14,20 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+from mindspore import nn, ops
 
-from .denoiser import Conditioning, EpsModel
+from .denoiser import Conditioning, EpsModel, UNetEpsModel
 
 # Prefixes of the released PanGu-Draw 3.0 style conditions (prepended to the prompt, both encoders).
 STYLE_PREFIXES: Dict[str, str] = {"aesthetic": "義 ", "anime": "饅 ", "photography": "霙 "}
+
+
+def combine(eps_per_branch, weights):
+    """sum_k w_k eps_k - the guided prediction (operators only: numpy arrays or tensors in a graph)."""
+    guided = weights[0] * eps_per_branch[0]
+    for weight, eps in zip(weights[1:], eps_per_branch[1:]):
+        guided = guided + weight * eps
+    return guided
 
 
 @dataclass
@@ -65,15 +74,55 @@ class GuidedDenoiser:
         if len(sizes) != 1:
             raise ValueError(f"all guidance branches need the same batch size, got {sorted(sizes)}")
         self.batch_size = sizes.pop()
+        self._graphs = {}
+
+    @property
+    def compilable(self) -> bool:
+        """Whether :meth:`graph` can express this guidance as one graph (no rescale; expert routers or a
+        single model of UNets)."""
+        return self.guidance_rescale == 0 and hasattr(self.model, "model_for")
+
+    def graph(self, t: int):
+        """(GuidedUNet cell, its inputs after the latents) of this guidance at timestep t, for a compiled
+        fused step. Records the evaluation in the model's trace."""
+        if not self.compilable:
+            raise ValueError("guidance rescale (or a non-UNet model) has no compiled form; use the denoiser")
+        model = self.model.model_for(t)
+        if not isinstance(model, UNetEpsModel):
+            raise TypeError(f"a compiled step needs UNet eps models, got {type(model).__name__}")
+        if id(model) not in self._graphs:  # one cell per network: its graph compiles once
+            self._graphs[id(model)] = GuidedUNet(model.network, [b.weight for b in self.branches])
+        return self._graphs[id(model)], model.condition_inputs(t, self.batched_cond)
 
     def __call__(self, z: np.ndarray, t: int) -> np.ndarray:
         k = len(self.branches)
         eps_all = self.model(np.concatenate([z] * k, axis=0), t, self.batched_cond)
         eps_per_branch: Tuple[np.ndarray, ...] = tuple(np.split(eps_all, k, axis=0))
-        guided = sum(b.weight * e for b, e in zip(self.branches, eps_per_branch))
+        guided = combine(eps_per_branch, [b.weight for b in self.branches])
         if self.guidance_rescale > 0:
             cond = eps_per_branch[[b.name for b in self.branches].index("cond")]
             axes = tuple(range(1, z.ndim))
             rescaled = guided * (cond.std(axis=axes, keepdims=True) / guided.std(axis=axes, keepdims=True))
             guided = self.guidance_rescale * rescaled + (1.0 - self.guidance_rescale) * guided
         return guided.astype(np.float32)
+
+
+class GuidedUNet(nn.Cell):
+    """The guided prediction of one network as ONE graph: the latents tiled once per branch, one network
+    call on the stacked branch conditionings, the weighted sum (the same :func:`combine`).
+
+    ``network``: a UNetModel or a ControlledUNet; ``weights``: the branch weights, fixed for the run.
+    Inputs: ``z`` (B, ...), then the network's remaining inputs for the K*B stacked rows (timesteps,
+    context, vector[, hint, control scale]).
+    """
+
+    def __init__(self, network: nn.Cell, weights: Sequence[float]):
+        super().__init__(auto_prefix=False)  # the network keeps its own parameter names
+        self.network = network
+        self.weights = tuple(float(w) for w in weights)
+
+    def construct(self, z, *inputs):
+        k = len(self.weights)
+        b = z.shape[0]
+        eps = self.network(ops.tile(z, (k, 1, 1, 1)), *inputs)
+        return combine(tuple(eps[i * b:(i + 1) * b] for i in range(k)), self.weights)

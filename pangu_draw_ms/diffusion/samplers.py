@@ -13,7 +13,7 @@ arrays; the stochastic samplers draw their noise from a numpy ``Generator`` so r
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
 import numpy as np
 
@@ -38,6 +38,11 @@ class Sampler:
     def step(self, denoise: Denoise, z: np.ndarray, t: int, t_next: int,
              rng: Optional[np.random.Generator]) -> np.ndarray:
         raise NotImplementedError
+
+    def linear_coefficients(self, t: int, t_next: int) -> Optional[Tuple[float, float]]:
+        """(A, B) with z_next = A z + B eps for deterministic first-order samplers, whose step is then
+        one affine map (Coop-Diffusion's compiled fused step takes it as input); None for the others."""
+        return None
 
     def sample(self, denoise: Denoise, z: np.ndarray, timesteps, rng: Optional[np.random.Generator] = None,
                callback: Optional[StepCallback] = None, final_timestep: int = CLEAN) -> np.ndarray:
@@ -71,10 +76,15 @@ class EulerSampler(Sampler):
 
     name = "euler"
 
-    def step(self, denoise, z, t, t_next, rng):
-        eps = denoise(z, t)
+    def linear_coefficients(self, t, t_next):
+        # x = z sqrt(1 + sigma^2); x_next = x + (sigma_next - sigma) eps; z_next = x_next / sqrt(1 + sigma_next^2)
         sigma, sigma_next = self.schedule.sigma(t), self.schedule.sigma(t_next)
-        return self._to_z(self._to_x(z, t) + (sigma_next - sigma) * eps, t_next)
+        scale_next = (1.0 + sigma_next ** 2) ** 0.5
+        return (1.0 + sigma ** 2) ** 0.5 / scale_next, (sigma_next - sigma) / scale_next
+
+    def step(self, denoise, z, t, t_next, rng):
+        a, b = self.linear_coefficients(t, t_next)
+        return a * z + b * denoise(z, t)
 
 
 class HeunSampler(Sampler):
@@ -133,6 +143,13 @@ class DDIMSampler(Sampler):
             raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
         self.eta = eta
         self.stochastic = eta > 0
+
+    def linear_coefficients(self, t, t_next):
+        if self.stochastic:
+            return None
+        # eta = 0: z_next = sqrt(a_next) (z - sqrt(1 - a) eps) / sqrt(a) + sqrt(1 - a_next) eps
+        a, a_next = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_next)
+        return (a_next / a) ** 0.5, (1.0 - a_next) ** 0.5 - (a_next * (1.0 - a) / a) ** 0.5
 
     def step(self, denoise, z, t, t_next, rng):
         a, a_next = self.schedule.alpha_bar(t), self.schedule.alpha_bar(t_next)

@@ -35,9 +35,10 @@ import mindspore as ms
 from mindspore import Tensor, nn
 from mindspore.nn.utils import no_init_parameters
 
-from ..config import (ConditionerConfig, ControlNetConfig, TextEncoderConfig, UNetConfig, VAEConfig, from_dict,
-                      to_dict)
+from ..config import (ConditionerConfig, ControlNetConfig, TextEncoderConfig, UNetConfig, VAEConfig,
+                      VisionEncoderConfig, from_dict, to_dict)
 from ..models.clip_text import CLIPTextEncoder
+from ..models.clip_vision import CLIPVisionEncoder
 from ..models.conditioner import Conditioner
 from ..models.controlnet import ControlNet
 from ..models.unet import UNetModel
@@ -48,7 +49,7 @@ from .diffusers_controlnet import controlnet_from_diffusers
 from .diffusers_unet import unet_from_diffusers
 from .diffusers_vae import vae_from_diffusers
 from .state import LoadReport, StateDictError, dtype_kind_error
-from .transformers_clip import clip_text_from_open_clip, clip_text_from_transformers
+from .transformers_clip import clip_text_from_open_clip, clip_text_from_transformers, clip_vision_from_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ COMPONENTS = {
     "conditioner": (Conditioner, ConditionerConfig),
     "text_encoder": (CLIPTextEncoder, TextEncoderConfig),
     "controlnet": (ControlNet, ControlNetConfig),
+    "image_encoder": (CLIPVisionEncoder, VisionEncoderConfig),
 }
 # Where the released (sgm) files keep each component.
 SGM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "conditioner": "conditioner.embedders.",
@@ -114,6 +116,8 @@ def layouts(component: str, config) -> Tuple[Layout, ...]:
     if component == "controlnet":
         return (ours, Layout("sgm", (Route(sgm_prefix, _same_names),)),
                 Layout("diffusers", (Route("", partial(controlnet_from_diffusers, config=config)),)))
+    if component == "image_encoder":
+        return ours, Layout("transformers", (Route("", clip_vision_from_transformers),))
     raise ValueError(f"unknown component {component!r}; valid: {', '.join(COMPONENTS)}")
 
 

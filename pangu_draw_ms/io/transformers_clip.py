@@ -15,7 +15,7 @@ from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
-from ..config import TextEncoderConfig
+from ..config import TextEncoderConfig, VisionEncoderConfig
 from .state import StateDictError
 
 Tensors = Dict[str, np.ndarray]
@@ -189,3 +189,16 @@ def text_encoder_config_from_transformers(config: Mapping, output_layer: str = "
         hidden_act=config.get("hidden_act", "quick_gelu"), layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
         output_layer=output_layer, projection_dim=config.get("projection_dim", 512) if with_projection else None,
         eot_token_id=None if eos == 2 else eos)
+
+
+def vision_encoder_config_from_transformers(config: Mapping) -> VisionEncoderConfig:
+    """Our :class:`VisionEncoderConfig` from a transformers ``CLIPVisionConfig`` dict (``config.json`` of a
+    ``CLIPVisionModelWithProjection``, e.g. a diffusers image-variation pipeline's ``image_encoder/``; a
+    full ``CLIPConfig``'s ``vision_config`` works too)."""
+    config = dict(config.get("vision_config") or config)
+    return VisionEncoderConfig(
+        image_size=config.get("image_size", 224), patch_size=config.get("patch_size", 32),
+        hidden_size=config.get("hidden_size", 768), num_layers=config.get("num_hidden_layers", 12),
+        num_heads=config.get("num_attention_heads", 12), intermediate_size=config.get("intermediate_size", 3072),
+        hidden_act=config.get("hidden_act", "quick_gelu"), layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        projection_dim=config.get("projection_dim", 512))

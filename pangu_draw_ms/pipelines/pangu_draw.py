@@ -24,6 +24,7 @@ from ..diffusion.guidance import STYLE_PREFIXES, GuidanceBranch, GuidedDenoiser,
 from ..diffusion.samplers import Sampler, make_sampler
 from ..diffusion.schedule import NoiseSchedule, add_noise
 from .components import ComponentStore
+from ..tokenizers import build_tokenizer
 from .prompt_encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class PanGuDrawPipeline:
         self.config: PanGuDrawConfig = components.config
         self.schedule = NoiseSchedule(self.config.num_train_timesteps)
         self.buckets = BucketTable(f"{self.config.name} structure buckets", tuple(self.config.structure_buckets))
+        self._tokenizers = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str, **kwargs) -> "PanGuDrawPipeline":
@@ -126,7 +128,9 @@ class PanGuDrawPipeline:
                ) -> Dict[str, Conditioning]:
         """Conditioning of every guidance branch: "cond", "uncond" (the real encoding of the negative
         prompt), and one per active style (its prefix + the prompt, for both encoders)."""
-        encoder = PromptEncoder.from_config(self.config.conditioner, self.components.get("conditioner"))
+        if self._tokenizers is None:  # the vocabularies are read once per pipeline
+            self._tokenizers = [build_tokenizer(e.tokenizer) for e in self.config.conditioner.encoders]
+        encoder = PromptEncoder(self.components.get("conditioner"), self._tokenizers)
         texts = list(prompts) + [negative_prompt] + [STYLE_PREFIXES[s] + p for s in styles for p in prompts]
         everything = encoder(texts, bucket_index)
         n = len(prompts)
@@ -235,7 +239,7 @@ class PanGuDrawPipeline:
             raise ValueError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}")
         return noise
 
-    def denoiser(self, run: Run, control: Optional[ControlInput] = None, control_scale: float = 1.0):
+    def denoiser(self, run: Run, control: Optional[ControlInput] = None):
         """(the guided denoiser ``denoise(z, t) -> eps``, the expert router whose ``trace`` it fills).
 
         Encodes the prompts, the negative prompt and the style-prefixed prompts once. With ``control``
@@ -246,8 +250,7 @@ class PanGuDrawPipeline:
         for name, weight in run.guidance_weights.items():
             cond = conds[name].repeat(run.num_images_per_prompt)
             if control is not None:
-                scale = 0.0 if (control.guess_mode and name == "uncond") else control_scale
-                cond.control_scale = np.full((cond.batch_size,), scale, np.float32)
+                cond.control_scale = control.row_scale(name, cond.batch_size)
             branches.append(GuidanceBranch(name, cond, weight))
         if run.single_model is None:
             model = self.experts(run.t_struct, run.switch_rule, control)

@@ -6,10 +6,9 @@ from typing import List, Sequence, Union
 import numpy as np
 import mindspore as ms
 
-from ..config import ConditionerConfig
 from ..diffusion.denoiser import Conditioning
 from ..models.conditioner import Conditioner
-from ..tokenizers import Tokenizer, build_tokenizer
+from ..tokenizers import Tokenizer
 
 
 class PromptEncoder:
@@ -21,10 +20,6 @@ class PromptEncoder:
             raise ValueError(f"{len(tokenizers)} tokenizers for {len(conditioner.encoders)} text encoders")
         self.conditioner = conditioner
         self.tokenizers: List[Tokenizer] = list(tokenizers)
-
-    @classmethod
-    def from_config(cls, config: ConditionerConfig, conditioner: Conditioner) -> "PromptEncoder":
-        return cls(conditioner, [build_tokenizer(encoder.tokenizer) for encoder in config.encoders])
 
     def tokenize(self, prompts: Sequence[str]) -> tuple:
         return tuple(tokenizer(list(prompts)) for tokenizer in self.tokenizers)

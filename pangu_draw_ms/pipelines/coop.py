@@ -1,0 +1,169 @@
+"""Coop-Diffusion runs: the PanGu-Draw main model (model A) with partner models (Algorithm 1, sub-module 1)
+and/or a low-resolution model for the first part of the schedule (sub-module 2).
+
+A run: plan the main request (bucket, steps, guidance); build every partner's guided denoiser; if the
+recipe has a resolution bridge, the low-resolution partner samples from T down to T_low, its x0 is
+carried to the main space in pixel space and re-noised with fresh noise; then the main latent and the
+fused partners' latents, packed into one state, are denoised together by the sampler; the main VAE
+decodes. ``info["coop_trace"]`` lists which models ran at every timestep.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from ..config import CoopRecipe
+from ..diffusion.coop import CoopDenoiser, CoopPartner, LatentBridge, compilable, resolution_bridge, sample_compiled
+from ..diffusion.schedule import add_noise
+from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, to_pil
+from .partners import Partner, build_partner
+
+# Seed streams apart from the main image's (seed, k): partner i's latents and the bridge's fresh noise.
+_PARTNER_STREAM, _BRIDGE_STREAM = 1000, 2000
+
+
+class CoopPipeline:
+    """``CoopPipeline(main, recipe)(prompt, **settings)``; ``settings`` as :class:`PanGuDrawPipeline`'s."""
+
+    def __init__(self, main: PanGuDrawPipeline, recipe: CoopRecipe):
+        self.main = main
+        self.recipe = recipe
+        self._partners: Dict[tuple, Dict[str, Partner]] = {}
+        self._bridge_cells: Dict[tuple, LatentBridge] = {}
+
+    def partners(self, main_size) -> Dict[str, Partner]:
+        """Every partner of the recipe, built once per main image size."""
+        key = tuple(main_size)
+        if key not in self._partners:
+            built: Dict[str, Partner] = {}
+            for config in self.recipe.partners:
+                built[config.name] = build_partner(config, self.main, built, main_size, self.main.components.compute_dtype)
+            self._partners[key] = built
+        return self._partners[key]
+
+    def _noise(self, seed: int, stream: int, first: int, shape) -> np.ndarray:
+        return np.stack([np.random.default_rng([seed, stream, first + k]).standard_normal(shape[1:], dtype=np.float32)
+                         for k in range(shape[0])])
+
+    def _bridge(self, source_vae, target_vae, size, mode) -> LatentBridge:
+        """One bridge cell per (source, target, size, mode), so its graph compiles once across runs."""
+        key = (id(source_vae), id(target_vae), tuple(size), mode)
+        if key not in self._bridge_cells:
+            self._bridge_cells[key] = LatentBridge(source_vae, target_vae, size, mode)
+        return self._bridge_cells[key]
+
+    def _bridges(self, partner: Partner, main_vae, main_size, resize_mode):
+        """(to main, from main) bridges; None for both when the partner shares the main latent space."""
+        if partner.vae is main_vae and tuple(partner.pixel_size) == tuple(main_size):
+            return None, None
+        return (self._bridge(partner.vae, main_vae, main_size, resize_mode),
+                self._bridge(main_vae, partner.vae, partner.pixel_size, resize_mode))
+
+    def __call__(self, prompt: Union[str, Sequence[str]], *, output_type: str = "pil",
+                 progress: Optional[ProgressCallback] = None, compiled: Optional[bool] = None,
+                 **settings) -> PipelineOutput:
+        """Generate with the recipe. ``compiled``: run each fused step as one graph (:class:`FusedStep`;
+        needs Euler or DDIM with eta 0 and no guidance rescale); None = whenever possible."""
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        main = self.main
+        run = main.plan(prompt, **settings)
+        schedule = main.schedule
+        main_size = (run.height, run.width)
+        partners = self.partners(main_size)
+        main_vae = main.components.get("vae")
+        batch = run.latent_shape[0]
+        started = time.perf_counter()
+        main_denoise, main_model = main.denoiser(run)
+
+        def partner_denoiser(config):
+            prompts = run.prompts if config.prompt is None else [config.prompt] * len(run.prompts)
+            return partners[config.name].denoiser(prompts, run.num_images_per_prompt)
+
+        timesteps = [int(t) for t in run.timesteps]
+        z = main.initial_noise(run)
+        bridge_cfg = self.recipe.resolution_bridge
+        low_trace: List[tuple] = []
+        z0_main = None
+        if bridge_cfg is not None:
+            # Sub-module 2: the low-resolution model from T to T_low (its first timestep <= t_low).
+            low = partners[bridge_cfg.partner]
+            if bridge_cfg.upsample == "latent_bilinear" and low.vae is not main_vae:
+                raise ValueError(f"latent_bilinear upsampling needs one latent space, but the low-resolution partner "
+                                 f"{low.name!r} has its own VAE; use a pixel-space upsample (bicubic, ...)")
+            k = next((i for i, t in enumerate(timesteps) if t <= bridge_cfg.t_low), None)
+            if not k:
+                raise ValueError(f"resolution_bridge.t_low {bridge_cfg.t_low} leaves no low-resolution step in "
+                                 f"{timesteps[:3]}...; pick a t_low below the first timestep")
+            low_denoise = partner_denoiser(next(p for p in self.recipe.partners if p.name == low.name))
+            z_low = self._noise(run.seed, _BRIDGE_STREAM, run.first_image_index, low.latent_shape(batch))
+
+            def record(i, t, _z):
+                low_trace.append((t, (low.name,)))
+                if progress is not None:
+                    progress(i, len(timesteps), t, low.name)
+
+            z_low = run.sampler.sample(low_denoise, z_low, timesteps[:k], rng=run.sampler_rng(), callback=record,
+                                       final_timestep=timesteps[k])
+            t_low = timesteps[k]
+            eps_low = low_denoise(z_low, t_low)
+            if bridge_cfg.upsample == "latent_bilinear":
+                z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, None, z,
+                                               latent_upsample=run.latent_shape[2:])
+            else:
+                bridge = self._bridge(low.vae, main_vae, main_size, bridge_cfg.upsample)
+                fresh = self._noise(run.seed, _BRIDGE_STREAM + 1, run.first_image_index, run.latent_shape)
+                z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, bridge, fresh)
+            timesteps = timesteps[k:]
+
+        # Sub-module 1: every other partner, fused in its timestep range.
+        fused, latents0 = [], []
+        for i, config in enumerate(self.recipe.partners):
+            if bridge_cfg is not None and config.name == bridge_cfg.partner:
+                continue
+            partner = partners[config.name]
+            to_main, from_main = self._bridges(partner, main_vae, main_size, config.resize_mode)
+            shape = partner.latent_shape(batch)
+            noise = self._noise(run.seed, _PARTNER_STREAM + i, run.first_image_index, shape)
+            if z0_main is None:
+                latents0.append(noise if from_main is not None else z.copy())
+            else:  # starting at T_low: the partner's latent is the main x0 carried over and re-noised (eq. 1)
+                a = schedule.alpha_bar(timesteps[0])
+                start = z0_main if from_main is None else from_main.numpy(z0_main)
+                latents0.append(add_noise(start, noise, a).astype(np.float32))
+            fused.append(CoopPartner(config.name, partner_denoiser(config), shape, config.weight, config.t_min,
+                                     config.t_max, to_main, from_main))
+        coop = CoopDenoiser(main_denoise, run.latent_shape, fused, schedule)
+        offset = len(run.timesteps) - len(timesteps)
+
+        def on_step(i, t, _state=None):
+            if progress is not None:
+                progress(offset + i, len(run.timesteps), t, "+".join(coop.trace[-1][1]))
+
+        use_graph = bool(fused) and compilable(coop, run.sampler)
+        if compiled and not use_graph:
+            raise ValueError("a compiled fused step needs partners to fuse, the euler or ddim (eta 0) sampler and no "
+                             "guidance rescale")
+        if use_graph and compiled is not False:
+            latents, _ = sample_compiled(coop, run.sampler, z, latents0, timesteps, callback=on_step)
+        else:
+            use_graph = False
+            state = run.sampler.sample(coop, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(), callback=on_step)
+            latents, _ = coop.unpack(state)
+        main.release_unets(main_model)
+        sampled = time.perf_counter()
+        images = [] if output_type == "latent" else to_pil(main.decode(latents))
+        info = run.info()
+        info.update(coop_trace=low_trace + [(t, list(names)) for t, names in coop.trace],
+                    recipe={"partners": [p.name for p in self.recipe.partners],
+                            "resolution_bridge": None if bridge_cfg is None else
+                            {"partner": bridge_cfg.partner, "t_low": bridge_cfg.t_low, "upsample": bridge_cfg.upsample}},
+                    unet_evaluations={name: sum(name in names for _, names in low_trace + coop.trace)
+                                      for name in ["main"] + [p.name for p in self.recipe.partners]},
+                    compiled_fused_steps=use_graph,
+                    seconds={"sample": sampled - started, "decode": time.perf_counter() - sampled},
+                    random_weights=main.components.random_weights)
+        return PipelineOutput(images=images, latents=latents, info=info)
+

@@ -1,0 +1,245 @@
+"""Partner models for Coop-Diffusion: each is a denoiser on our contract with its own VAE, latent scale,
+latent channels, native resolution and conditioning.
+
+* :class:`PanGuPartner`: another PanGu-Draw / SDXL-style model (or the main model itself), its time
+  split and guidance included.
+* :class:`DiffusersPartner`: a Stable Diffusion 1.x-family text-to-image model from a diffusers folder
+  (its VAE with scale 0.18215, its CLIP text encoder, 512 px).
+* :class:`ImageVariationPartner`: a CLIP vision encoder + UNet conditioned on a reference image's
+  embedding (diffusers' image-variation layout); unconditional = zeros, as in its pipeline.
+* A ControlNet partner is its base partner (or the main model) with a :class:`ControlInput`.
+
+``denoiser(prompts, num_images)`` gives the partner's guided ``denoise(z, t) -> eps`` for one run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+from PIL import Image
+
+from ..config import PartnerConfig, TokenizerConfig, load_config
+from ..diffusion.denoiser import Conditioning, ControlInput, UNetEpsModel
+from ..diffusion.experts import SingleModel
+from ..diffusion.guidance import GuidanceBranch, GuidedDenoiser, guidance_weights
+from ..io.diffusers_controlnet import controlnet_config_from_diffusers
+from ..io.diffusers_unet import unet_config_from_diffusers
+from ..io.diffusers_vae import vae_config_from_diffusers
+from ..io.layouts import build_component, component_config, load_component
+from ..io.checkpoint import open_checkpoint
+from ..io.transformers_clip import text_encoder_config_from_transformers, vision_encoder_config_from_transformers
+from ..tokenizers import build_tokenizer
+from .image_processing import preprocess_clip_images
+
+Denoise = Callable[[np.ndarray, int], np.ndarray]
+SD_DEFAULT_SIZE = (512, 512)
+
+
+def _read_json(folder: str, sub: str, name: str = "config.json") -> dict:
+    path = os.path.join(folder, sub, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {folder!r} is not a diffusers folder with {sub}/{name}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _loaded(component: str, config, path: str, dtype) -> nn.Cell:
+    cell = build_component(component, config, dtype=dtype, materialize=False)
+    load_component(cell, path, component)
+    cell.set_train(False)
+    return cell
+
+
+def load_control_image(path_or_image, height: int, width: int) -> np.ndarray:
+    """A control image (path, PIL or HxWx3 uint8) -> (1, 3, H, W) float32 in [0, 1] at the given size."""
+    image = Image.open(path_or_image) if isinstance(path_or_image, str) else path_or_image
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8))
+    image = image.convert("RGB").resize((width, height), Image.BICUBIC)
+    return (np.asarray(image, np.float32) / 255.0).transpose(2, 0, 1)[None]
+
+
+def load_controlnet(path: str, dtype) -> nn.Cell:
+    """A ControlNet from a diffusers folder/file (config.json beside it) or one of our files (config in
+    its metadata)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = controlnet_config_from_diffusers(json.load(f))
+    else:
+        with open_checkpoint(path) as reader:
+            component, config = component_config(reader.metadata)
+        if component != "controlnet":
+            raise ValueError(f"{path}: not a ControlNet file (its metadata describes a {component})")
+    return _loaded("controlnet", config, path, dtype)
+
+
+class Partner:
+    """A model B of Coop-Diffusion: ``vae`` (decode_latents / encode_to_latents), ``pixel_size`` (H, W),
+    latent channels and VAE downsampling, and per run a guided denoiser over its own latents."""
+
+    name: str
+    vae: nn.Cell
+    pixel_size: Tuple[int, int]
+    latent_channels: int
+    downsample: int
+
+    def latent_shape(self, batch: int) -> Tuple[int, int, int, int]:
+        h, w = self.pixel_size
+        return (batch, self.latent_channels, h // self.downsample, w // self.downsample)
+
+    def denoiser(self, prompts: Sequence[str], num_images: int, control: Optional[ControlInput] = None) -> Denoise:
+        raise NotImplementedError
+
+
+class PanGuPartner(Partner):
+    """A PanGu-Draw pipeline used as a partner (its experts, guidance, VAE and bucket conditioning)."""
+
+    def __init__(self, pipeline, config: PartnerConfig, pixel_size: Tuple[int, int]):
+        self.name = config.name
+        self.pipeline = pipeline
+        self.config = config
+        self.pixel_size = tuple(pixel_size)
+        self.vae = pipeline.components.get("vae")
+        self.latent_channels = pipeline.config.unet.in_channels
+        self.downsample = pipeline.config.vae.downsample_factor
+
+    def denoiser(self, prompts, num_images, control=None):
+        run = self.pipeline.plan(list(prompts), negative_prompt=self.config.negative_prompt, height=self.pixel_size[0],
+                                 width=self.pixel_size[1], snap_to_bucket=True, guidance_scale=self.config.guidance_scale,
+                                 style_scales={}, switch_rule="exact", num_images_per_prompt=num_images)
+        if run.height != self.pixel_size[0] or run.width != self.pixel_size[1]:
+            raise ValueError(f"partner {self.name!r}: {self.pixel_size[0]}x{self.pixel_size[1]} is not a bucket of "
+                             f"its model; valid sizes: {self.pipeline.buckets.describe()}")
+        denoise, _ = self.pipeline.denoiser(run, control=control)
+        return denoise
+
+
+def _cfg_branches(cond: Conditioning, uncond: Conditioning, guidance_scale: float, num_images: int,
+                  control: Optional[ControlInput]) -> List[GuidanceBranch]:
+    weights = guidance_weights(guidance_scale, {})
+    branches = []
+    for name, c in (("uncond", uncond), ("cond", cond)):
+        c = c.repeat(num_images)
+        if control is not None:
+            c.control_scale = control.row_scale(name, c.batch_size)
+        branches.append(GuidanceBranch(name, c, weights[name]))
+    return branches
+
+
+class DiffusersPartner(Partner):
+    """A Stable Diffusion 1.x-family model from a diffusers folder: ``unet/`` (no vector conditioning),
+    ``vae/`` (its own scaling factor), ``text_encoder/`` (CLIP, last layer) and the CLIP BPE tokenizer
+    (padded as ``tokenizer/special_tokens_map.json`` says; SD 1.x pads with <|endoftext|>)."""
+
+    def __init__(self, config: PartnerConfig, dtype):
+        folder = config.path
+        unet_config = unet_config_from_diffusers(_read_json(folder, "unet"))
+        if unet_config.adm_in_channels is not None:
+            raise ValueError(f"partner {config.name!r}: {folder}/unet takes a vector conditioning (SDXL-style); "
+                             "diffusers partners are Stable Diffusion 1.x-family UNets (use kind pangu for SDXL-style)")
+        text_config = text_encoder_config_from_transformers(_read_json(folder, "text_encoder"), output_layer="last")
+        pad = "<|endoftext|>"
+        tokens_file = os.path.join(folder, "tokenizer", "special_tokens_map.json")
+        if os.path.isfile(tokens_file):
+            with open(tokens_file, encoding="utf-8") as f:
+                entry = json.load(f).get("pad_token", pad)
+            pad = entry.get("content", pad) if isinstance(entry, dict) else entry
+        self.tokenizer = build_tokenizer(TokenizerConfig(kind="clip_bpe", pad_with_end_token=pad == "<|endoftext|>",
+                                                         max_length=text_config.max_position_embeddings))
+        self.name = config.name
+        self.config = config
+        self.unet = _loaded("unet", unet_config, os.path.join(folder, "unet"), dtype)
+        self.vae = _loaded("vae", vae_config_from_diffusers(_read_json(folder, "vae")), os.path.join(folder, "vae"), dtype)
+        self.text_encoder = _loaded("text_encoder", text_config, os.path.join(folder, "text_encoder"), dtype)
+        self.pixel_size = (config.height, config.width) if config.height else SD_DEFAULT_SIZE
+        self.latent_channels = unet_config.in_channels
+        self.downsample = self.vae.config.downsample_factor
+
+    def encode(self, texts: Sequence[str]) -> Conditioning:
+        hidden, _ = self.text_encoder(ms.Tensor(self.tokenizer(list(texts))))
+        return Conditioning(hidden.asnumpy().astype(np.float32))
+
+    def denoiser(self, prompts, num_images, control=None):
+        everything = self.encode(list(prompts) + [self.config.negative_prompt])
+        n = len(prompts)
+        cond = Conditioning(everything.context[:n])
+        uncond = Conditioning(np.repeat(everything.context[n:], n, axis=0))
+        branches = _cfg_branches(cond, uncond, self.config.guidance_scale, num_images, control)
+        return GuidedDenoiser(SingleModel(UNetEpsModel(self.unet, control), self.name), branches)
+
+
+class ImageVariationPartner(Partner):
+    """Image variation (diffusers' ``StableDiffusionImageVariationPipeline`` layout): the reference image's
+    CLIP embedding (B, 1, projection) is the UNet's cross-attention context; the unconditional branch
+    uses zeros, as that pipeline does. Prompts are ignored."""
+
+    def __init__(self, config: PartnerConfig, dtype):
+        folder = config.path
+        vision_config = vision_encoder_config_from_transformers(_read_json(folder, "image_encoder"))
+        unet_config = unet_config_from_diffusers(_read_json(folder, "unet"))
+        if unet_config.context_dim != vision_config.projection_dim:
+            raise ValueError(f"partner {config.name!r}: the UNet attends to {unet_config.context_dim} features but the "
+                             f"image encoder projects to {vision_config.projection_dim}")
+        self.name = config.name
+        self.config = config
+        encoder = _loaded("image_encoder", vision_config, os.path.join(folder, "image_encoder"), dtype)
+        pixels = preprocess_clip_images(Image.open(config.image), vision_config.image_size)
+        _, embeds = encoder(ms.Tensor(pixels))
+        self.image_embeds = embeds.asnumpy().astype(np.float32)[:, None, :]   # (1, 1, projection)
+        self.unet = _loaded("unet", unet_config, os.path.join(folder, "unet"), dtype)
+        self.vae = _loaded("vae", vae_config_from_diffusers(_read_json(folder, "vae")), os.path.join(folder, "vae"), dtype)
+        self.pixel_size = (config.height, config.width) if config.height else SD_DEFAULT_SIZE
+        self.latent_channels = unet_config.in_channels
+        self.downsample = self.vae.config.downsample_factor
+
+    def denoiser(self, prompts, num_images, control=None):
+        n = len(prompts)
+        cond = Conditioning(np.repeat(self.image_embeds, n, axis=0))
+        uncond = Conditioning(np.zeros_like(cond.context))
+        branches = _cfg_branches(cond, uncond, self.config.guidance_scale, num_images, control)
+        return GuidedDenoiser(SingleModel(UNetEpsModel(self.unet, control), self.name), branches)
+
+
+class ControlledPartner(Partner):
+    """A ControlNet attached to a base model (a partner, or the main model as a :class:`PanGuPartner`):
+    the base's latent space, size and conditioning, with the control image steering every UNet call."""
+
+    def __init__(self, config: PartnerConfig, base: Partner, dtype):
+        self.name = config.name
+        self.config = config
+        self.base = base
+        self.vae, self.pixel_size = base.vae, base.pixel_size
+        self.latent_channels, self.downsample = base.latent_channels, base.downsample
+        h, w = self.pixel_size
+        self.control = ControlInput(load_controlnet(config.path, dtype), load_control_image(config.control_image, h, w),
+                                    scale=config.control_scale, guess_mode=config.guess_mode)
+
+    def denoiser(self, prompts, num_images, control=None):
+        return self.base.denoiser(prompts, num_images, control=self.control)
+
+
+def build_partner(config: PartnerConfig, main, partners: dict, main_size: Tuple[int, int], dtype) -> Partner:
+    """The partner a :class:`PartnerConfig` describes. ``main``: the main PanGuDrawPipeline; ``partners``:
+    the ones built so far (a ControlNet's base); ``main_size``: the main image's (H, W)."""
+    from .pangu_draw import PanGuDrawPipeline
+
+    if config.kind == "pangu":
+        if config.path == "main":
+            pipeline = main
+        elif config.path:
+            pipeline = PanGuDrawPipeline.from_pretrained(config.path, precision=main.components.precision)
+        else:
+            pipeline = PanGuDrawPipeline.from_config(load_config(config.config), precision=main.components.precision)
+        size = (config.height, config.width) if config.height else main_size
+        return PanGuPartner(pipeline, config, size)
+    if config.kind == "diffusers":
+        return DiffusersPartner(config, dtype)
+    if config.kind == "image_variation":
+        return ImageVariationPartner(config, dtype)
+    base = PanGuPartner(main, config, main_size) if config.base == "main" else partners[config.base]
+    return ControlledPartner(config, base, dtype)
