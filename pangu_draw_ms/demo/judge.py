@@ -42,6 +42,15 @@ def color_of(image: np.ndarray) -> Optional[str]:
     return list(COLORS)[int(np.argmin(np.linalg.norm(_PALETTE - median, axis=1)))]
 
 
+def foreground_centre(image: np.ndarray) -> Optional[Tuple[float, float]]:
+    """Centre (y, x) of the foreground as fractions of the image height and width; None without a foreground."""
+    mask, _ = foreground(image)
+    if mask.mean() < MIN_FOREGROUND:
+        return None
+    rows, cols = np.nonzero(mask)
+    return float(rows.mean() + 0.5) / mask.shape[0], float(cols.mean() + 0.5) / mask.shape[1]
+
+
 def mask_features(mask: np.ndarray) -> Optional[np.ndarray]:
     """The mask's bounding-box crop resized to MASK_SIZE x MASK_SIZE, flattened; None if (almost) empty."""
     from PIL import Image

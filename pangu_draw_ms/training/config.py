@@ -192,9 +192,6 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _check(not (self.train_text_encoders and self.stage == "vae"),
                "train_text_encoders applies to the diffusion stages, not to stage 'vae'")
-        _check(not (self.train_text_encoders and self.data.cache_dir),
-               "data.cache_dir caches the features of FROZEN text encoders; it cannot be combined with "
-               "train_text_encoders (drop one of them)")
         if self.stage == "controlnet":
             _check(bool(self.init.unet) and bool(self.init.conditioner) and bool(self.init.vae),
                    "stage 'controlnet' steers a trained generator: set init.unet (its structure_unet or "

@@ -122,6 +122,9 @@ class Trainer:
                                  "no weights; give a conditioner.safetensors or set train_text_encoders: true")
             if config.stage == "controlnet":
                 self.cells["controlnet"] = self._controlnet_copying(self.cells["unet"])
+                # The gradient graph holds both networks and needs unique parameter names; the frozen
+                # generator is neither saved nor exported, so its names may change.
+                self.cells["unet"].update_parameters_name("frozen_generator.")
                 self.trainable = ["controlnet"]
             else:
                 self.trainable = ["unet"] + (["conditioner"] if config.train_text_encoders else [])
@@ -162,15 +165,16 @@ class Trainer:
                              f"{int(np.log2(vae.downsample_factor)) + 1} widths")
         controlnet = ControlNet(config, self.dtype)
         generator = {p.name: p for p in unet.get_parameters()}
+        params = list(controlnet.get_parameters())
         copied = 0
-        for param in controlnet.get_parameters():
+        for param in params:
             source = generator.get(param.name)
             if source is not None and source.shape == param.shape:
                 param.set_data(source.value().copy())
                 copied += 1
         if self.is_main:
             logger.info("controlnet: %d of %d tensors copied from the %s generator", copied,
-                        len(controlnet.get_parameters()), settings.base)
+                        len(params), settings.base)
         return controlnet
 
     def _loss_fn(self):
