@@ -137,7 +137,13 @@ def test_controlnet_and_image_variation_partners(main, models):
     # The ControlNet really steers: another control image gives another picture.
     other = CoopPipeline(main, dataclasses.replace(coop.recipe, partners=(
         dataclasses.replace(coop.recipe.partners[0], control_image=models["reference"]), coop.recipe.partners[1])))
-    assert not np.allclose(other(PROMPT, output_type="latent", **RUN).latents, out.latents)
+    rebuilt = other(PROMPT, output_type="latent", **RUN).latents
+    assert not np.allclose(rebuilt, out.latents)
+    # ... and so does a control image given per call, with the ControlNet kept loaded.
+    swapped = coop(PROMPT, output_type="latent", control_images={"edges": models["reference"]}, **RUN).latents
+    np.testing.assert_allclose(swapped, rebuilt, rtol=1e-5, atol=1e-5 * np.abs(rebuilt).max())
+    with pytest.raises(ValueError, match="not ControlNet partners of the recipe"):
+        coop(PROMPT, control_images={"variation": models["reference"]}, **RUN)
 
 
 def test_low_to_high_resolution_generation(main, models):

@@ -63,11 +63,19 @@ class CoopPipeline:
 
     def __call__(self, prompt: Union[str, Sequence[str]], *, output_type: str = "pil",
                  progress: Optional[ProgressCallback] = None, compiled: Optional[bool] = None,
-                 **settings) -> PipelineOutput:
+                 control_images: Optional[Dict[str, object]] = None, **settings) -> PipelineOutput:
         """Generate with the recipe. ``compiled``: run each fused step as one graph (:class:`FusedStep`;
-        needs Euler or DDIM with eta 0 and no guidance rescale); None = whenever possible."""
+        needs Euler or DDIM with eta 0 and no guidance rescale); None = whenever possible.
+        ``control_images``: {ControlNet partner name: image (path, PIL, HxWx3 uint8)} replacing the recipe's
+        control images for this call (the ControlNets stay loaded and compiled)."""
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        control_images = dict(control_images or {})
+        controlled = [p.name for p in self.recipe.partners if p.kind == "controlnet"]
+        unknown = sorted(set(control_images) - set(controlled))
+        if unknown:
+            raise ValueError(f"control_images names {unknown}, which are not ControlNet partners of the recipe; "
+                             f"its ControlNet partners: {controlled}")
         main = self.main
         run = main.plan(prompt, **settings)
         schedule = main.schedule
@@ -80,6 +88,9 @@ class CoopPipeline:
 
         def partner_denoiser(config):
             prompts = run.prompts if config.prompt is None else [config.prompt] * len(run.prompts)
+            if config.name in control_images:
+                return partners[config.name].denoiser(prompts, run.num_images_per_prompt,
+                                                      control_image=control_images[config.name])
             return partners[config.name].denoiser(prompts, run.num_images_per_prompt)
 
         timesteps = [int(t) for t in run.timesteps]

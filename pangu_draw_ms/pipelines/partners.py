@@ -13,6 +13,7 @@ latent channels, native resolution and conditioning.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -219,8 +220,13 @@ class ControlledPartner(Partner):
         self.control = ControlInput(load_controlnet(config.path, dtype), load_control_image(config.control_image, h, w),
                                     scale=config.control_scale, guess_mode=config.guess_mode)
 
-    def denoiser(self, prompts, num_images, control=None):
-        return self.base.denoiser(prompts, num_images, control=self.control)
+    def denoiser(self, prompts, num_images, control=None, control_image=None):
+        """The base's denoiser steered by this ControlNet, with the recipe's control image or ``control_image``
+        (path, PIL or HxWx3 uint8) for this run."""
+        if control_image is not None:
+            h, w = self.pixel_size
+            control = dataclasses.replace(self.control, image=load_control_image(control_image, h, w))
+        return self.base.denoiser(prompts, num_images, control=control or self.control)
 
 
 def build_partner(config: PartnerConfig, main, partners: dict, main_size: Tuple[int, int], dtype) -> Partner:
