@@ -25,7 +25,7 @@ setup(
         "pangu_draw_ms.configs": ["*.yaml", "*/*.yaml"],
         "pangu_draw_ms.tokenizers": ["data/*"],
         # The demo model trained with tools/train.py: the default of tools/infer.py.
-        "pangu_draw_ms.demo": ["config.yaml", "*.safetensors", "*.model"],
+        "pangu_draw_ms.demo": ["config.yaml", "*.safetensors", "*.model", "*.png"],
     },
     install_requires=read_requirements(),
     extras_require={

@@ -1,4 +1,5 @@
 """The demo: its synthetic dataset, the judge of prompt following, and the shipped model drawing what it is told."""
+import dataclasses
 import json
 import os
 
@@ -76,3 +77,45 @@ def test_shipped_demo_model_draws_the_colour_it_is_asked_for(demo_pipeline):
     # The two generators really split the trajectory at t_struct.
     experts = {expert for _, expert in out.info["expert_trace"]}
     assert experts == {"structure", "texture"}
+
+
+def test_shipped_demo_controlnet_puts_the_shape_where_its_outline_is(demo_pipeline):
+    """Coop-Diffusion of the demo model with its edge ControlNet (the bundled recipe): the drawn shape lands
+    on the outline of the control image, wherever that is, and keeps the prompted colour."""
+    from pangu_draw_ms.config import CONFIG_DIR, CoopRecipe, load_config
+    from pangu_draw_ms.demo.judge import foreground_centre
+    from pangu_draw_ms.demo.shapes import edge_control
+    from pangu_draw_ms.pipelines.coop import CoopPipeline
+
+    recipe = load_config(os.path.join(CONFIG_DIR, "recipes", "demo_controlnet.yaml"), CoopRecipe)
+    root = os.path.dirname(os.path.dirname(DEMO_MODEL_DIR))  # the recipe's paths are relative to the repository
+    recipe = dataclasses.replace(recipe, partners=tuple(
+        dataclasses.replace(p, path=os.path.join(root, p.path), control_image=os.path.join(root, p.control_image))
+        for p in recipe.partners))
+    coop = CoopPipeline(demo_pipeline, recipe)
+    requests = [("一个红色的圆形", "red", "circle"), ("a blue square", "blue", "square"),
+                ("一个黄色的三角形", "yellow", "triangle")]
+    for position in ("left", "right", "top", "bottom"):
+        for prompt, color, shape in requests:
+            edges, (cy, cx) = edge_control(shape, position, 64, 64)
+            image = np.asarray(coop(prompt, control_images={"edges": edges}, height=64, width=64, seed=0)
+                               .images[0].convert("RGB"))
+            y, x = foreground_centre(image)
+            print(position, prompt, (round(y, 2), round(x, 2)), color_of(image))
+            assert np.hypot(y - cy, x - cx) < 0.12 and color_of(image) == color
+
+
+def test_infer_cli_draws_with_the_demo_model_when_no_weights_are_given(demo_pipeline, tmp_path, capsys):
+    """``python tools/infer.py --prompt "一个红色的圆形"`` draws a red shape with the shipped model."""
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("infer", os.path.join(os.path.dirname(os.path.dirname(
+        DEMO_MODEL_DIR)), "tools", "infer.py"))
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    paths = infer.main(["--prompt", "一个红色的圆形", "--out", str(tmp_path / "circle.png"), "--quiet"])
+    assert "embedded demo model" in capsys.readouterr().err
+    with Image.open(paths[0]) as image:
+        assert color_of(np.asarray(image.convert("RGB"))) == "red"

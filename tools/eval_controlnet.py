@@ -27,17 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POSITIONS = ("left", "right", "top", "bottom")
 
 
-def control_image(shape: str, position: str, height: int, width: int):
-    """(edge map uint8 (H, W, 3), centre (y, x) fractions of the outlined shape)."""
-    from pangu_draw_ms.demo.judge import foreground_centre
-    from pangu_draw_ms.demo.shapes import Scene, render
-    from pangu_draw_ms.pipelines.image_processing import edge_map
-
-    scene = render(Scene("red", shape, "small", position, "black", height, width))
-    edges = edge_map(scene.transpose(2, 0, 1)[None] / 255.0)[0]
-    return (edges.transpose(1, 2, 0) * 255).astype(np.uint8), foreground_centre(scene)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory (the demo model)")
@@ -62,7 +51,7 @@ def main(argv=None):
 
     from pangu_draw_ms.config import CoopRecipe, from_dict
     from pangu_draw_ms.demo.judge import color_of, foreground_centre
-    from pangu_draw_ms.demo.shapes import COLORS, SHAPES, Scene, captions
+    from pangu_draw_ms.demo.shapes import COLORS, SHAPES, Scene, captions, edge_control
     from pangu_draw_ms.pipelines.coop import CoopPipeline
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
@@ -72,7 +61,7 @@ def main(argv=None):
     controls = {}
     for shape in SHAPES:
         for position in POSITIONS:
-            edges, centre = control_image(shape, position, args.height, args.width)
+            edges, centre = edge_control(shape, position, args.height, args.width)
             path = os.path.join(args.out, "controls", f"{shape}_{position}.png")
             Image.fromarray(edges).save(path)
             controls[shape, position] = (path, centre)

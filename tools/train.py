@@ -1,4 +1,4 @@
-"""Train one stage of PanGu-Draw (vae, structure, texture or full_range) from a training YAML.
+"""Train one stage of PanGu-Draw (vae, structure, texture, full_range or controlnet) from a training YAML.
 
     python tools/train.py --config configs/train/demo_structure.yaml [--resume [CHECKPOINT]] [key=value ...]
 
@@ -21,7 +21,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def launched_by_msrun() -> bool:
-    return os.environ.get("MS_ROLE") == "MS_WORKER"
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
+
+
+def supervise(args) -> dict:
+    """Run this script without --restart-on-stall (and with --resume) in a child process, restarting it on a stall."""
+    from pangu_draw_ms.training.config import load_train_config
+    from pangu_draw_ms.training.metrics import METRICS_FILE
+    from pangu_draw_ms.training.supervisor import run_with_restarts
+
+    config = load_train_config(args.config, tuple(args.overrides))
+    child = ["--config", args.config, "--mode", args.mode] + (["--device", args.device] if args.device else []) \
+        + (["--threads", str(args.threads)] if args.threads else []) + list(args.overrides)
+    script = [sys.executable, os.path.abspath(__file__)]
+    first = script + (["--resume", args.resume] if args.resume not in (None, "latest") else
+                      ["--resume"] if args.resume else []) + child
+    code = run_with_restarts(first, os.path.join(config.output_dir, METRICS_FILE), args.restart_on_stall,
+                             restart_command=script + ["--resume"] + child)
+    if code != 0:
+        raise SystemExit(code)
+    with open(os.path.join(config.output_dir, "summary.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def main(argv=None) -> dict:
@@ -34,8 +54,15 @@ def main(argv=None) -> dict:
                         help="graph (compiled, default) or pynative (eager, for debugging)")
     parser.add_argument("--threads", type=int, default=0,
                         help="host threads per worker (default: CPU cores / local workers)")
+    parser.add_argument("--restart-on-stall", type=float, default=0, metavar="SECONDS",
+                        help="single process: when no step completes for SECONDS, kill the run and resume it from "
+                             "its newest checkpoint (works around rare MindSpore CPU kernel stalls)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (YAML values)")
     args = parser.parse_args(argv)
+    if args.restart_on_stall > 0:
+        if launched_by_msrun():
+            raise SystemExit("error: --restart-on-stall supervises one process; under msrun restart the job instead")
+        return supervise(args)
 
     import mindspore as ms
 
@@ -49,6 +76,8 @@ def main(argv=None) -> dict:
         from mindspore.communication import get_group_size, get_rank, init
 
         init()
+        if os.environ["MS_ROLE"] == "MS_SCHED":
+            return {}  # msrun's scheduler process coordinates the workers and trains nothing
         rank, world = get_rank(), get_group_size()
     local_workers = int(os.environ.get("MS_LOCAL_WORKER", "0") or 0) or world
     ms.device_context.cpu.op_tuning.threads_num(args.threads or max(1, (os.cpu_count() or 1) // max(1, local_workers)))

@@ -60,8 +60,10 @@ def dtype_kind_error(param_dtype, value_dtype) -> str:
 
 
 def cell_state(cell: nn.Cell) -> Dict[str, np.ndarray]:
-    """The cell's parameters as ``{name: numpy array}`` (names as MindSpore reports them)."""
-    return {p.name: p.asnumpy() for p in cell.get_parameters()}
+    """A snapshot of the cell's parameters as ``{name: numpy array}`` (names as MindSpore reports them).
+
+    Copies: on CPU ``asnumpy`` of a parameter that compiled steps update in place can share its memory."""
+    return {p.name: p.asnumpy().copy() for p in cell.get_parameters()}
 
 
 def load_state(cell: nn.Cell, state: Mapping[str, np.ndarray], strict: bool = True,

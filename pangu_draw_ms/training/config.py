@@ -113,10 +113,12 @@ class LossScaleConfig:
 @dataclass(frozen=True)
 class VAELossConfig:
     """Autoencoder loss: mean |x - x_rec| + ``mse_weight`` mean (x - x_rec)^2 + ``kl_weight`` KL(q(z|x) || N(0, I))
-    (the KL summed over latent elements and averaged over the batch, as LDM does)."""
+    (the KL summed over latent elements and averaged over the batch). The reconstruction terms are means
+    over pixels, where LDM sums them: LDM's kl_weight 1e-6 corresponds here to about 1e-6 / (3 H W), and a
+    much larger weight keeps the posterior noisy (the demo VAE at 1e-6 lost the colours of its images)."""
 
     mse_weight: float = 1.0
-    kl_weight: float = 1e-6
+    kl_weight: float = 1e-8
 
     def __post_init__(self):
         _check(self.mse_weight >= 0 and self.kl_weight >= 0, "vae_loss weights must be >= 0")

@@ -12,11 +12,14 @@ COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "finite", "
            "bucket")
 
 
+METRICS_FILE = "metrics.csv"  # one row per optimizer step
+
+
 class MetricsLog:
     """Appends rows to ``<directory>/metrics.csv`` (a resumed run keeps the rows before its step)."""
 
     def __init__(self, directory: str, start_step: int = 0):
-        self.path = os.path.join(directory, "metrics.csv")
+        self.path = os.path.join(directory, METRICS_FILE)
         os.makedirs(directory, exist_ok=True)
         kept: List[dict] = [r for r in read_metrics(self.path) if int(r["step"]) <= start_step] \
             if os.path.isfile(self.path) else []
