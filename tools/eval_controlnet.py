@@ -15,7 +15,6 @@ OUT/controls/*.png and OUT/samples.png (per control: the control image, then fus
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -50,7 +49,7 @@ def main(argv=None):
     from PIL import Image
 
     from pangu_draw_ms.config import CoopRecipe, from_dict
-    from pangu_draw_ms.demo.judge import color_of, foreground_centre
+    from pangu_draw_ms.demo.judge import color_of, foreground_centre, write_report
     from pangu_draw_ms.demo.shapes import COLORS, SHAPES, Scene, captions, edge_control
     from pangu_draw_ms.pipelines.coop import CoopPipeline
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
@@ -110,10 +109,7 @@ def main(argv=None):
     report = {"model": args.model, "controlnet": args.controlnet, "weight": args.weight, "t_min": t_min,
               "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "tolerance": args.tolerance,
               "height": args.height, "width": args.width, "seconds": round(time.time() - start, 1), **scores}
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report, indent=2))
-    return report
+    return write_report(args.out, report)
 
 
 if __name__ == "__main__":

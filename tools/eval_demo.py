@@ -90,7 +90,7 @@ def main(argv=None):
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    from pangu_draw_ms.demo.judge import ShapeClassifier
+    from pangu_draw_ms.demo.judge import ShapeClassifier, write_report
 
     with open(args.heldout, "r", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -103,10 +103,7 @@ def main(argv=None):
     report = {"model": args.model, "prompts": len(rows), "seeds": args.seeds, "height": args.height,
               "width": args.width, "steps": args.steps, "guidance": args.guidance,
               "seconds": round(time.time() - start, 1), **results["per_language"]}
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report, indent=2))
-    return report
+    return write_report(args.out, report)
 
 
 if __name__ == "__main__":

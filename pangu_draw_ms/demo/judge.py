@@ -110,3 +110,14 @@ class ShapeClassifier:
 def judge(images: Sequence[np.ndarray], classifier: ShapeClassifier) -> Tuple[list, list]:
     """(colours, shapes) of uint8 (H, W, 3) images."""
     return [color_of(im) for im in images], [classifier.predict(im) for im in images]
+
+
+def write_report(folder: str, report: dict) -> dict:
+    """Write an evaluation's ``report`` to ``folder/results.json`` and print it."""
+    import json
+    import os
+
+    with open(os.path.join(folder, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, ensure_ascii=False)
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    return report

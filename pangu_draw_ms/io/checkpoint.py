@@ -133,13 +133,22 @@ class CheckpointReader:
 
 
 class _SpanReader(CheckpointReader):
-    """A file whose tensors are byte spans: ``{name: (info, [(offset, length), ...])}``."""
+    """A file whose tensors are byte spans: ``{name: (info, [(offset, length), ...])}``, indexed by the
+    subclass's ``_parse`` (the file is closed again when that fails)."""
 
     def __init__(self, path: str):
         super().__init__(path)
         self._fd = os.open(path, os.O_RDONLY)
         self._size = os.fstat(self._fd).st_size
         self._entries: Dict[str, Tuple[TensorInfo, List[Tuple[int, int]]]] = {}
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse(self) -> None:
+        raise NotImplementedError
 
     def keys(self) -> List[str]:
         return list(self._entries)
@@ -188,14 +197,6 @@ class _SpanReader(CheckpointReader):
 class SafetensorsReader(_SpanReader):
     format = "safetensors"
 
-    def __init__(self, path: str):
-        super().__init__(path)
-        try:
-            self._parse()
-        except BaseException:
-            self.close()
-            raise
-
     def _parse(self) -> None:
         if self._size < 8:
             raise CheckpointError(f"{self.path}: {self._size} bytes is too short for a safetensors file "
@@ -224,14 +225,6 @@ class MindSporeCheckpointReader(_SpanReader):
     """Index of a MindSpore ``.ckpt`` built from the protobuf framing alone (tensor bytes are skipped)."""
 
     format = "ckpt"
-
-    def __init__(self, path: str):
-        super().__init__(path)
-        try:
-            self._parse()
-        except BaseException:
-            self.close()
-            raise
 
     def _parse(self) -> None:
         end = self._size
