@@ -221,17 +221,17 @@ def test_bundled_recipes_are_valid():
         assert load_config(os.path.join(folder, name), CoopRecipe).partners
 
 
-@pytest.mark.parametrize("sampler", ["euler", "ddim"])
-def test_compiled_fused_steps_equal_the_host_loop(main, models, sampler):
+def test_compiled_fused_steps_equal_the_host_loop(main, models):
     """Each fused step as one graph (partner UNets + bridges + fusion + update) gives the latents of the
-    host loop (any-sampler path), in GRAPH mode."""
+    host loop (any-sampler path), in GRAPH mode. (Euler only: DDIM differs in its affine coefficients,
+    which test_schedule_samplers checks against its step; each run here compiles a few large graphs.)"""
     ms.set_context(mode=ms.GRAPH_MODE)
     coop = CoopPipeline(main, recipe(partners=[
         {"name": "sd15", "kind": "diffusers", "path": models["sd15"], "weight": 0.4, "height": 32, "width": 32,
          "t_min": 400},
         {"name": "edges", "kind": "controlnet", "path": models["controlnet"], "control_image": models["edges"],
          "weight": 0.3}]))
-    kwargs = dict(output_type="latent", sampler=sampler, **RUN)
+    kwargs = dict(output_type="latent", sampler="euler", **RUN)
     graph = coop(PROMPT, compiled=True, **kwargs)
     host = coop(PROMPT, compiled=False, **kwargs)
     assert graph.info["compiled_fused_steps"] and not host.info["compiled_fused_steps"]

@@ -161,3 +161,20 @@ def test_every_sampler_evaluates_only_schedule_timesteps(rng):
                                             rng=np.random.default_rng(0))
         assert set(seen) == set(ts.tolist()), name
         assert len(seen) == (2 * len(ts) - 1 if name == "heun" else len(ts)), name
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_affine_coefficients_reproduce_the_step_of_first_order_deterministic_samplers(name):
+    """Coop-Diffusion's compiled fused step applies z_next = A z + B eps; (A, B) must be the sampler's own step."""
+    rng = np.random.default_rng(5)
+    z, eps = rng.standard_normal((2, 1, 4, 3, 3)).astype(np.float64)
+    sampler = make_sampler(name, SCHEDULE)
+    for t, t_next in ((999, 749), (500, 499), (249, CLEAN)):
+        coefficients = sampler.linear_coefficients(t, t_next)
+        if name not in ("euler", "ddim"):
+            assert coefficients is None  # second-order or stochastic: no single affine map
+            continue
+        sampler.reset()
+        expected = sampler.step(lambda x, s: eps, z, t, t_next, None)
+        np.testing.assert_allclose(coefficients[0] * z + coefficients[1] * eps, expected, rtol=1e-12, atol=1e-12)
+    assert make_sampler("ddim", SCHEDULE, eta=0.5).linear_coefficients(999, 749) is None
