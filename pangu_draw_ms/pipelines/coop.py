@@ -62,10 +62,12 @@ class CoopPipeline:
                 self._bridge(main_vae, partner.vae, partner.pixel_size, resize_mode))
 
     def __call__(self, prompt: Union[str, Sequence[str]], *, output_type: str = "pil",
-                 progress: Optional[ProgressCallback] = None, compiled: Optional[bool] = None,
+                 progress: Optional[ProgressCallback] = None, compiled: bool = False,
                  control_images: Optional[Dict[str, object]] = None, **settings) -> PipelineOutput:
         """Generate with the recipe. ``compiled``: run each fused step as one graph (:class:`FusedStep`;
-        needs Euler or DDIM with eta 0 and no guidance rescale); None = whenever possible.
+        needs Euler or DDIM with eta 0 and no guidance rescale). Off by default: on the demo model with its
+        ControlNet the GRAPH_MODE fused step fails in a CPU kernel ("could not execute a primitive"), while
+        the same step runs in PyNative and the host loop; see the issue notes.
         ``control_images``: {ControlNet partner name: image (path, PIL, HxWx3 uint8)} replacing the recipe's
         control images for this call (the ControlNets stay loaded and compiled)."""
         if output_type not in ("pil", "latent"):
@@ -153,14 +155,13 @@ class CoopPipeline:
             if progress is not None:
                 progress(offset + i, len(run.timesteps), t, "+".join(coop.trace[-1][1]))
 
-        use_graph = bool(fused) and compilable(coop, run.sampler)
+        use_graph = compiled and bool(fused) and compilable(coop, run.sampler)
         if compiled and not use_graph:
             raise ValueError("a compiled fused step needs partners to fuse, the euler or ddim (eta 0) sampler and no "
                              "guidance rescale")
-        if use_graph and compiled is not False:
+        if use_graph:
             latents, _ = sample_compiled(coop, run.sampler, z, latents0, timesteps, callback=on_step)
         else:
-            use_graph = False
             state = run.sampler.sample(coop, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(), callback=on_step)
             latents, _ = coop.unpack(state)
         main.release_unets(main_model)
