@@ -480,10 +480,11 @@ def test_msrun_two_workers_end_with_identical_weights(tmp_path, dataset, weights
     assert "rank 0 of 1" in single.stdout
     two, _ = CheckpointFolder.load(CheckpointFolder(f"{tmp_path}/two/checkpoints").latest())
     one, _ = CheckpointFolder.load(CheckpointFolder(f"{tmp_path}/one/checkpoints").latest())
-    for key in (k for k in one if k.startswith("model/")):
-        # Same samples, other summation order (all-reduce of two halves vs one batch mean): float-level
-        # differences. Adam divides by sqrt(v), so where a gradient is ~0 its sign can differ and that
-        # element moves by up to lr per step the other way: a handful of elements, each within 2 lr * steps.
-        close = np.isclose(two[key], one[key], rtol=1e-4, atol=1e-6)
-        assert close.mean() > 0.999, (key, close.mean())
+    # Same samples, other summation order (all-reduce of two halves vs one batch mean): float-level
+    # differences. Adam divides by sqrt(v), so where a gradient is ~0 its sign can differ and that element
+    # moves by up to lr per step the other way: a handful of elements in all, each within 2 lr * steps.
+    keys = [k for k in one if k.startswith("model/")]
+    far = sum(int((~np.isclose(two[k], one[k], rtol=1e-4, atol=1e-6)).sum()) for k in keys)
+    assert far <= 1e-3 * sum(one[k].size for k in keys), far
+    for key in keys:
         assert np.abs(two[key] - one[key]).max() <= 2 * 1e-3 * 3, key
