@@ -223,19 +223,29 @@ def test_bundled_recipes_are_valid():
 
 def test_compiled_fused_steps_equal_the_host_loop(main, models):
     """Each fused step as one graph (partner UNets + bridges + fusion + update) gives the latents of the
-    host loop (any-sampler path), in GRAPH mode. (Euler only: DDIM differs in its affine coefficients,
-    which test_schedule_samplers checks against its step; each run here compiles a few large graphs.)"""
+    host loop (any-sampler path), in GRAPH mode - also for a step where no partner is active (the last
+    one here: sd15 fuses for t >= 400, the ControlNet for t >= 600). A second run reuses the compiled steps,
+    and compiling renames no parameter of the pipeline's networks. (Euler only: DDIM differs in its affine
+    coefficients, which test_schedule_samplers checks against its step.)"""
     ms.set_context(mode=ms.GRAPH_MODE)
     coop = CoopPipeline(main, recipe(partners=[
         {"name": "sd15", "kind": "diffusers", "path": models["sd15"], "weight": 0.4, "height": 32, "width": 32,
          "t_min": 400},
         {"name": "edges", "kind": "controlnet", "path": models["controlnet"], "control_image": models["edges"],
-         "weight": 0.3}]))
+         "weight": 0.3, "t_min": 600}]))
+    unet_names = {name: [p.name for p in main.components.get(name).get_parameters()]
+                  for name in ("structure_unet", "texture_unet")}
     kwargs = dict(output_type="latent", sampler="euler", **RUN)
     graph = coop(PROMPT, compiled=True, **kwargs)
+    compiled_steps = dict(coop._fused_steps)
     host = coop(PROMPT, compiled=False, **kwargs)
     assert graph.info["compiled_fused_steps"] and not host.info["compiled_fused_steps"]
     assert graph.info["coop_trace"] == host.info["coop_trace"]
+    assert [names for _, names in host.info["coop_trace"]][-1] == ["main"]  # the step without partners
     np.testing.assert_allclose(graph.latents, host.latents, rtol=1e-4, atol=1e-4 * np.abs(host.latents).max())
+    again = coop(PROMPT, compiled=True, **kwargs)
+    assert len(compiled_steps) >= 3 and coop._fused_steps == compiled_steps  # nothing new compiled
+    np.testing.assert_allclose(again.latents, graph.latents, rtol=1e-5, atol=1e-6)
+    assert {name: [p.name for p in main.components.get(name).get_parameters()] for name in unet_names} == unet_names
     with pytest.raises(ValueError, match="compiled fused step needs"):
         coop(PROMPT, compiled=True, output_type="latent", sampler="heun", **RUN)

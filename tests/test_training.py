@@ -341,6 +341,29 @@ def test_vae_stage_exports_a_model_directory(tmp_path, dataset, weights):
     assert any(k.startswith("ema/") for k in tensors) and any(k.startswith("optimizer/adam_m.") for k in tensors)
 
 
+def test_vae_decoder_fine_tune_keeps_the_latent_space(tmp_path, dataset, weights):
+    """train_vae_encoder: false changes the decoder only: encoder, quant_conv and the scaling factor of
+    init.vae are exported unchanged, so generators trained in its latent space keep working."""
+    config = load_train_config("train/tiny", (f"model={weights['model']}", "stage=vae", "train_text_encoders=false",
+        "train_vae_encoder=false", f"init.vae={weights['vae']}", "steps=3", "data.batch_size=2", "save_every=0",
+        "optim.learning_rate=1e-2", "optim.warmup_steps=0", "optim.ema_decay=0",
+        f"output_dir={tmp_path}/run", f"data.manifest={dataset}/square.jsonl", f"export_dir={tmp_path}/model"))
+    summary = Trainer(config).train()
+    assert "latent_std" not in summary["export"]
+    before, after = load_tensors(weights["vae"]), load_tensors(str(tmp_path / "model" / "vae.safetensors"))
+    assert set(before) == set(after)
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    tuned = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and tuned and len(frozen) + len(tuned) == len(before)
+    for key in frozen:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    assert sum(not np.array_equal(after[k], before[k]) for k in tuned) > len(tuned) // 2
+    assert (load_model_config(str(tmp_path / "model")).vae.scaling_factor
+            == load_model_config(weights["model"]).vae.scaling_factor)
+    with pytest.raises(ConfigError, match="applies to stage 'vae' only"):
+        load_train_config("train/tiny", ("train_vae_encoder=false",))
+
+
 def test_edge_map_outlines_a_shape_and_nothing_else():
     from pangu_draw_ms.demo.shapes import Scene, render
     from pangu_draw_ms.pipelines.image_processing import edge_map

@@ -29,6 +29,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
+from .denoiser import give_unique_names
 from .schedule import CLEAN, NoiseSchedule, add_noise, eps_from_x0, predict_x0
 
 Denoise = Callable[[np.ndarray, int], np.ndarray]
@@ -217,37 +218,56 @@ class FusedStep(nn.Cell):
     resize, encode), the fusion and carry-back (:func:`fuse_predictions`) and the update
     z_next = A z + B eps for every latent.
 
-    Built for one combination of expert networks and active partners (a run needs a handful); inputs:
-    the latents, the per-step scalars (alpha_bar, A, B) as a (3,) tensor, and each guided UNet's inputs.
+    Built for one combination of expert networks and active partners (a run needs a handful), with the
+    number of tensor inputs of each network (``main_arity``, ``partner_arities``: None for an inactive
+    partner). Inputs, all flat: the main latents, the per-step scalars (alpha_bar, A, B) as a (3,) tensor,
+    every partner's latents, the main network's inputs, then each active partner's inputs. (Flat on
+    purpose: nested or empty input tuples - an inactive partner has no inputs - misplace the weights of
+    the compiled graph on MindSpore 2.9's CPU backend, "could not execute a primitive".)
     """
 
-    def __init__(self, main, partners, weights, to_main, from_main):
+    def __init__(self, main, partners, weights, to_main, from_main, main_arity: int, partner_arities):
         super().__init__(auto_prefix=False)  # every network keeps its own parameter names
+        # The bridges' VAEs are unique already (CoopPipeline names a partner's VAE apart from the main one).
+        give_unique_names([main] + [b for b in list(to_main) + list(from_main) if b is not None],
+                          [(f"partner{i}", p) for i, p in enumerate(partners) if p is not None])
         self.main = main
         self.active = tuple(p is not None for p in partners)
-        self.partner_nets = nn.CellList([p for p in partners if p is not None])
+        # auto_prefix=False on the lists too: a CellList prefixes its items' parameter names ("0.", ...), which
+        # would rename the networks it holds (the main UNet among them) for every later graph.
+        self.partner_nets = nn.CellList([p for p in partners if p is not None], auto_prefix=False)
         self.net_index = tuple(sum(self.active[:i]) for i in range(len(partners)))
         self.weights = tuple(float(w) for w in weights)
         bridges = [b for b in list(to_main) + list(from_main) if b is not None]
-        self.bridges = nn.CellList(bridges)
+        self.bridges = nn.CellList(bridges, auto_prefix=False)
         positions = {id(b): i for i, b in enumerate(bridges)}
         self.to_index = tuple(-1 if b is None else positions[id(b)] for b in to_main)
         self.from_index = tuple(-1 if b is None else positions[id(b)] for b in from_main)
+        self.num_partners = len(partners)
+        self.main_arity = int(main_arity)
+        starts, start = [], len(partners) + self.main_arity
+        for arity in partner_arities:
+            starts.append(start)
+            start += arity or 0
+        self.input_spans = tuple((b, b + (a or 0)) for b, a in zip(starts, partner_arities))
 
-    def construct(self, z, partner_latents, scalars, main_inputs, partner_inputs):
+    def construct(self, z, scalars, *tensors):
         alpha_bar, a, b = scalars[0], scalars[1], scalars[2]
-        eps_main = self.main(z, *main_inputs)
+        n = self.num_partners
+        partner_latents = tensors[:n]
+        eps_main = self.main(z, *tensors[n:n + self.main_arity])
         partner_eps = []
-        for i in range(len(self.active)):
+        for i in range(n):
             if self.active[i]:
-                partner_eps.append(self.partner_nets[self.net_index[i]](partner_latents[i], *partner_inputs[i]))
+                begin, end = self.input_spans[i]
+                partner_eps.append(self.partner_nets[self.net_index[i]](partner_latents[i], *tensors[begin:end]))
             else:
                 partner_eps.append(None)
         to_main = [None if j < 0 else self.bridges[j] for j in self.to_index]
         from_main = [None if j < 0 else self.bridges[j] for j in self.from_index]
         fused, carried = fuse_predictions(z, eps_main, partner_latents, partner_eps, self.weights, to_main, from_main,
                                           alpha_bar)
-        return a * z + b * fused, tuple(a * z_p + b * c for z_p, c in zip(partner_latents, carried))
+        return (a * z + b * fused,) + tuple(a * z_p + b * c for z_p, c in zip(partner_latents, carried))
 
 
 def compilable(coop: CoopDenoiser, sampler) -> bool:
@@ -258,13 +278,27 @@ def compilable(coop: CoopDenoiser, sampler) -> bool:
             and all(getattr(d, "compilable", False) for d in denoisers))
 
 
+def network_signature(cell) -> tuple:
+    """What a guided graph computes, by the networks (weights) it runs: equal signatures compute the same
+    function of their inputs, so a compiled graph can serve every run with that signature."""
+    if cell is None:
+        return (None,)
+    if hasattr(cell, "weights") and hasattr(cell, "network"):  # GuidedUNet
+        return ("guided", cell.weights) + network_signature(cell.network)
+    if hasattr(cell, "controlnet"):  # ControlledUNet
+        return ("controlled", id(cell.unet), id(cell.controlnet), cell.guess_mode)
+    return ("network", id(cell))
+
+
 def sample_compiled(coop: CoopDenoiser, sampler, z: np.ndarray, partner_latents: Sequence[np.ndarray], timesteps,
-                    callback: Optional[Callable[[int, int], None]] = None):
+                    callback: Optional[Callable[[int, int], None]] = None, graphs: Optional[dict] = None):
     """The same denoising as ``sampler.sample(coop, coop.pack(z, partner_latents), timesteps)``, every step
     one :class:`FusedStep` graph (one cell per combination of experts and active partners, compiled once).
+    ``graphs``: a dict the caller keeps to reuse the compiled steps in later runs with the same networks,
+    guidance weights, partner weights and bridges (a new run otherwise compiles its graphs again).
     Returns (z_0, partner latents)."""
     timesteps = [int(t) for t in timesteps]
-    steps = {}
+    steps = {} if graphs is None else graphs
     z_t = ms.Tensor(np.ascontiguousarray(z, np.float32))
     latents = tuple(ms.Tensor(np.ascontiguousarray(l, np.float32)) for l in partner_latents)
     for i, t in enumerate(timesteps):
@@ -273,14 +307,19 @@ def sample_compiled(coop: CoopDenoiser, sampler, z: np.ndarray, partner_latents:
         a, b = sampler.linear_coefficients(t, t_next)
         main_cell, main_inputs = coop.main.graph(t)
         partner_graphs = [p.denoise.graph(t) if p.active(t) else (None, ()) for p in coop.partners]
-        key = (id(main_cell),) + tuple(None if cell is None else id(cell) for cell, _ in partner_graphs)
+        key = (network_signature(main_cell), tuple(network_signature(cell) for cell, _ in partner_graphs),
+               tuple(p.weight for p in coop.partners), tuple(id(p.to_main) for p in coop.partners),
+               tuple(id(p.from_main) for p in coop.partners), len(main_inputs),
+               tuple(len(inputs) for _, inputs in partner_graphs))
         if key not in steps:
             steps[key] = FusedStep(main_cell, [cell for cell, _ in partner_graphs], [p.weight for p in coop.partners],
-                                   [p.to_main for p in coop.partners], [p.from_main for p in coop.partners])
+                                   [p.to_main for p in coop.partners], [p.from_main for p in coop.partners],
+                                   len(main_inputs), [None if cell is None else len(inputs)
+                                                      for cell, inputs in partner_graphs])
         coop.trace.append((t, (coop.main_name,) + tuple(p.name for p in coop.partners if p.active(t))))
         scalars = ms.Tensor(np.array([coop.schedule.alpha_bar(t), a, b], np.float32))
-        z_t, latents = steps[key](z_t, ms.mutable(latents), scalars, ms.mutable(tuple(main_inputs)),
-                                  ms.mutable(tuple(tuple(inputs) for _, inputs in partner_graphs)))
+        inputs = list(latents) + list(main_inputs) + [x for _, xs in partner_graphs for x in xs]
+        z_t, *latents = steps[key](z_t, scalars, *inputs)
         if callback is not None:
             callback(i, t)
     return z_t.asnumpy(), [l.asnumpy() for l in latents]

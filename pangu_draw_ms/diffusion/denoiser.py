@@ -72,12 +72,34 @@ class ControlInput:
         return np.full((batch,), scale, np.float32)
 
 
+def give_unique_names(kept: Sequence[nn.Cell], renamed: Sequence[tuple]) -> None:
+    """Make the parameter names of the networks one graph will hold unique, renaming only the ``renamed``
+    ((prefix, cell) pairs) parameters whose names are taken: "<prefix>.<name>". Why: on the first call of a
+    cell whose parameters share a name, MindSpore renames EVERY parameter of it to its attribute path -
+    the ``kept`` networks (the pipeline's UNet, its VAE) too, which breaks their other graphs and their
+    saved keys. A ControlNet copies its UNet's names, and two UNets or VAEs of one family share theirs."""
+    taken, seen = set(), set()
+    for cell in kept:
+        for param in cell.get_parameters():
+            seen.add(id(param))
+            taken.add(param.name)
+    for prefix, cell in renamed:
+        for param in cell.get_parameters():
+            if id(param) in seen:  # shared with a network named before (a ControlNet's base UNet)
+                continue
+            seen.add(id(param))
+            while param.name in taken:
+                param.name = f"{prefix}.{param.name}"
+            taken.add(param.name)
+
+
 class ControlledUNet(nn.Cell):
     """A UNet fed by a ControlNet: residuals = ControlNet(x, hint, ...) x per-row scale (x the guess-mode
     ramp), added to the UNet's skip features and middle block. One graph."""
 
     def __init__(self, unet: UNetModel, controlnet: nn.Cell, guess_mode: bool):
         super().__init__(auto_prefix=False)  # the networks keep their own parameter names
+        give_unique_names([unet], [("controlnet", controlnet)])
         self.unet = unet
         self.controlnet = controlnet
         self.guess_mode = guess_mode

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import CoopRecipe
 from ..diffusion.coop import CoopDenoiser, CoopPartner, LatentBridge, compilable, resolution_bridge, sample_compiled
+from ..diffusion.denoiser import give_unique_names
 from ..diffusion.schedule import add_noise
 from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, to_pil
 from .partners import Partner, build_partner
@@ -32,6 +33,7 @@ class CoopPipeline:
         self.recipe = recipe
         self._partners: Dict[tuple, Dict[str, Partner]] = {}
         self._bridge_cells: Dict[tuple, LatentBridge] = {}
+        self._fused_steps: Dict[tuple, object] = {}  # compiled fused steps, reused by later runs
 
     def partners(self, main_size) -> Dict[str, Partner]:
         """Every partner of the recipe, built once per main image size."""
@@ -58,16 +60,17 @@ class CoopPipeline:
         """(to main, from main) bridges; None for both when the partner shares the main latent space."""
         if partner.vae is main_vae and tuple(partner.pixel_size) == tuple(main_size):
             return None, None
+        give_unique_names([main_vae], [(partner.name, partner.vae)])  # one bridge graph holds both VAEs
         return (self._bridge(partner.vae, main_vae, main_size, resize_mode),
                 self._bridge(main_vae, partner.vae, partner.pixel_size, resize_mode))
 
     def __call__(self, prompt: Union[str, Sequence[str]], *, output_type: str = "pil",
-                 progress: Optional[ProgressCallback] = None, compiled: bool = False,
+                 progress: Optional[ProgressCallback] = None, compiled: Optional[bool] = None,
                  control_images: Optional[Dict[str, object]] = None, **settings) -> PipelineOutput:
-        """Generate with the recipe. ``compiled``: run each fused step as one graph (:class:`FusedStep`;
-        needs Euler or DDIM with eta 0 and no guidance rescale). Off by default: on the demo model with its
-        ControlNet the GRAPH_MODE fused step fails in a CPU kernel ("could not execute a primitive"), while
-        the same step runs in PyNative and the host loop; see the issue notes.
+        """Generate with the recipe. ``compiled``: run each fused step as one graph (:class:`FusedStep`,
+        compiled once per pipeline and combination of active models, then reused); needs Euler or DDIM with
+        eta 0 and no guidance rescale. None (default): compiled when the run allows it, else the host loop
+        (numpy between UNet calls; any sampler); True: compiled or an error; False: the host loop.
         ``control_images``: {ControlNet partner name: image (path, PIL, HxWx3 uint8)} replacing the recipe's
         control images for this call (the ControlNets stay loaded and compiled)."""
         if output_type not in ("pil", "latent"):
@@ -155,12 +158,14 @@ class CoopPipeline:
             if progress is not None:
                 progress(offset + i, len(run.timesteps), t, "+".join(coop.trace[-1][1]))
 
-        use_graph = compiled and bool(fused) and compilable(coop, run.sampler)
+        use_graph = compiled is not False and bool(fused) and compilable(coop, run.sampler)
         if compiled and not use_graph:
             raise ValueError("a compiled fused step needs partners to fuse, the euler or ddim (eta 0) sampler and no "
                              "guidance rescale")
         if use_graph:
-            latents, _ = sample_compiled(coop, run.sampler, z, latents0, timesteps, callback=on_step)
+            latents, _ = sample_compiled(coop, run.sampler, z, latents0, timesteps, callback=on_step,
+                                         # a sequential run releases its UNets; kept graphs would hold them
+                                         graphs=None if main.components.memory == "sequential" else self._fused_steps)
         else:
             state = run.sampler.sample(coop, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(), callback=on_step)
             latents, _ = coop.unpack(state)

@@ -164,7 +164,10 @@ class TrainConfig:
     EMA when it is on, floats in ``export_dtype``) are written into at the end, with ``config.yaml`` (see
     ``pangu_draw_ms.training.model_dir``). ``precision``: compute dtype (``auto``: fp16 on Ascend, fp32 on
     CPU; fp16 turns dynamic loss scaling on). ``recompute``: recompute each UNet block's activations in the
-    backward pass (less memory, more compute)."""
+    backward pass (less memory, more compute). ``train_vae_encoder``: stage ``vae`` trains the whole
+    autoencoder; ``false`` fine-tunes only the decoder (and post_quant_conv) of ``init.vae``, so the latent
+    space and its scaling factor stay those the generators were trained in (the "ft-MSE" decoder
+    fine-tune of Stable Diffusion's VAE)."""
 
     model: str = "tiny"
     stage: Stage = "structure"
@@ -174,6 +177,7 @@ class TrainConfig:
     precision: Precision = "auto"
     recompute: bool = False
     train_text_encoders: bool = False
+    train_vae_encoder: bool = True
     data: DataConfig = field(default_factory=lambda: DataConfig(manifest="data/train.jsonl"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
@@ -194,6 +198,11 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _check(not (self.train_text_encoders and self.stage == "vae"),
                "train_text_encoders applies to the diffusion stages, not to stage 'vae'")
+        if not self.train_vae_encoder:
+            _check(self.stage == "vae", "train_vae_encoder: false fine-tunes a VAE's decoder; it applies to "
+                   f"stage 'vae' only, not to stage {self.stage!r}")
+            _check(bool(self.init.vae), "train_vae_encoder: false fine-tunes the decoder of a trained VAE: set "
+                   "init.vae to its vae.safetensors")
         if self.stage == "controlnet":
             _check(bool(self.init.unet) and bool(self.init.conditioner) and bool(self.init.vae),
                    "stage 'controlnet' steers a trained generator: set init.unet (its structure_unet or "

@@ -137,6 +137,10 @@ class Trainer:
             cell.set_train(is_trained)
             for param in cell.get_parameters():
                 param.requires_grad = is_trained
+        if not config.train_vae_encoder:  # decoder fine-tune: the encoder (the latent space) stays as loaded
+            vae = self.cells["vae"]
+            for param in list(vae.encoder.get_parameters()) + list(vae.quant_conv.get_parameters()):
+                param.requires_grad = False
         compile_ = ms.get_context("mode") == ms.GRAPH_MODE
         wrap = ms.jit if compile_ else (lambda f: f)
         vae = self.cells["vae"]
@@ -447,7 +451,8 @@ class Trainer:
 
     def export(self) -> dict:
         """Write the trained components (EMA weights) into ``config.export_dir``, copy in frozen ones it
-        lacks, and write ``config.yaml``. Stage ``vae`` also sets ``vae.scaling_factor`` to 1 / latent std."""
+        lacks, and write ``config.yaml``. Stage ``vae`` also sets ``vae.scaling_factor`` to 1 / latent std
+        (unless only the decoder trained: then the latent space and its scale are those of ``init.vae``)."""
         directory = self.config.export_dir
         os.makedirs(directory, exist_ok=True)
         ema = self.train_step.ema_weights()
@@ -456,7 +461,7 @@ class Trainer:
         for name in self.trainable:
             state = {p.name: ema[p.name] for p in self.cells[name].trainable_params()}
             state.update({k: v for k, v in cell_state(self.cells[name]).items() if k not in state})
-            if name == "vae":
+            if name == "vae" and self.config.train_vae_encoder:
                 load_state(self.cells["vae"], state, what="EMA weights")
                 std = self.latent_std()
                 model_config = with_scaling_factor(model_config, 1.0 / std)
