@@ -12,9 +12,9 @@ from pangu_draw_ms.demo.shapes import (COLORS, SHAPES, Scene, all_combinations, 
                                        random_scene, render, write_dataset)
 
 
-# Of the 12 colour prompts below: a model that ignores the prompt gets about 2 right (P(>= 5) = 3.5 % by
-# chance); the shipped demo model's measured rate is about 1 in 2 (README).
-MIN_COLOR_HITS = 5
+# Of the 12 colour prompts below: a model that ignores the prompt gets about 2 right (P(>= 8) < 0.1 % by
+# chance); the shipped demo model draws 11 of them right here and 83 % of the held-out prompts (README).
+MIN_COLOR_HITS = 8
 
 
 def _rows(path):
@@ -82,7 +82,7 @@ def test_shipped_demo_model_draws_the_colour_it_is_asked_for(demo_pipeline):
     hits = [color_of(image) == color for image, (_, color) in zip(images, requests)]
     print("requested / drawn:", [(c, color_of(i)) for i, (_, c) in zip(images, requests)])
     assert sum(hits) >= MIN_COLOR_HITS, hits
-    assert sum(hits[0::2]) >= 2 and sum(hits[1::2]) >= 2  # both languages (zh and en alternate)
+    assert sum(hits[0::2]) >= 3 and sum(hits[1::2]) >= 3  # both languages (zh and en alternate)
     # The two generators really split the trajectory at t_struct.
     experts = {expert for _, expert in out.info["expert_trace"]}
     assert experts == {"structure", "texture"}
@@ -104,22 +104,23 @@ def test_shipped_demo_controlnet_puts_the_shape_where_its_outline_is(demo_pipeli
     coop = CoopPipeline(demo_pipeline, recipe)
     requests = [("一个红色的圆形", "circle"), ("a blue square", "square"), ("一个黄色的三角形", "triangle")]
     placed = {"fused": 0, "text only": 0}
+    text_only = {prompt: demo_pipeline(prompt, height=64, width=64, seed=0).images[0] for prompt, _ in requests}
     for position in ("left", "right", "top", "bottom"):
         for prompt, shape in requests:
             edges, (cy, cx) = edge_control(shape, position, 64, 64)
-            for kind in placed:
-                out = (coop(prompt, control_images={"edges": edges}, height=64, width=64, seed=0) if kind == "fused"
-                       else demo_pipeline(prompt, height=64, width=64, seed=0))
-                centre = foreground_centre(np.asarray(out.images[0].convert("RGB")))
+            images = {"fused": coop(prompt, control_images={"edges": edges}, height=64, width=64, seed=0).images[0],
+                      "text only": text_only[prompt]}  # the same image wherever the outline is
+            for kind, image in images.items():
+                centre = foreground_centre(np.asarray(image.convert("RGB")))
                 placed[kind] += centre is not None and np.hypot(centre[0] - cy, centre[1] - cx) < 0.12
     print("shapes on the outline, of 12:", placed)
-    # Measured on this machine: 6 with the ControlNet, 2 from the text alone (eval_controlnet.py has the rates).
+    # Measured on this machine: 7 with the ControlNet, 2 from the text alone (eval_controlnet.py has the rates).
     assert placed["fused"] >= 5 and placed["fused"] >= placed["text only"] + 3
 
 
 def test_infer_cli_draws_with_the_demo_model_when_no_weights_are_given(demo_pipeline, tmp_path, capsys):
     """``python tools/infer.py --prompt "一个红色的圆形"`` draws with the shipped model: one shape on a plain
-    background (colour following is measured above; the demo model gets about half of the colours right)."""
+    background (colour following is measured above)."""
     import importlib.util
 
     from PIL import Image
