@@ -30,6 +30,6 @@ setup(
     install_requires=read_requirements(),
     extras_require={
         # torch 2.13.0 is the CPU wheel on the machine's local disk; never let pip pull another torch.
-        "test": ["pytest", "torch==2.13.0", "diffusers", "transformers==4.57.1"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers==4.57.1"],
     },
 )
