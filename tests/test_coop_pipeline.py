@@ -225,7 +225,7 @@ def test_compiled_fused_steps_equal_the_host_loop(main, models):
     """Each fused step as one graph (partner UNets + bridges + fusion + update) gives the latents of the
     host loop (any-sampler path), in GRAPH mode - also for a step where no partner is active (the last
     one here: sd15 fuses for t >= 400, the ControlNet for t >= 600). A second run reuses the compiled steps,
-    and compiling renames no parameter of the pipeline's networks. (Euler only: DDIM differs in its affine
+    and compiling renames no parameter of the pipeline's networks. (DDIM differs from Euler only in its affine
     coefficients, which test_schedule_samplers checks against its step.)"""
     ms.set_context(mode=ms.GRAPH_MODE)
     coop = CoopPipeline(main, recipe(partners=[
@@ -239,7 +239,8 @@ def test_compiled_fused_steps_equal_the_host_loop(main, models):
     graph = coop(PROMPT, compiled=True, **kwargs)
     compiled_steps = dict(coop._fused_steps)
     host = coop(PROMPT, compiled=False, **kwargs)
-    assert graph.info["compiled_fused_steps"] and not host.info["compiled_fused_steps"]
+    assert graph.info["compiled_fused_steps"] and graph.info["sampler_update_in_graph"]
+    assert not host.info["compiled_fused_steps"]
     assert graph.info["coop_trace"] == host.info["coop_trace"]
     assert [names for _, names in host.info["coop_trace"]][-1] == ["main"]  # the step without partners
     np.testing.assert_allclose(graph.latents, host.latents, rtol=1e-4, atol=1e-4 * np.abs(host.latents).max())
@@ -247,5 +248,10 @@ def test_compiled_fused_steps_equal_the_host_loop(main, models):
     assert len(compiled_steps) >= 3 and coop._fused_steps == compiled_steps  # nothing new compiled
     np.testing.assert_allclose(again.latents, graph.latents, rtol=1e-5, atol=1e-6)
     assert {name: [p.name for p in main.components.get(name).get_parameters()] for name in unet_names} == unet_names
+    # Heun (two evaluations per step) updates on the host around the same compiled fused prediction.
+    heun = {mode: coop(PROMPT, compiled=mode, output_type="latent", sampler="heun", **RUN) for mode in (True, False)}
+    assert heun[True].info["compiled_fused_steps"] and not heun[True].info["sampler_update_in_graph"]
+    np.testing.assert_allclose(heun[True].latents, heun[False].latents, rtol=1e-4,
+                               atol=1e-4 * np.abs(heun[False].latents).max())
     with pytest.raises(ValueError, match="compiled fused step needs"):
-        coop(PROMPT, compiled=True, output_type="latent", sampler="heun", **RUN)
+        coop(PROMPT, compiled=True, output_type="latent", sampler="euler", guidance_rescale=0.7, **RUN)

@@ -270,12 +270,10 @@ class FusedStep(nn.Cell):
         return (a * z + b * fused,) + tuple(a * z_p + b * c for z_p, c in zip(partner_latents, carried))
 
 
-def compilable(coop: CoopDenoiser, sampler) -> bool:
-    """Whether a run can take :func:`sample_compiled`: a first-order deterministic sampler (Euler, DDIM
-    with eta 0) and guided UNet models everywhere (no guidance rescale)."""
+def compilable(coop: CoopDenoiser) -> bool:
+    """Whether a run's fused steps can compile: guided UNet models everywhere (no guidance rescale)."""
     denoisers = [coop.main] + [p.denoise for p in coop.partners]
-    return (sampler.linear_coefficients(999, CLEAN) is not None
-            and all(getattr(d, "compilable", False) for d in denoisers))
+    return all(getattr(d, "compilable", False) for d in denoisers)
 
 
 def network_signature(cell) -> tuple:
@@ -290,36 +288,65 @@ def network_signature(cell) -> tuple:
     return ("network", id(cell))
 
 
+def fused_step(coop: CoopDenoiser, t: int, a: float, b: float, z_t: ms.Tensor, latents: Sequence[ms.Tensor],
+               graphs: dict) -> Tuple[ms.Tensor, List[ms.Tensor]]:
+    """(A z_t + B eps_fuse, [A z'_t + B eps'_fuse per partner]) at timestep t as one :class:`FusedStep`
+    graph, built into ``graphs`` on first use for its combination of networks, weights and bridges
+    (reused by later steps and runs). A = 0, B = 1 gives the fused predictions themselves."""
+    coop.check_weights(t)
+    main_cell, main_inputs = coop.main.graph(t)
+    partner_graphs = [p.denoise.graph(t) if p.active(t) else (None, ()) for p in coop.partners]
+    key = (network_signature(main_cell), tuple(network_signature(cell) for cell, _ in partner_graphs),
+           tuple(p.weight for p in coop.partners), tuple(id(p.to_main) for p in coop.partners),
+           tuple(id(p.from_main) for p in coop.partners), len(main_inputs),
+           tuple(len(inputs) for _, inputs in partner_graphs))
+    if key not in graphs:
+        graphs[key] = FusedStep(main_cell, [cell for cell, _ in partner_graphs], [p.weight for p in coop.partners],
+                                [p.to_main for p in coop.partners], [p.from_main for p in coop.partners],
+                                len(main_inputs), [None if cell is None else len(inputs)
+                                                   for cell, inputs in partner_graphs])
+    coop.trace.append((t, (coop.main_name,) + tuple(p.name for p in coop.partners if p.active(t))))
+    scalars = ms.Tensor(np.array([coop.schedule.alpha_bar(t), a, b], np.float32))
+    inputs = list(latents) + list(main_inputs) + [x for _, xs in partner_graphs for x in xs]
+    z_next, *latents_next = graphs[key](z_t, scalars, *inputs)
+    return z_next, latents_next
+
+
 def sample_compiled(coop: CoopDenoiser, sampler, z: np.ndarray, partner_latents: Sequence[np.ndarray], timesteps,
                     callback: Optional[Callable[[int, int], None]] = None, graphs: Optional[dict] = None):
-    """The same denoising as ``sampler.sample(coop, coop.pack(z, partner_latents), timesteps)``, every step
-    one :class:`FusedStep` graph (one cell per combination of experts and active partners, compiled once).
+    """The same denoising as ``sampler.sample(coop, coop.pack(z, partner_latents), timesteps)`` for a
+    first-order deterministic sampler (Euler, DDIM with eta 0: z_next = A z + B eps), every step ONE
+    :class:`FusedStep` graph, the update included; the latents stay tensors between steps.
     ``graphs``: a dict the caller keeps to reuse the compiled steps in later runs with the same networks,
     guidance weights, partner weights and bridges (a new run otherwise compiles its graphs again).
     Returns (z_0, partner latents)."""
+    if sampler.linear_coefficients(999, CLEAN) is None:
+        raise ValueError(f"sampler {sampler.name!r} is not one affine step per timestep; wrap the denoiser in "
+                         "CompiledFusion and run the sampler instead")
     timesteps = [int(t) for t in timesteps]
-    steps = {} if graphs is None else graphs
+    graphs = {} if graphs is None else graphs
     z_t = ms.Tensor(np.ascontiguousarray(z, np.float32))
-    latents = tuple(ms.Tensor(np.ascontiguousarray(l, np.float32)) for l in partner_latents)
+    latents = [ms.Tensor(np.ascontiguousarray(l, np.float32)) for l in partner_latents]
     for i, t in enumerate(timesteps):
-        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
-        coop.check_weights(t)
-        a, b = sampler.linear_coefficients(t, t_next)
-        main_cell, main_inputs = coop.main.graph(t)
-        partner_graphs = [p.denoise.graph(t) if p.active(t) else (None, ()) for p in coop.partners]
-        key = (network_signature(main_cell), tuple(network_signature(cell) for cell, _ in partner_graphs),
-               tuple(p.weight for p in coop.partners), tuple(id(p.to_main) for p in coop.partners),
-               tuple(id(p.from_main) for p in coop.partners), len(main_inputs),
-               tuple(len(inputs) for _, inputs in partner_graphs))
-        if key not in steps:
-            steps[key] = FusedStep(main_cell, [cell for cell, _ in partner_graphs], [p.weight for p in coop.partners],
-                                   [p.to_main for p in coop.partners], [p.from_main for p in coop.partners],
-                                   len(main_inputs), [None if cell is None else len(inputs)
-                                                      for cell, inputs in partner_graphs])
-        coop.trace.append((t, (coop.main_name,) + tuple(p.name for p in coop.partners if p.active(t))))
-        scalars = ms.Tensor(np.array([coop.schedule.alpha_bar(t), a, b], np.float32))
-        inputs = list(latents) + list(main_inputs) + [x for _, xs in partner_graphs for x in xs]
-        z_t, *latents = steps[key](z_t, scalars, *inputs)
+        a, b = sampler.linear_coefficients(t, timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN)
+        z_t, latents = fused_step(coop, t, a, b, z_t, latents, graphs)
         if callback is not None:
             callback(i, t)
     return z_t.asnumpy(), [l.asnumpy() for l in latents]
+
+
+class CompiledFusion:
+    """``coop`` as a denoiser over the packed state whose every evaluation - the main and partner UNet calls,
+    bridges, fusion and carry-back - is one compiled :class:`FusedStep` (A = 0, B = 1), for samplers that
+    are not one affine step (Heun, DPM++, ancestral, stochastic DDIM): they update on the host around it."""
+
+    def __init__(self, coop: CoopDenoiser, graphs: Optional[dict] = None):
+        self.coop = coop
+        self.graphs = {} if graphs is None else graphs
+
+    def __call__(self, state: np.ndarray, t: int) -> np.ndarray:
+        z, partner_latents = self.coop.unpack(state)
+        fused, carried = fused_step(self.coop, int(t), 0.0, 1.0, ms.Tensor(np.ascontiguousarray(z, np.float32)),
+                                    [ms.Tensor(np.ascontiguousarray(l, np.float32)) for l in partner_latents],
+                                    self.graphs)
+        return self.coop.pack(fused.asnumpy(), [c.asnumpy() for c in carried])

@@ -15,7 +15,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..config import CoopRecipe
-from ..diffusion.coop import CoopDenoiser, CoopPartner, LatentBridge, compilable, resolution_bridge, sample_compiled
+from ..diffusion.coop import (CompiledFusion, CoopDenoiser, CoopPartner, LatentBridge, compilable, resolution_bridge,
+                              sample_compiled)
+from ..diffusion.schedule import CLEAN
 from ..diffusion.denoiser import give_unique_names
 from ..diffusion.schedule import add_noise
 from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, to_pil
@@ -68,9 +70,10 @@ class CoopPipeline:
                  progress: Optional[ProgressCallback] = None, compiled: Optional[bool] = None,
                  control_images: Optional[Dict[str, object]] = None, **settings) -> PipelineOutput:
         """Generate with the recipe. ``compiled``: run each fused step as one graph (:class:`FusedStep`,
-        compiled once per pipeline and combination of active models, then reused); needs Euler or DDIM with
-        eta 0 and no guidance rescale. None (default): compiled when the run allows it, else the host loop
-        (numpy between UNet calls; any sampler); True: compiled or an error; False: the host loop.
+        compiled once per pipeline and combination of active models, then reused): the UNet calls, bridges
+        and fusion, and with Euler or DDIM (eta 0) the sampler's update too (other samplers update on the
+        host around the graph). None (default): compiled unless guidance rescale is on; True: compiled or an
+        error; False: the host loop (numpy between the networks' graphs).
         ``control_images``: {ControlNet partner name: image (path, PIL, HxWx3 uint8)} replacing the recipe's
         control images for this call (the ControlNets stay loaded and compiled)."""
         if output_type not in ("pil", "latent"):
@@ -158,16 +161,19 @@ class CoopPipeline:
             if progress is not None:
                 progress(offset + i, len(run.timesteps), t, "+".join(coop.trace[-1][1]))
 
-        use_graph = compiled is not False and bool(fused) and compilable(coop, run.sampler)
+        use_graph = compiled is not False and bool(fused) and compilable(coop)
         if compiled and not use_graph:
-            raise ValueError("a compiled fused step needs partners to fuse, the euler or ddim (eta 0) sampler and no "
-                             "guidance rescale")
-        if use_graph:
-            latents, _ = sample_compiled(coop, run.sampler, z, latents0, timesteps, callback=on_step,
-                                         # a sequential run releases its UNets; kept graphs would hold them
-                                         graphs=None if main.components.memory == "sequential" else self._fused_steps)
+            raise ValueError("a compiled fused step needs partners to fuse and guided UNet models (no guidance "
+                             "rescale)")
+        # A sequential run releases its UNets; kept graphs would hold them.
+        graphs = None if main.components.memory == "sequential" else self._fused_steps
+        update_in_graph = use_graph and run.sampler.linear_coefficients(999, CLEAN) is not None
+        if update_in_graph:
+            latents, _ = sample_compiled(coop, run.sampler, z, latents0, timesteps, callback=on_step, graphs=graphs)
         else:
-            state = run.sampler.sample(coop, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(), callback=on_step)
+            denoise = CompiledFusion(coop, graphs) if use_graph else coop
+            state = run.sampler.sample(denoise, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(),
+                                       callback=on_step)
             latents, _ = coop.unpack(state)
         main.release_unets(main_model)
         sampled = time.perf_counter()
@@ -179,7 +185,7 @@ class CoopPipeline:
                             {"partner": bridge_cfg.partner, "t_low": bridge_cfg.t_low, "upsample": bridge_cfg.upsample}},
                     unet_evaluations={name: sum(name in names for _, names in low_trace + coop.trace)
                                       for name in ["main"] + [p.name for p in self.recipe.partners]},
-                    compiled_fused_steps=use_graph,
+                    compiled_fused_steps=use_graph, sampler_update_in_graph=update_in_graph,
                     seconds={"sample": sampled - started, "decode": time.perf_counter() - sampled},
                     random_weights=main.components.random_weights)
         return PipelineOutput(images=images, latents=latents, info=info)
