@@ -17,9 +17,8 @@ import numpy as np
 from ..config import CoopRecipe
 from ..diffusion.coop import (CompiledFusion, CoopDenoiser, CoopPartner, LatentBridge, compilable, resolution_bridge,
                               sample_compiled)
-from ..diffusion.schedule import CLEAN
 from ..diffusion.denoiser import give_unique_names
-from ..diffusion.schedule import add_noise
+from ..diffusion.schedule import CLEAN, add_noise
 from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, to_pil
 from .partners import Partner, build_partner
 
