@@ -29,7 +29,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .denoiser import give_unique_names
+from .denoiser import ControlledUNet, give_unique_names
+from .guidance import GuidedUNet
 from .schedule import CLEAN, NoiseSchedule, add_noise, eps_from_x0, predict_x0
 
 Denoise = Callable[[np.ndarray, int], np.ndarray]
@@ -281,9 +282,9 @@ def network_signature(cell) -> tuple:
     function of their inputs, so a compiled graph can serve every run with that signature."""
     if cell is None:
         return (None,)
-    if hasattr(cell, "weights") and hasattr(cell, "network"):  # GuidedUNet
+    if isinstance(cell, GuidedUNet):  # rebuilt every run around the same network
         return ("guided", cell.weights) + network_signature(cell.network)
-    if hasattr(cell, "controlnet"):  # ControlledUNet
+    if isinstance(cell, ControlledUNet):  # rebuilt every run around the same UNet and ControlNet
         return ("controlled", id(cell.unet), id(cell.controlnet), cell.guess_mode)
     return ("network", id(cell))
 

@@ -137,13 +137,12 @@ class Trainer:
             cell.set_train(is_trained)
             for param in cell.get_parameters():
                 param.requires_grad = is_trained
+        vae = self.cells["vae"]
         if not config.train_vae_encoder:  # decoder fine-tune: the encoder (the latent space) stays as loaded
-            vae = self.cells["vae"]
             for param in list(vae.encoder.get_parameters()) + list(vae.quant_conv.get_parameters()):
                 param.requires_grad = False
         compile_ = ms.get_context("mode") == ms.GRAPH_MODE
         wrap = ms.jit if compile_ else (lambda f: f)
-        vae = self.cells["vae"]
 
         def encode_images(pixels):
             return vae.encode(pixels)
