@@ -177,4 +177,6 @@ def test_affine_coefficients_reproduce_the_step_of_first_order_deterministic_sam
         sampler.reset()
         expected = sampler.step(lambda x, s: eps, z, t, t_next, None)
         np.testing.assert_allclose(coefficients[0] * z + coefficients[1] * eps, expected, rtol=1e-12, atol=1e-12)
-    assert make_sampler("ddim", SCHEDULE, eta=0.5).linear_coefficients(999, 749) is None
+    assert sampler.affine == (name in ("euler", "ddim"))
+    stochastic_ddim = make_sampler("ddim", SCHEDULE, eta=0.5)
+    assert stochastic_ddim.linear_coefficients(999, 749) is None and not stochastic_ddim.affine

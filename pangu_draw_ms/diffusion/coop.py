@@ -321,7 +321,7 @@ def sample_compiled(coop: CoopDenoiser, sampler, z: np.ndarray, partner_latents:
     ``graphs``: a dict the caller keeps to reuse the compiled steps in later runs with the same networks,
     guidance weights, partner weights and bridges (a new run otherwise compiles its graphs again).
     Returns (z_0, partner latents)."""
-    if sampler.linear_coefficients(999, CLEAN) is None:
+    if not sampler.affine:
         raise ValueError(f"sampler {sampler.name!r} is not one affine step per timestep; wrap the denoiser in "
                          "CompiledFusion and run the sampler instead")
     timesteps = [int(t) for t in timesteps]

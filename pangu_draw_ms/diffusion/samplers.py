@@ -44,6 +44,11 @@ class Sampler:
         one affine map (Coop-Diffusion's compiled fused step takes it as input); None for the others."""
         return None
 
+    @property
+    def affine(self) -> bool:
+        """Whether every step is one affine map z_next = A z + B eps (:meth:`linear_coefficients`)."""
+        return self.linear_coefficients(self.schedule.num_train_timesteps - 1, CLEAN) is not None
+
     def sample(self, denoise: Denoise, z: np.ndarray, timesteps, rng: Optional[np.random.Generator] = None,
                callback: Optional[StepCallback] = None, final_timestep: int = CLEAN) -> np.ndarray:
         """Denoise ``z`` (the latent at ``timesteps[0]``) through every timestep down to ``final_timestep``

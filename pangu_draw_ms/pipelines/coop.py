@@ -18,7 +18,7 @@ from ..config import CoopRecipe
 from ..diffusion.coop import (CompiledFusion, CoopDenoiser, CoopPartner, LatentBridge, compilable, resolution_bridge,
                               sample_compiled)
 from ..diffusion.denoiser import give_unique_names
-from ..diffusion.schedule import CLEAN, add_noise
+from ..diffusion.schedule import add_noise
 from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, to_pil
 from .partners import Partner, build_partner
 
@@ -166,7 +166,7 @@ class CoopPipeline:
                              "rescale)")
         # A sequential run releases its UNets; kept graphs would hold them.
         graphs = None if main.components.memory == "sequential" else self._fused_steps
-        update_in_graph = use_graph and run.sampler.linear_coefficients(999, CLEAN) is not None
+        update_in_graph = use_graph and run.sampler.affine
         if update_in_graph:
             latents, _ = sample_compiled(coop, run.sampler, z, latents0, timesteps, callback=on_step, graphs=graphs)
         else:
