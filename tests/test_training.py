@@ -484,9 +484,11 @@ def _free_port() -> int:
 
 
 def test_msrun_two_workers_end_with_identical_weights(tmp_path, dataset, weights):
-    """2 workers x batch 1 == 1 worker x batch 2: both ranks hold the same weights, equal to the single run's."""
+    """2 workers x batch 1 == 1 worker x batch 2: both ranks hold the same weights, equal to the single run's.
+    The workers also fill the latent cache (each rank encodes its share, then they wait for each other);
+    the single run reads it."""
     common = ["--config", "train/tiny", "steps=3", f"model={weights['model']}", f"data.manifest={dataset}/square.jsonl",
-              f"init.vae={weights['vae']}", "save_every=0", "data.num_workers=1"]
+              f"init.vae={weights['vae']}", "save_every=0", "data.num_workers=1", f"data.cache_dir={tmp_path}/cache"]
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
                OMP_NUM_THREADS="1", GLOG_v="3")
     launch = ["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}", "--join=True",
@@ -497,6 +499,8 @@ def test_msrun_two_workers_end_with_identical_weights(tmp_path, dataset, weights
                    for f in sorted(os.listdir(tmp_path / "logs")) if f.startswith("worker"))
     digests = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", logs))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], logs[-3000:]
+    with open(f"{dataset}/square.jsonl", encoding="utf-8") as f:
+        assert len(os.listdir(tmp_path / "cache" / "latents")) == sum(1 for line in f if line.strip())
     single = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train.py")] + common +
                             [f"output_dir={tmp_path}/one", "data.batch_size=2"], cwd=REPO, env=env, check=True,
                             timeout=900, capture_output=True, text=True)

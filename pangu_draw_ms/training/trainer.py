@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from ..buckets import BucketTable
 from ..config import ControlNetConfig, to_dict
@@ -44,10 +44,10 @@ logger = logging.getLogger("pangu_draw_ms.train")
 
 
 def barrier(world: int) -> None:
+    """Wait for every rank. A one-element all-reduce: ``comm_func.barrier`` has no CPU kernel in MindSpore
+    2.9, the AllReduce primitive runs everywhere, and no rank gets its result before all have sent."""
     if world > 1:
-        from mindspore.communication.comm_func import barrier as comm_barrier
-
-        comm_barrier()
+        ops.AllReduce()(Tensor(np.ones(1, np.float32))).asnumpy()
 
 
 def _file_digest(path: str) -> str:
