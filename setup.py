@@ -28,8 +28,12 @@ setup(
         "pangu_draw_ms.demo": ["config.yaml", "*.safetensors", "*.model", "*.png"],
     },
     install_requires=read_requirements(),
+    entry_points={"console_scripts": [
+        f"pangu-draw-{name.replace('_', '-')}=pangu_draw_ms.cli.{name}:main"
+        for name in ("infer", "train", "convert", "eval_demo", "eval_controlnet", "make_demo_data", "train_tokenizer")
+    ]},
     extras_require={
         # torch 2.13.0 is the CPU wheel on the machine's local disk; never let pip pull another torch.
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers==4.57.1"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers==4.57.1", "ruff==0.17.6"],
     },
 )

@@ -5,8 +5,9 @@ same UNet/VAE weights, embeddings, noise, Euler steps and guidance, both on the 
     python bench/pipeline_speed.py --config mid --size 512 512 --steps 4
 
 ``mid`` is the SDXL layout at ~0.4B UNet parameters (bench/unet_speed.py's MID) with the full SDXL VAE and
-two one-layer text encoders of the released widths (768 + 1280). Prints both timings and the ratio, and
-the max relative difference of the two final latents (they run the same computation).
+two one-layer text encoders of the released widths (768 + 1280). Both sides run interleaved (one
+run of each per round); prints the medians and ratios - ours with each step one compiled graph, ours with
+the host loop, diffusers - and the max relative difference of the final latents (the same computation).
 PyTorch timings collapse when another process is busy: run on a quiet machine.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -49,12 +49,14 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance-scale", type=float, default=6.0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     import mindspore as ms
     import torch
 
     from reference_pipeline import build_pair, reference_run
+    from timing import interleaved_medians, report
 
     torch.set_num_threads(args.threads)
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU", runtime_num_threads=args.threads)
@@ -66,34 +68,32 @@ def main():
     prompt = "一个红色的圆形 a red circle"
     common = dict(height=height, width=width, guidance_scale=args.guidance_scale, noise=noise)
 
-    def run_ours(steps, output_type):
+    def run_ours(steps, output_type, compiled=None):
         return ours(prompt, num_inference_steps=steps, spacing="leading", sampler="euler", output_type=output_type,
-                    **common)
+                    compiled=compiled, **common)
 
     def run_reference(steps, output_type):
         with torch.no_grad():
             return reference_run(reference, ours, prompt, bucket_index=0, steps=steps, output_type=output_type, **common)
 
     run_ours(2, "pil")  # compile every graph (both experts, VAE, text encoders) before timing
+    run_ours(2, "latent", compiled=False)
     run_reference(1, "pil")
-    timings = {}
-    for label, fn in (("ours", run_ours), ("diffusers", run_reference)):
-        start = time.perf_counter()
-        latents = fn(args.steps, "latent")
-        sampled = time.perf_counter()
-        fn(args.steps, "pil")
-        whole = time.perf_counter()
-        timings[label] = ((sampled - start) / args.steps, whole - sampled,
-                          latents.latents if label == "ours" else latents.numpy())
-    diff = np.abs(timings["ours"][2] - timings["diffusers"][2]).max() / np.abs(timings["diffusers"][2]).max()
+    sampling = interleaved_medians({"ours": lambda: run_ours(args.steps, "latent"),
+                                    "ours, host loop": lambda: run_ours(args.steps, "latent", compiled=False),
+                                    "diffusers": lambda: run_reference(args.steps, "latent")},
+                                   warmup=0, repeats=args.repeats)
+    images = interleaved_medians({"ours": lambda: run_ours(args.steps, "pil"),
+                                  "diffusers": lambda: run_reference(args.steps, "pil")}, warmup=0, repeats=args.repeats)
+    latents = run_ours(args.steps, "latent").latents
+    reference_latents = run_reference(args.steps, "latent").numpy()
+    diff = np.abs(latents - reference_latents).max() / np.abs(reference_latents).max()
     unet_params = sum(p.size for p in ours.components.get("structure_unet").get_parameters())
     print(f"config={args.config} unet_params={unet_params:,} size={height}x{width} steps={args.steps} "
           f"guidance={args.guidance_scale} threads={args.threads}")
-    for label in ("ours", "diffusers"):
-        per_step, per_image, _ = timings[label]
-        print(f"{label:10s} {per_step:.4f} s/step  {per_image:.2f} s/image ({args.steps} steps + decode)")
-    print(f"ratio ours/diffusers: {timings['ours'][0] / timings['diffusers'][0]:.2f} per step, "
-          f"{timings['ours'][1] / timings['diffusers'][1]:.2f} per image; latents max rel diff {diff:.2e}")
+    print(f"per step (sampling only): {report({k: v / args.steps for k, v in sampling.items()})}")
+    print(f"per image ({args.steps} steps + text encoders + decode): {report(images)}")
+    print(f"latents max rel diff ours vs diffusers {diff:.2e}")
 
 
 if __name__ == "__main__":

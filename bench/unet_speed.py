@@ -1,7 +1,8 @@
 """Time one UNet forward of ours (MindSpore, GRAPH_MODE) against diffusers on the same config and weights.
 
-Both run on the CPU in this one process, one after the other, with the same thread count, and the
-script prints seconds per forward (median of --repeats after --warmup) and the ratio ours / diffusers.
+Both run on the CPU in this one process, interleaved (one forward of each per round), with the same thread
+count, and the script prints seconds per forward (median of --repeats after --warmup) and the ratio
+ours / diffusers.
 PyTorch timings collapse when another process is busy: run this on a quiet machine.
 
     python bench/unet_speed.py --config tiny --latent 32 32
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pangu_draw_ms.config import UNetConfig, load_config  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 # A mid-size SDXL-layout UNet (~0.4B parameters): large enough that kernels, not dispatch, dominate.
 MID = UNetConfig(model_channels=160, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 2, 4),
@@ -28,17 +29,6 @@ MID = UNetConfig(model_channels=160, channel_mult=(1, 2, 4), num_res_blocks=2, t
 
 def unet_config(name: str) -> UNetConfig:
     return MID if name == "mid" else load_config(name).unet
-
-
-def median_seconds(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -94,8 +84,8 @@ def main():
     out = run_ours()
     compile_s = time.perf_counter() - start
     err = np.abs(out - run_reference()).max() / np.abs(run_reference()).max()
-    ours_s = median_seconds(run_ours, args.warmup, args.repeats)
-    ref_s = median_seconds(run_reference, args.warmup, args.repeats)
+    medians = interleaved_medians({"ours": run_ours, "diffusers": run_reference}, args.warmup, args.repeats)
+    ours_s, ref_s = medians["ours"], medians["diffusers"]
     params = L.count_parameters(ours)
     print(f"config={args.config} params={params:,} batch={b} latent={h}x{w} threads={args.threads}")
     print(f"first call (compile + run) ours: {compile_s:.2f} s; max rel diff vs diffusers {err:.2e}")

@@ -1,0 +1,8 @@
+"""pangu_draw_ms: PanGu-Draw (bilingual text-to-image latent diffusion) in MindSpore.
+
+Importing the package caps oneDNN at AVX2 on AVX-512 CPUs (100x faster 3x3 convolutions on CPU; see
+:mod:`pangu_draw_ms.runtime`), unless ``DNNL_MAX_CPU_ISA`` is already set.
+"""
+from .runtime import configure_onednn
+
+configure_onednn()

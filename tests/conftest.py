@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
+# tools/infer.py caches compiled graphs across processes by default; tests call it in-process, where the
+# cache would be switched on for every later test (test_infer_cli checks the cache in child processes).
+os.environ.setdefault("PANGU_DRAW_COMPILE_CACHE", "off")
 
 import mindspore as ms
 import numpy as np

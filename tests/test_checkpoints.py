@@ -1,7 +1,6 @@
 """Checkpoint files: round trips, the released sgm layout (single file and the structure/texture pair),
 diffusers/transformers files from save_pretrained, the convert tool, and bad inputs."""
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -57,10 +56,9 @@ def digest(path) -> str:
 
 
 def convert_tool():
-    spec = importlib.util.spec_from_file_location("convert_tool", os.path.join(ROOT, "tools", "convert.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from pangu_draw_ms.cli import convert
+
+    return convert
 
 
 # ---- round trips ---------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ image-variation fusion, low-to-high resolution generation, and recipes from the 
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -185,8 +184,7 @@ def test_recipe_errors_name_the_problem(models):
 
 
 def test_recipes_run_from_the_cli(models, tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    import infer
+    from pangu_draw_ms.cli import infer
 
     config_path = tmp_path / "small.yaml"
     config_path.write_text(yaml.safe_dump(to_dict(SMALL), allow_unicode=True), encoding="utf-8")

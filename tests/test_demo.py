@@ -122,14 +122,9 @@ def test_shipped_demo_controlnet_puts_the_shape_where_its_outline_is(demo_pipeli
 def test_infer_cli_draws_with_the_demo_model_when_no_weights_are_given(demo_pipeline, tmp_path, capsys):
     """``python tools/infer.py --prompt "一个红色的圆形"`` draws with the shipped model: one shape on a plain
     background (colour following is measured above)."""
-    import importlib.util
-
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("infer", os.path.join(os.path.dirname(os.path.dirname(
-        DEMO_MODEL_DIR)), "tools", "infer.py"))
-    infer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(infer)
+    from pangu_draw_ms.cli import infer
     paths = infer.main(["--prompt", "一个红色的圆形", "--out", str(tmp_path / "circle.png"), "--quiet"])
     assert "embedded demo model" in capsys.readouterr().err
     with Image.open(paths[0]) as image:

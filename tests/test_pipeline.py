@@ -111,13 +111,50 @@ def test_bad_requests_fail_clearly(pipe):
 
 @pytest.mark.parametrize("table", [TABLE7_STRUCTURE, TABLE7_TEXTURE], ids=["structure", "texture"])
 def test_every_bucket_of_table7_gives_an_image_of_its_size(table):
-    """Full-size buckets with the tiny networks; PyNative so that 11 shapes don't compile 11 graphs."""
+    """Full-size buckets; PyNative so that 11 shapes don't compile 11 graphs. The tiny architecture at a
+    quarter of its widths: what is checked is the bucket plumbing (image size, bucket index), and at
+    1024 px the decoder's full-resolution convolutions would otherwise take most of the test's time."""
+    tiny = load_config("tiny")
+    narrow = dataclasses.replace(tiny, structure_buckets=table,
+                                 unet=dataclasses.replace(tiny.unet, model_channels=8, num_head_channels=8),
+                                 vae=dataclasses.replace(tiny.vae, base_channels=8, norm_num_groups=4))
     previous = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        pipe = PanGuDrawPipeline.from_config(dataclasses.replace(load_config("tiny"), structure_buckets=table))
+        pipe = PanGuDrawPipeline.from_config(narrow)
         for index, (h, w) in enumerate(table):
             out = pipe(PROMPT, height=h, width=w, num_inference_steps=1, guidance_scale=1.0)
             assert out.images[0].size == (w, h) and out.info["bucket_index"] == index
     finally:
         ms.set_context(mode=previous)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "heun", "dpmpp_2m", "euler_ancestral"])
+def test_compiled_step_equals_the_host_loop(pipe, sampler):
+    """Each denoising step as one graph (both guidance branches in one UNet call, the guidance combination,
+    the expert's network, and for Euler/DDIM the update) gives the host loop's latents within 1e-5, with the
+    same expert trace. The graphs do not depend on the sampler: one per expert, compiled once and reused by
+    every later call, and compiling renames no parameter of the UNets."""
+    names = {name: [p.name for p in pipe.components.get(name).get_parameters()]
+             for name in ("structure_unet", "texture_unet")}
+    kwargs = dict(height=64, width=128, num_inference_steps=4, seed=3, sampler=sampler, output_type="latent",
+                  style_scales={"aesthetic": 2.0})
+    compiled = pipe(PROMPT, **kwargs)
+    graphs = dict(pipe._step_graphs)
+    host = pipe(PROMPT, compiled=False, **kwargs)
+    assert compiled.info["compiled_fused_steps"] and not host.info["compiled_fused_steps"]
+    assert compiled.info["sampler_update_in_graph"] == (sampler in ("euler", "ddim"))
+    assert compiled.info["expert_trace"] == host.info["expert_trace"]
+    assert {name for _, name in compiled.info["expert_trace"]} == {"structure", "texture"}
+    assert_close(compiled.latents, host.latents, rel=1e-5, what=f"{sampler}: compiled vs host loop")
+    again = pipe(PROMPT, **kwargs)
+    assert pipe._step_graphs == graphs  # nothing new compiled
+    assert np.array_equal(again.latents, compiled.latents)
+    assert {name: [p.name for p in pipe.components.get(name).get_parameters()] for name in names} == names
+
+
+def test_guidance_rescale_runs_on_the_host(pipe):
+    kwargs = dict(height=96, width=96, num_inference_steps=2, seed=1, output_type="latent", guidance_rescale=0.7)
+    assert not pipe(PROMPT, **kwargs).info["compiled_fused_steps"]
+    with pytest.raises(ValueError, match="compiled fused step needs"):
+        pipe(PROMPT, compiled=True, **kwargs)

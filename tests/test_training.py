@@ -366,7 +366,7 @@ def test_vae_decoder_fine_tune_keeps_the_latent_space(tmp_path, dataset, weights
 
 def test_edge_map_outlines_a_shape_and_nothing_else():
     from pangu_draw_ms.demo.shapes import Scene, render
-    from pangu_draw_ms.pipelines.image_processing import edge_map
+    from pangu_draw_ms.images import edge_map
 
     image = render(Scene("red", "square", "big", "center", "white", 40, 40))
     edges = edge_map(image.transpose(2, 0, 1)[None] / 255.0)[0]

@@ -11,100 +11,14 @@ OUT/samples.png (one row per prompt and language, one column per seed).
 Images come from PanGuDrawPipeline.from_pretrained(--model): time-decoupled Euler sampling with
 classifier-free guidance against the empty prompt.
 """
-from __future__ import annotations
-
-import argparse
-import json
+# The command lives in pangu_draw_ms.cli.eval_demo (installed as `pangu-draw-eval-demo`); this file keeps
+# `python tools/eval_demo.py` working from a checkout without installing the package.
 import os
 import sys
-import time
-from typing import Dict, List, Sequence
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def load_pipeline(model_dir: str):
-    """``generate(prompts, seed, height, width, steps, guidance) -> uint8 (N, H, W, 3)`` over a model directory."""
-    from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
-
-    pipe = PanGuDrawPipeline.from_pretrained(model_dir)
-
-    def generate(prompts, seed, height, width, steps, guidance):
-        out = pipe(list(prompts), negative_prompt="", height=height, width=width, num_inference_steps=steps,
-                   sampler="euler", guidance_scale=guidance, seed=seed, num_images_per_prompt=1)
-        return np.stack([np.asarray(image.convert("RGB")) for image in out.images])
-
-    return generate
-
-
-def evaluate(generate, rows: List[dict], seeds: Sequence[int], height: int, width: int, steps: int,
-             guidance: float, classifier) -> Dict:
-    """Generate every (row, language, seed) and judge it; returns per-language scores and the images."""
-    from pangu_draw_ms.demo.judge import judge
-
-    results = {"per_language": {}, "images": {}}
-    for language in ("en", "zh"):
-        prompts = [row[f"caption_{language}"] for row in rows]
-        hits = {"color": [], "shape": [], "both": []}
-        for seed in seeds:
-            images = generate(prompts, seed, height, width, steps, guidance)
-            colors, shapes = judge(images, classifier)
-            for row, color, shape in zip(rows, colors, shapes):
-                hits["color"].append(color == row["color"])
-                hits["shape"].append(shape == row["shape"])
-                hits["both"].append(color == row["color"] and shape == row["shape"])
-            results["images"][(language, seed)] = images
-        results["per_language"][language] = {k: float(np.mean(v)) for k, v in hits.items()}
-        results["per_language"][language]["images"] = len(hits["color"])
-    return results
-
-
-def save_grid(path: str, results: Dict, rows: List[dict], seeds: Sequence[int]) -> None:
-    """Rows: prompt x language; columns: seeds."""
-    from PIL import Image
-
-    keys = [(language, seed) for language in ("en", "zh") for seed in seeds]
-    h, w = results["images"][keys[0]].shape[1:3]
-    grid = Image.new("RGB", (w * len(seeds), h * 2 * len(rows)), "white")
-    for li, language in enumerate(("en", "zh")):
-        for si, seed in enumerate(seeds):
-            for ri, image in enumerate(results["images"][(language, seed)]):
-                grid.paste(Image.fromarray(image), (si * w, (ri * 2 + li) * h))
-    grid.save(path)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument("--heldout", required=True, help="heldout.jsonl written by tools/make_demo_data.py")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--out", required=True, help="output folder for results.json and samples.png")
-    args = parser.parse_args(argv)
-
-    import mindspore as ms
-
-    ms.set_context(mode=ms.GRAPH_MODE)
-    from pangu_draw_ms.demo.judge import ShapeClassifier, write_report
-
-    with open(args.heldout, "r", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    start = time.time()
-    classifier = ShapeClassifier.trained_on_renders()
-    generate = load_pipeline(args.model)
-    results = evaluate(generate, rows, args.seeds, args.height, args.width, args.steps, args.guidance, classifier)
-    os.makedirs(args.out, exist_ok=True)
-    save_grid(os.path.join(args.out, "samples.png"), results, rows, args.seeds)
-    report = {"model": args.model, "prompts": len(rows), "seeds": args.seeds, "height": args.height,
-              "width": args.width, "steps": args.steps, "guidance": args.guidance,
-              "seconds": round(time.time() - start, 1), **results["per_language"]}
-    return write_report(args.out, report)
-
+from pangu_draw_ms.cli.eval_demo import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

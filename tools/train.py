@@ -9,104 +9,14 @@ Data-parallel on N workers (CPU or Ascend), the same script launched by msrun:
 
 Overrides after the options change config entries, e.g. ``steps=200 data.batch_size=8``.
 """
-from __future__ import annotations
-
-import argparse
-import json
-import logging
+# The command lives in pangu_draw_ms.cli.train (installed as `pangu-draw-train`); this file keeps
+# `python tools/train.py` working from a checkout without installing the package.
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def launched_by_msrun() -> bool:
-    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
-
-
-def supervise(args) -> dict:
-    """Run this script without --restart-on-stall (and with --resume) in a child process, restarting it on a stall."""
-    from pangu_draw_ms.training.config import load_train_config
-    from pangu_draw_ms.training.metrics import METRICS_FILE
-    from pangu_draw_ms.training.supervisor import run_with_restarts
-
-    config = load_train_config(args.config, tuple(args.overrides))
-    child = ["--config", args.config, "--mode", args.mode] + (["--device", args.device] if args.device else []) \
-        + (["--threads", str(args.threads)] if args.threads else []) + list(args.overrides)
-    script = [sys.executable, os.path.abspath(__file__)]
-    first = script + (["--resume", args.resume] if args.resume not in (None, "latest") else
-                      ["--resume"] if args.resume else []) + child
-    code = run_with_restarts(first, os.path.join(config.output_dir, METRICS_FILE), args.restart_on_stall,
-                             restart_command=script + ["--resume"] + child)
-    if code != 0:
-        raise SystemExit(code)
-    with open(os.path.join(config.output_dir, "summary.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="training YAML (path, or a name under configs/)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None,
-                        help="continue from the newest checkpoint of the output folder, or from CHECKPOINT")
-    parser.add_argument("--device", default=None, help="CPU, Ascend or GPU (default: MindSpore's default)")
-    parser.add_argument("--mode", choices=("graph", "pynative"), default="graph",
-                        help="graph (compiled, default) or pynative (eager, for debugging)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="host threads per worker (default: CPU cores / local workers)")
-    parser.add_argument("--restart-on-stall", type=float, default=0, metavar="SECONDS",
-                        help="single process: when no step completes for SECONDS, kill the run and resume it from "
-                             "its newest checkpoint (works around rare MindSpore CPU kernel stalls)")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value (YAML values)")
-    args = parser.parse_args(argv)
-    if args.restart_on_stall > 0:
-        if launched_by_msrun():
-            raise SystemExit("error: --restart-on-stall supervises one process; under msrun restart the job instead")
-        return supervise(args)
-
-    import mindspore as ms
-
-    if args.device:
-        ms.set_device(args.device)
-    if os.environ.get("PANGU_LAUNCH_BLOCKING"):
-        ms.runtime.launch_blocking()
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-    rank, world = 0, 1
-    if launched_by_msrun():
-        from mindspore.communication import get_group_size, get_rank, init
-
-        init()
-        if os.environ["MS_ROLE"] == "MS_SCHED":
-            return {}  # msrun's scheduler process coordinates the workers and trains nothing
-        rank, world = get_rank(), get_group_size()
-    local_workers = int(os.environ.get("MS_LOCAL_WORKER", "0") or 0) or world
-    ms.device_context.cpu.op_tuning.threads_num(args.threads or max(1, (os.cpu_count() or 1) // max(1, local_workers)))
-
-    from pangu_draw_ms.training.config import load_train_config
-    from pangu_draw_ms.training.trainer import Trainer
-
-    config = load_train_config(args.config, tuple(args.overrides))
-    os.makedirs(config.output_dir, exist_ok=True)
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if rank == 0:
-        handlers.append(logging.FileHandler(os.path.join(config.output_dir, "train.log"), encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    logger = logging.getLogger("pangu_draw_ms.train")
-    if rank == 0:
-        logger.info("stage %s, %d worker(s), config %s", config.stage, world, args.config)
-
-    trainer = Trainer(config, rank=rank, world=world)
-    if args.resume:
-        if not trainer.resume(None if args.resume == "latest" else args.resume):
-            logger.warning("--resume: no checkpoint in %s, starting from step 0", trainer.checkpoints.directory)
-    summary = trainer.train()
-    # Every worker reports its weights' digest: a data-parallel run is correct when they are all equal.
-    print(f"rank {rank} of {world}: weights sha256 {summary['digest']}", flush=True)
-    if rank == 0:
-        print(json.dumps(summary, ensure_ascii=False), flush=True)
-    return summary
-
+from pangu_draw_ms.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

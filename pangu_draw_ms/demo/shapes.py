@@ -196,7 +196,7 @@ def write_dataset(directory: str, num_images: int, seed: int = 0, low_res_fracti
 def edge_control(shape: str, position: str, height: int, width: int) -> Tuple[np.ndarray, Tuple[float, float]]:
     """A ControlNet edge condition for the demo world: the edge map (uint8 (H, W, 3), white outlines on
     black) of a small ``shape`` drawn at ``position``, and the shape's centre (y, x) as fractions of H, W."""
-    from ..pipelines.image_processing import edge_map
+    from ..images import edge_map
 
     scene = Scene("red", shape, "small", position, "black", height, width)
     edges = edge_map(render(scene).transpose(2, 0, 1)[None] / 255.0)[0]

@@ -13,7 +13,9 @@ When both models share a latent space the bridge is the identity and is skipped.
 
 The main latent and every partner latent are packed into ONE flat state vector, and the fused denoiser
 returns the packed (eps_fuse, eps'_fuse...) - so any sampler (Euler, Heun, DPM-Solver++, ancestral)
-applies S to all latents at once, exactly as the algorithm's two S lines.
+applies S to all latents at once, exactly as the algorithm's two S lines. With no partners it is the main
+model's own prediction: the plain pipeline's compiled step (:mod:`pangu_draw_ms.diffusion.compiled`)
+is this with no partners.
 
 Sub-module 2, the resolution bridge: a low-resolution model runs from T to T_low; its x0 at T_low is
 decoded, upsampled in pixel space, encoded by the high-resolution VAE and re-noised with FRESH noise by
@@ -29,9 +31,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .denoiser import ControlledUNet, give_unique_names
-from .guidance import GuidedUNet
-from .schedule import CLEAN, NoiseSchedule, add_noise, eps_from_x0, predict_x0
+from .schedule import NoiseSchedule, add_noise, eps_from_x0, predict_x0
 
 Denoise = Callable[[np.ndarray, int], np.ndarray]
 RESIZE_MODES = ("bicubic", "bilinear", "nearest", "area")
@@ -79,7 +79,8 @@ def fuse_predictions(z, eps_main, partner_latents, partner_eps, weights, to_main
 
     ``partner_eps[i]`` is None for a partner inactive at t; ``to_main[i]`` / ``from_main[i]`` are the
     bridges (callables) or None for a shared latent space. Operators only, so the same code runs on
-    numpy arrays (:class:`CoopDenoiser`) and inside the compiled :class:`FusedStep`.
+    numpy arrays (:class:`CoopDenoiser`) and inside a compiled
+    :class:`~pangu_draw_ms.diffusion.compiled.StepGraph`.
     """
     fused = eps_main
     total = 0.0
@@ -93,8 +94,7 @@ def fuse_predictions(z, eps_main, partner_latents, partner_eps, weights, to_main
         for term in terms:
             fused = fused + term
     # Carry the fused prediction back to every partner's space for its own update (line 9).
-    x0_fused = predict_x0(z, fused, alpha_bar)
-    carried = [fused if back is None else bridged_eps(z_p, x0_fused, back, alpha_bar)
+    carried = [fused if back is None else bridged_eps(z_p, predict_x0(z, fused, alpha_bar), back, alpha_bar)
                for z_p, back in zip(partner_latents, from_main)]
     return fused, carried
 
@@ -153,13 +153,18 @@ class CoopDenoiser:
         self._shapes = shapes
 
     def pack(self, z: np.ndarray, partner_latents: Sequence[np.ndarray]) -> np.ndarray:
+        """One state for the sampler: the latents flattened and concatenated; with no partners, ``z`` as it is."""
         arrays = [z] + list(partner_latents)
         for a, shape in zip(arrays, self._shapes):
             if tuple(a.shape) != shape:
                 raise ValueError(f"latent of shape {tuple(a.shape)} where {shape} is expected")
+        if not self.partners:
+            return np.asarray(z, np.float32)
         return np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays])
 
     def unpack(self, state: np.ndarray) -> Tuple[np.ndarray, List[np.ndarray]]:
+        if not self.partners:
+            return state, []
         parts = np.split(state, np.cumsum(self._sizes)[:-1])
         arrays = [p.reshape(s) for p, s in zip(parts, self._shapes)]
         return arrays[0], arrays[1:]
@@ -167,18 +172,19 @@ class CoopDenoiser:
     def active(self, t: int) -> Tuple[bool, ...]:
         return tuple(p.active(t) for p in self.partners)
 
-    def check_weights(self, t: int) -> None:
+    def begin_step(self, t: int) -> None:
+        """Check the active partners' weights at t and record who runs (every evaluation, host or compiled)."""
         total = sum(p.weight for p in self.partners if p.active(t))
         if total > 1.0 + 1e-6:
             raise ValueError(f"the active partners' weights sum to {total:.3f} > 1 at t={t}")
+        self.trace.append((int(t), (self.main_name,) + tuple(p.name for p in self.partners if p.active(t))))
 
     def fuse(self, z: np.ndarray, partner_latents: Sequence[np.ndarray], t: int):
         """(eps_fuse, [eps'_fuse per partner]) at timestep t (Algorithm 1 lines 1-9)."""
-        self.check_weights(t)
+        self.begin_step(t)
         a = self.schedule.alpha_bar(t)
         eps = self.main(z, t)
         partner_eps = [p.denoise(z_p, t) if p.active(t) else None for p, z_p in zip(self.partners, partner_latents)]
-        self.trace.append((int(t), (self.main_name,) + tuple(p.name for p in self.partners if p.active(t))))
         fused, carried = fuse_predictions(
             z, eps, partner_latents, partner_eps, [p.weight for p in self.partners],
             [None if p.to_main is None else p.to_main.numpy for p in self.partners],
@@ -211,143 +217,3 @@ def resolution_bridge(z_low: np.ndarray, eps_low: np.ndarray, t: int, schedule: 
     if noise.shape != z0_high.shape:
         raise ValueError(f"noise shape {noise.shape} != high-resolution latent shape {z0_high.shape}")
     return add_noise(z0_high, noise, a).astype(np.float32), z0_high
-
-
-class FusedStep(nn.Cell):
-    """One Coop-Diffusion step of a first-order deterministic sampler as ONE compiled graph: the main
-    model's guided UNet call, the active partners' guided UNet calls, the latent bridges (VAE decode,
-    resize, encode), the fusion and carry-back (:func:`fuse_predictions`) and the update
-    z_next = A z + B eps for every latent.
-
-    Built for one combination of expert networks and active partners (a run needs a handful), with the
-    number of tensor inputs of each network (``main_arity``, ``partner_arities``: None for an inactive
-    partner). Inputs, all flat: the main latents, the per-step scalars (alpha_bar, A, B) as a (3,) tensor,
-    every partner's latents, the main network's inputs, then each active partner's inputs. (Flat on
-    purpose: nested or empty input tuples - an inactive partner has no inputs - misplace the weights of
-    the compiled graph on MindSpore 2.9's CPU backend, "could not execute a primitive".)
-    """
-
-    def __init__(self, main, partners, weights, to_main, from_main, main_arity: int, partner_arities):
-        super().__init__(auto_prefix=False)  # every network keeps its own parameter names
-        # The bridges' VAEs are unique already (CoopPipeline names a partner's VAE apart from the main one).
-        give_unique_names([main] + [b for b in list(to_main) + list(from_main) if b is not None],
-                          [(f"partner{i}", p) for i, p in enumerate(partners) if p is not None])
-        self.main = main
-        self.active = tuple(p is not None for p in partners)
-        # auto_prefix=False on the lists too: a CellList prefixes its items' parameter names ("0.", ...), which
-        # would rename the networks it holds (the main UNet among them) for every later graph.
-        self.partner_nets = nn.CellList([p for p in partners if p is not None], auto_prefix=False)
-        self.net_index = tuple(sum(self.active[:i]) for i in range(len(partners)))
-        self.weights = tuple(float(w) for w in weights)
-        bridges = [b for b in list(to_main) + list(from_main) if b is not None]
-        self.bridges = nn.CellList(bridges, auto_prefix=False)
-        positions = {id(b): i for i, b in enumerate(bridges)}
-        self.to_index = tuple(-1 if b is None else positions[id(b)] for b in to_main)
-        self.from_index = tuple(-1 if b is None else positions[id(b)] for b in from_main)
-        self.num_partners = len(partners)
-        self.main_arity = int(main_arity)
-        starts, start = [], len(partners) + self.main_arity
-        for arity in partner_arities:
-            starts.append(start)
-            start += arity or 0
-        self.input_spans = tuple((b, b + (a or 0)) for b, a in zip(starts, partner_arities))
-
-    def construct(self, z, scalars, *tensors):
-        alpha_bar, a, b = scalars[0], scalars[1], scalars[2]
-        n = self.num_partners
-        partner_latents = tensors[:n]
-        eps_main = self.main(z, *tensors[n:n + self.main_arity])
-        partner_eps = []
-        for i in range(n):
-            if self.active[i]:
-                begin, end = self.input_spans[i]
-                partner_eps.append(self.partner_nets[self.net_index[i]](partner_latents[i], *tensors[begin:end]))
-            else:
-                partner_eps.append(None)
-        to_main = [None if j < 0 else self.bridges[j] for j in self.to_index]
-        from_main = [None if j < 0 else self.bridges[j] for j in self.from_index]
-        fused, carried = fuse_predictions(z, eps_main, partner_latents, partner_eps, self.weights, to_main, from_main,
-                                          alpha_bar)
-        return (a * z + b * fused,) + tuple(a * z_p + b * c for z_p, c in zip(partner_latents, carried))
-
-
-def compilable(coop: CoopDenoiser) -> bool:
-    """Whether a run's fused steps can compile: guided UNet models everywhere (no guidance rescale)."""
-    denoisers = [coop.main] + [p.denoise for p in coop.partners]
-    return all(getattr(d, "compilable", False) for d in denoisers)
-
-
-def network_signature(cell) -> tuple:
-    """What a guided graph computes, by the networks (weights) it runs: equal signatures compute the same
-    function of their inputs, so a compiled graph can serve every run with that signature."""
-    if cell is None:
-        return (None,)
-    if isinstance(cell, GuidedUNet):  # rebuilt every run around the same network
-        return ("guided", cell.weights) + network_signature(cell.network)
-    if isinstance(cell, ControlledUNet):  # rebuilt every run around the same UNet and ControlNet
-        return ("controlled", id(cell.unet), id(cell.controlnet), cell.guess_mode)
-    return ("network", id(cell))
-
-
-def fused_step(coop: CoopDenoiser, t: int, a: float, b: float, z_t: ms.Tensor, latents: Sequence[ms.Tensor],
-               graphs: dict) -> Tuple[ms.Tensor, List[ms.Tensor]]:
-    """(A z_t + B eps_fuse, [A z'_t + B eps'_fuse per partner]) at timestep t as one :class:`FusedStep`
-    graph, built into ``graphs`` on first use for its combination of networks, weights and bridges
-    (reused by later steps and runs). A = 0, B = 1 gives the fused predictions themselves."""
-    coop.check_weights(t)
-    main_cell, main_inputs = coop.main.graph(t)
-    partner_graphs = [p.denoise.graph(t) if p.active(t) else (None, ()) for p in coop.partners]
-    key = (network_signature(main_cell), tuple(network_signature(cell) for cell, _ in partner_graphs),
-           tuple(p.weight for p in coop.partners), tuple(id(p.to_main) for p in coop.partners),
-           tuple(id(p.from_main) for p in coop.partners), len(main_inputs),
-           tuple(len(inputs) for _, inputs in partner_graphs))
-    if key not in graphs:
-        graphs[key] = FusedStep(main_cell, [cell for cell, _ in partner_graphs], [p.weight for p in coop.partners],
-                                [p.to_main for p in coop.partners], [p.from_main for p in coop.partners],
-                                len(main_inputs), [None if cell is None else len(inputs)
-                                                   for cell, inputs in partner_graphs])
-    coop.trace.append((t, (coop.main_name,) + tuple(p.name for p in coop.partners if p.active(t))))
-    scalars = ms.Tensor(np.array([coop.schedule.alpha_bar(t), a, b], np.float32))
-    inputs = list(latents) + list(main_inputs) + [x for _, xs in partner_graphs for x in xs]
-    z_next, *latents_next = graphs[key](z_t, scalars, *inputs)
-    return z_next, latents_next
-
-
-def sample_compiled(coop: CoopDenoiser, sampler, z: np.ndarray, partner_latents: Sequence[np.ndarray], timesteps,
-                    callback: Optional[Callable[[int, int], None]] = None, graphs: Optional[dict] = None):
-    """The same denoising as ``sampler.sample(coop, coop.pack(z, partner_latents), timesteps)`` for a
-    first-order deterministic sampler (Euler, DDIM with eta 0: z_next = A z + B eps), every step ONE
-    :class:`FusedStep` graph, the update included; the latents stay tensors between steps.
-    ``graphs``: a dict the caller keeps to reuse the compiled steps in later runs with the same networks,
-    guidance weights, partner weights and bridges (a new run otherwise compiles its graphs again).
-    Returns (z_0, partner latents)."""
-    if not sampler.affine:
-        raise ValueError(f"sampler {sampler.name!r} is not one affine step per timestep; wrap the denoiser in "
-                         "CompiledFusion and run the sampler instead")
-    timesteps = [int(t) for t in timesteps]
-    graphs = {} if graphs is None else graphs
-    z_t = ms.Tensor(np.ascontiguousarray(z, np.float32))
-    latents = [ms.Tensor(np.ascontiguousarray(l, np.float32)) for l in partner_latents]
-    for i, t in enumerate(timesteps):
-        a, b = sampler.linear_coefficients(t, timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN)
-        z_t, latents = fused_step(coop, t, a, b, z_t, latents, graphs)
-        if callback is not None:
-            callback(i, t)
-    return z_t.asnumpy(), [l.asnumpy() for l in latents]
-
-
-class CompiledFusion:
-    """``coop`` as a denoiser over the packed state whose every evaluation - the main and partner UNet calls,
-    bridges, fusion and carry-back - is one compiled :class:`FusedStep` (A = 0, B = 1), for samplers that
-    are not one affine step (Heun, DPM++, ancestral, stochastic DDIM): they update on the host around it."""
-
-    def __init__(self, coop: CoopDenoiser, graphs: Optional[dict] = None):
-        self.coop = coop
-        self.graphs = {} if graphs is None else graphs
-
-    def __call__(self, state: np.ndarray, t: int) -> np.ndarray:
-        z, partner_latents = self.coop.unpack(state)
-        fused, carried = fused_step(self.coop, int(t), 0.0, 1.0, ms.Tensor(np.ascontiguousarray(z, np.float32)),
-                                    [ms.Tensor(np.ascontiguousarray(l, np.float32)) for l in partner_latents],
-                                    self.graphs)
-        return self.coop.pack(fused.asnumpy(), [c.asnumpy() for c in carried])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import mindspore as ms
 from mindspore import nn, ops
 
 from .denoiser import Conditioning, EpsModel, UNetEpsModel
@@ -74,7 +75,6 @@ class GuidedDenoiser:
         if len(sizes) != 1:
             raise ValueError(f"all guidance branches need the same batch size, got {sorted(sizes)}")
         self.batch_size = sizes.pop()
-        self._graphs = {}
 
     @property
     def compilable(self) -> bool:
@@ -84,15 +84,16 @@ class GuidedDenoiser:
 
     def graph(self, t: int):
         """(GuidedUNet cell, its inputs after the latents) of this guidance at timestep t, for a compiled
-        fused step. Records the evaluation in the model's trace."""
+        step (which keeps one cell per network and number of branches: this one is a light wrapper that only
+        names them, and holds no reference the expert router's release would miss). Records the evaluation
+        in the model's trace."""
         if not self.compilable:
             raise ValueError("guidance rescale (or a non-UNet model) has no compiled form; use the denoiser")
         model = self.model.model_for(t)
         if not isinstance(model, UNetEpsModel):
             raise TypeError(f"a compiled step needs UNet eps models, got {type(model).__name__}")
-        if id(model) not in self._graphs:  # one cell per network: its graph compiles once
-            self._graphs[id(model)] = GuidedUNet(model.network, [b.weight for b in self.branches])
-        return self._graphs[id(model)], model.condition_inputs(t, self.batched_cond)
+        weights = ms.Tensor(np.array([b.weight for b in self.branches], np.float32))
+        return GuidedUNet(model.network, len(self.branches)), (weights,) + model.condition_inputs(t, self.batched_cond)
 
     def __call__(self, z: np.ndarray, t: int) -> np.ndarray:
         k = len(self.branches)
@@ -111,18 +112,19 @@ class GuidedUNet(nn.Cell):
     """The guided prediction of one network as ONE graph: the latents tiled once per branch, one network
     call on the stacked branch conditionings, the weighted sum (the same :func:`combine`).
 
-    ``network``: a UNetModel or a ControlledUNet; ``weights``: the branch weights, fixed for the run.
-    Inputs: ``z`` (B, ...), then the network's remaining inputs for the K*B stacked rows (timesteps,
-    context, vector[, hint, control scale]).
+    ``network``: a UNetModel or a ControlledUNet; ``num_branches``: K. Inputs: ``z`` (B, ...), the K branch
+    weights as a (K,) tensor (an input, not a constant, so that one graph serves every guidance scale),
+    then the network's remaining inputs for the K*B stacked rows (timesteps, context, vector[, hint,
+    control scale]).
     """
 
-    def __init__(self, network: nn.Cell, weights: Sequence[float]):
+    def __init__(self, network: nn.Cell, num_branches: int):
         super().__init__(auto_prefix=False)  # the network keeps its own parameter names
         self.network = network
-        self.weights = tuple(float(w) for w in weights)
+        self.num_branches = int(num_branches)
 
-    def construct(self, z, *inputs):
-        k = len(self.weights)
+    def construct(self, z, weights, *inputs):
+        k = self.num_branches
         b = z.shape[0]
         eps = self.network(ops.tile(z, (k, 1, 1, 1)), *inputs)
-        return combine(tuple(eps[i * b:(i + 1) * b] for i in range(k)), self.weights)
+        return combine(tuple(eps[i * b:(i + 1) * b] for i in range(k)), tuple(weights[i] for i in range(k)))

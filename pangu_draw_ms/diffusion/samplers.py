@@ -41,7 +41,7 @@ class Sampler:
 
     def linear_coefficients(self, t: int, t_next: int) -> Optional[Tuple[float, float]]:
         """(A, B) with z_next = A z + B eps for deterministic first-order samplers, whose step is then
-        one affine map (Coop-Diffusion's compiled fused step takes it as input); None for the others."""
+        one affine map (a compiled step takes it into its graph); None for the others."""
         return None
 
     @property
@@ -52,16 +52,26 @@ class Sampler:
     def sample(self, denoise: Denoise, z: np.ndarray, timesteps, rng: Optional[np.random.Generator] = None,
                callback: Optional[StepCallback] = None, final_timestep: int = CLEAN) -> np.ndarray:
         """Denoise ``z`` (the latent at ``timesteps[0]``) through every timestep down to ``final_timestep``
-        (the clean end by default; a later timestep stops part-way, e.g. at Coop-Diffusion's T_low)."""
+        (the clean end by default; a later timestep stops part-way, e.g. at Coop-Diffusion's T_low).
+
+        The one sampling loop of the package: host denoisers and compiled ones alike. A denoiser with an
+        ``affine_step(z, t, A, B)`` method is handed the whole step z_next = A z + B eps when this sampler's
+        step is affine (:meth:`linear_coefficients`); other samplers call it as ``denoise(z, t)``."""
         if self.stochastic and rng is None:
             raise ValueError(f"sampler {self.name!r} is stochastic: pass a numpy Generator as rng")
         self.reset()
         timesteps = [int(t) for t in timesteps]
         if final_timestep != CLEAN and timesteps and final_timestep >= timesteps[-1]:
             raise ValueError(f"final_timestep {final_timestep} must come after the last timestep {timesteps[-1]}")
+        # A compiled denoiser (diffusion/compiled.py) takes an affine step's update into its graph.
+        affine_step = getattr(denoise, "affine_step", None)
         for i, t in enumerate(timesteps):
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else final_timestep
-            z = self.step(denoise, z, t, t_next, rng)
+            coefficients = None if affine_step is None else self.linear_coefficients(t, t_next)
+            if coefficients is None:
+                z = self.step(denoise, z, t, t_next, rng)
+            else:
+                z = affine_step(z, t, *coefficients)
             if callback is not None:
                 callback(i, t, z)
         return z

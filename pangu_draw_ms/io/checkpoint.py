@@ -658,11 +658,12 @@ def write_tensors(path: str, sources: Iterable[TensorSource], dtype: Optional[st
 
 def tensor_sources(source) -> List[TensorSource]:
     """A cell, a ``{name: array or Tensor}`` mapping or a :class:`CheckpointReader` as tensor sources."""
-    import mindspore as ms
     from mindspore import nn
 
+    from .state import numpy_dtype
+
     if isinstance(source, nn.Cell):  # names relative to the cell, also for a sub-cell
-        return [(name, tuple(p.shape), np.dtype(ms.dtype_to_nptype(p.dtype)), p.asnumpy)
+        return [(name, tuple(p.shape), numpy_dtype(p.dtype), p.asnumpy)
                 for name, p in source.parameters_and_names()]
     if isinstance(source, CheckpointReader):
         out = []

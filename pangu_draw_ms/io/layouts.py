@@ -48,7 +48,7 @@ from .checkpoint import (CheckpointReader, SaveSummary, TensorSource, open_check
 from .diffusers_controlnet import controlnet_from_diffusers
 from .diffusers_unet import unet_from_diffusers
 from .diffusers_vae import vae_from_diffusers
-from .state import LoadReport, StateDictError, dtype_kind_error
+from .state import LoadReport, StateDictError, dtype_kind_error, numpy_dtype
 from .transformers_clip import clip_text_from_open_clip, clip_text_from_transformers, clip_vision_from_transformers
 
 logger = logging.getLogger(__name__)
@@ -390,7 +390,7 @@ def load_component(cell: nn.Cell, source: Union[str, CheckpointReader], componen
         for name, _, _, load in plan.sources(reader):
             param = params[name]
             stored = load()
-            param.set_data(Tensor.from_numpy(_contiguous(stored, ms.dtype_to_nptype(param.dtype))))
+            param.set_data(Tensor.from_numpy(_contiguous(stored, numpy_dtype(param.dtype))))
             plan.report.loaded.append(name)
             if progress is not None:
                 progress.update(stored.nbytes)

@@ -49,10 +49,22 @@ class LoadReport:
         return "; ".join(parts) if parts else f"all {len(self.loaded)} parameters loaded"
 
 
+_NUMPY_DTYPES = {ms.float16: np.float16, ms.float32: np.float32, ms.float64: np.float64, ms.int8: np.int8,
+                 ms.int16: np.int16, ms.int32: np.int32, ms.int64: np.int64, ms.uint8: np.uint8, ms.bool_: np.bool_}
+
+
+def numpy_dtype(dtype) -> np.dtype:
+    """The numpy dtype of a MindSpore dtype (``ms.dtype_to_nptype`` is deprecated and logs a warning per
+    call; bfloat16 has no numpy dtype here and is refused)."""
+    if dtype not in _NUMPY_DTYPES:
+        raise TypeError(f"no numpy dtype for MindSpore {dtype}; parameters are stored as float32 or float16")
+    return np.dtype(_NUMPY_DTYPES[dtype])
+
+
 def dtype_kind_error(param_dtype, value_dtype) -> str:
     """"" when numpy ``value_dtype`` may be cast into a parameter of MindSpore ``param_dtype`` (floats
     into float parameters, integers into integer ones), else what the parameter needs."""
-    wants = np.dtype(ms.dtype_to_nptype(param_dtype)).kind
+    wants = numpy_dtype(param_dtype).kind
     got = np.dtype(value_dtype).kind
     if wants == "f":
         return "" if got == "f" else "a floating dtype"

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..config import CoopRecipe
-from ..diffusion.coop import (CompiledFusion, CoopDenoiser, CoopPartner, LatentBridge, compilable, resolution_bridge,
-                              sample_compiled)
+from ..diffusion.compiled import CompiledDenoiser, step_denoiser
+from ..diffusion.coop import CoopDenoiser, CoopPartner, LatentBridge, resolution_bridge
 from ..diffusion.denoiser import give_unique_names
 from ..diffusion.schedule import add_noise
 from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, to_pil
@@ -68,11 +68,12 @@ class CoopPipeline:
     def __call__(self, prompt: Union[str, Sequence[str]], *, output_type: str = "pil",
                  progress: Optional[ProgressCallback] = None, compiled: Optional[bool] = None,
                  control_images: Optional[Dict[str, object]] = None, **settings) -> PipelineOutput:
-        """Generate with the recipe. ``compiled``: run each fused step as one graph (:class:`FusedStep`,
-        compiled once per pipeline and combination of active models, then reused): the UNet calls, bridges
-        and fusion, and with Euler or DDIM (eta 0) the sampler's update too (other samplers update on the
-        host around the graph). None (default): compiled unless guidance rescale is on; True: compiled or an
-        error; False: the host loop (numpy between the networks' graphs).
+        """Generate with the recipe. ``compiled``: run each fused step as one graph
+        (:class:`~pangu_draw_ms.diffusion.compiled.StepGraph`, compiled once per pipeline and combination of
+        active models, then reused): the UNet calls, bridges and fusion, and with Euler or DDIM (eta 0) the
+        sampler's update too (other samplers update on the host around the graph). None (default): compiled
+        unless guidance rescale is on; True: compiled or an error; False: the host loop (numpy between the
+        networks' graphs).
         ``control_images``: {ControlNet partner name: image (path, PIL, HxWx3 uint8)} replacing the recipe's
         control images for this call (the ControlNets stay loaded and compiled)."""
         if output_type not in ("pil", "latent"):
@@ -91,7 +92,11 @@ class CoopPipeline:
         main_vae = main.components.get("vae")
         batch = run.latent_shape[0]
         started = time.perf_counter()
-        main_denoise, main_model = main.denoiser(run)
+        # Compiled steps are kept for later calls; a sequential run keeps them for itself only, and drops them
+        # when it releases a UNet (a kept graph would hold it).
+        sequential = main.components.memory == "sequential"
+        graphs = {} if sequential else self._fused_steps
+        main_denoise, main_model = main.denoiser(run, on_release=graphs.clear if sequential else None)
 
         def partner_denoiser(config):
             prompts = run.prompts if config.prompt is None else [config.prompt] * len(run.prompts)
@@ -116,15 +121,16 @@ class CoopPipeline:
                 raise ValueError(f"resolution_bridge.t_low {bridge_cfg.t_low} leaves no low-resolution step in "
                                  f"{timesteps[:3]}...; pick a t_low below the first timestep")
             low_denoise = partner_denoiser(next(p for p in self.recipe.partners if p.name == low.name))
-            z_low = self._noise(run.seed, _BRIDGE_STREAM, run.first_image_index, low.latent_shape(batch))
+            low_coop = CoopDenoiser(low_denoise, low.latent_shape(batch), [], schedule, main_name=low.name)
 
-            def record(i, t, _z):
-                low_trace.append((t, (low.name,)))
+            def low_step(i, t, _z):
                 if progress is not None:
                     progress(i, len(timesteps), t, low.name)
 
-            z_low = run.sampler.sample(low_denoise, z_low, timesteps[:k], rng=run.sampler_rng(), callback=record,
-                                       final_timestep=timesteps[k])
+            z_low = self._noise(run.seed, _BRIDGE_STREAM, run.first_image_index, low_coop.main_shape)
+            z_low = run.sampler.sample(step_denoiser(low_coop, compiled, graphs), z_low, timesteps[:k],
+                                       rng=run.sampler_rng(), callback=low_step, final_timestep=timesteps[k])
+            low_trace = low_coop.trace
             t_low = timesteps[k]
             eps_low = low_denoise(z_low, t_low)
             if bridge_cfg.upsample == "latent_bilinear":
@@ -156,24 +162,16 @@ class CoopPipeline:
         coop = CoopDenoiser(main_denoise, run.latent_shape, fused, schedule)
         offset = len(run.timesteps) - len(timesteps)
 
-        def on_step(i, t, _state=None):
+        def on_step(i, t, _state):
             if progress is not None:
                 progress(offset + i, len(run.timesteps), t, "+".join(coop.trace[-1][1]))
 
-        use_graph = compiled is not False and bool(fused) and compilable(coop)
-        if compiled and not use_graph:
-            raise ValueError("a compiled fused step needs partners to fuse and guided UNet models (no guidance "
-                             "rescale)")
-        # A sequential run releases its UNets; kept graphs would hold them.
-        graphs = None if main.components.memory == "sequential" else self._fused_steps
+        denoise = step_denoiser(coop, compiled, graphs)
+        state = run.sampler.sample(denoise, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(),
+                                   callback=on_step)
+        latents, _ = coop.unpack(state)
+        use_graph = isinstance(denoise, CompiledDenoiser)
         update_in_graph = use_graph and run.sampler.affine
-        if update_in_graph:
-            latents, _ = sample_compiled(coop, run.sampler, z, latents0, timesteps, callback=on_step, graphs=graphs)
-        else:
-            denoise = CompiledFusion(coop, graphs) if use_graph else coop
-            state = run.sampler.sample(denoise, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(),
-                                       callback=on_step)
-            latents, _ = coop.unpack(state)
         main.release_unets(main_model)
         sampled = time.perf_counter()
         images = [] if output_type == "latent" else to_pil(main.decode(latents))

@@ -7,45 +7,37 @@ Diffusers' ``StableDiffusionImageVariationPipeline`` passes PIL images through i
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
 
+from ..images import ImageSource, load_image
+
 # OpenAI CLIP's per-channel (R, G, B) statistics of its training images, in [0, 1].
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageLike = Union[Image.Image, np.ndarray]
 
-
-def preprocess_clip_images(images: Union[ImageLike, Sequence[ImageLike]], image_size: int = 224) -> np.ndarray:
+def preprocess_clip_images(images: Union[ImageSource, Sequence[ImageSource]], image_size: int = 224) -> np.ndarray:
     """Float32 pixel values (B, 3, image_size, image_size) of one image or a sequence of images.
 
-    Each image is a PIL image (any mode; converted to RGB, an alpha channel is dropped) or a uint8 array
-    (H, W, 3). The shortest side is resized to ``image_size`` with PIL's bicubic filter (the longer side
-    to ``int(image_size * long / short)``, truncated, as transformers does), the center
+    Each image is anything :func:`pangu_draw_ms.images.load_image` takes (a PIL image of any mode is
+    converted to RGB, an alpha channel is dropped). The shortest side is resized to ``image_size`` with
+    PIL's bicubic filter (the longer side to ``int(image_size * long / short)``, truncated, as transformers
+    does), the center
     ``image_size`` square is cropped (the extra row or column of an odd margin is cut at the bottom or
     right), values are scaled to [0, 1] and normalised with :data:`CLIP_MEAN` / :data:`CLIP_STD`.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    if isinstance(images, (Image.Image, np.ndarray)):
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
         images = [images]
     if len(images) == 0:
         raise ValueError("preprocess_clip_images: got no images; pass a PIL image, a uint8 (H, W, 3) array or a "
                          "sequence of them")
-    return np.stack([_preprocess_one(_as_rgb(image, i), image_size) for i, image in enumerate(images)])
-
-
-def _as_rgb(image: ImageLike, index: int) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
-        return Image.fromarray(image)
-    what = (f"an array of dtype {image.dtype} and shape {image.shape}" if isinstance(image, np.ndarray)
-            else f"a {type(image).__name__}")
-    raise TypeError(f"image {index} is {what}; pass a PIL image or a uint8 array (H, W, 3) of RGB values 0..255")
+    return np.stack([_preprocess_one(load_image(image, f"image {i}"), image_size) for i, image in enumerate(images)])
 
 
 def _preprocess_one(image: Image.Image, size: int) -> np.ndarray:
@@ -61,15 +53,3 @@ def _preprocess_one(image: Image.Image, size: int) -> np.ndarray:
     pixels = (pixels - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
     return pixels.transpose(2, 0, 1).astype(np.float32)
 
-
-def edge_map(pixels: np.ndarray, threshold: float = 0.1) -> np.ndarray:
-    """Edge control images (white outlines on black, as ControlNet's edge conditions) of images
-    ``pixels`` (B, 3, H, W) in [0, 1]: a pixel is an edge where the largest colour step to its right or
-    lower neighbour exceeds ``threshold``. Returns float32 (B, 3, H, W) in {0, 1}."""
-    pixels = np.asarray(pixels, np.float32)
-    if pixels.ndim != 4 or pixels.shape[1] != 3:
-        raise ValueError(f"edge_map takes images (B, 3, H, W) in [0, 1], got shape {pixels.shape}")
-    step_x = np.abs(np.diff(pixels, axis=3, append=pixels[..., -1:])).max(axis=1)
-    step_y = np.abs(np.diff(pixels, axis=2, append=pixels[..., -1:, :])).max(axis=1)
-    edges = (np.maximum(step_x, step_y) > threshold).astype(np.float32)
-    return np.repeat(edges[:, None], 3, axis=1)

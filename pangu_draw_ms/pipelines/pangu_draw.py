@@ -18,11 +18,14 @@ from PIL import Image
 
 from ..buckets import BucketTable
 from ..config import PanGuDrawConfig
+from ..diffusion.compiled import CompiledDenoiser, step_denoiser
+from ..diffusion.coop import CoopDenoiser
 from ..diffusion.denoiser import Conditioning, ControlInput, UNetEpsModel
 from ..diffusion.experts import STRUCTURE, TEXTURE, SingleModel, TimeDecoupledExperts
 from ..diffusion.guidance import STYLE_PREFIXES, GuidanceBranch, GuidedDenoiser, guidance_weights
 from ..diffusion.samplers import Sampler, make_sampler
 from ..diffusion.schedule import NoiseSchedule, add_noise
+from ..images import load_image, resize, to_array, to_pil
 from .components import ComponentStore
 from ..tokenizers import build_tokenizer
 from .prompt_encoder import PromptEncoder
@@ -37,25 +40,6 @@ class PipelineOutput:
     images: List[Image.Image]
     latents: np.ndarray                       # (B, C, h, w) final latents (scaled, as the UNet sees them)
     info: Dict = field(default_factory=dict)  # settings, bucket, expert trace, timings
-
-
-def to_pil(images: np.ndarray) -> List[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL RGB images."""
-    arr = np.clip((images.transpose(0, 2, 3, 1) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
-
-
-def from_image(image: Union[str, Image.Image, np.ndarray], height: int, width: int) -> np.ndarray:
-    """A path, PIL image or HxWx3 uint8 array -> (1, 3, H, W) float32 in [-1, 1], resized to the bucket."""
-    if isinstance(image, str):
-        image = Image.open(image)
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image.astype(np.uint8))
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BICUBIC)
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return arr.transpose(2, 0, 1)[None]
 
 
 @dataclass
@@ -114,6 +98,7 @@ class PanGuDrawPipeline:
         self.schedule = NoiseSchedule(self.config.num_train_timesteps)
         self.buckets = BucketTable(f"{self.config.name} structure buckets", tuple(self.config.structure_buckets))
         self._tokenizers = None
+        self._step_graphs: Dict[tuple, object] = {}  # compiled sampling steps, reused by later runs
 
     @classmethod
     def from_pretrained(cls, model_dir: str, **kwargs) -> "PanGuDrawPipeline":
@@ -146,16 +131,24 @@ class PanGuDrawPipeline:
         self.components.done_with("conditioner")
         return branches
 
-    def experts(self, t_struct: int, switch_rule: str, control: Optional[ControlInput] = None) -> TimeDecoupledExperts:
+    def experts(self, t_struct: int, switch_rule: str, control: Optional[ControlInput] = None,
+                on_release: Optional[Callable[[], None]] = None) -> TimeDecoupledExperts:
+        """The structure/texture router; in sequential memory mode an expert is released when the run
+        switches away from it, after ``on_release()`` (which drops what else holds it: compiled steps)."""
         def eps_model(name):
             return UNetEpsModel(self.components.get(name), control)
+
+        def release(expert):
+            if on_release is not None:
+                on_release()
+            self.components.done_with(names[expert])
 
         sequential = self.components.memory == "sequential"
         structure = (lambda: eps_model("structure_unet")) if sequential else eps_model("structure_unet")
         texture = (lambda: eps_model("texture_unet")) if sequential else eps_model("texture_unet")
         names = {STRUCTURE: "structure_unet", TEXTURE: "texture_unet"}
         return TimeDecoupledExperts(structure, texture, t_struct=t_struct, rule=switch_rule, sequential=sequential,
-                                    on_release=lambda expert: self.components.done_with(names[expert]))
+                                    on_release=release)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents -> images in [-1, 1], one image at a time (the VAE's activations dominate memory)."""
@@ -167,7 +160,8 @@ class PanGuDrawPipeline:
 
     def encode_image(self, image, height: int, width: int) -> np.ndarray:
         vae = self.components.get("vae")
-        latents = vae.encode_to_latents(ms.Tensor(from_image(image, height, width))).asnumpy()
+        pixels = to_array(resize(load_image(image, "init_image"), (height, width)))
+        latents = vae.encode_to_latents(ms.Tensor(pixels)).asnumpy()
         return latents
 
     # ---- a run ----------------------------------------------------------------------------------
@@ -239,12 +233,12 @@ class PanGuDrawPipeline:
             raise ValueError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}")
         return noise
 
-    def denoiser(self, run: Run, control: Optional[ControlInput] = None):
+    def denoiser(self, run: Run, control: Optional[ControlInput] = None, on_release: Optional[Callable[[], None]] = None):
         """(the guided denoiser ``denoise(z, t) -> eps``, the expert router whose ``trace`` it fills).
 
         Encodes the prompts, the negative prompt and the style-prefixed prompts once. With ``control``
         every UNet call goes through the ControlNet too; in its guess mode the unconditional branch gets
-        no control."""
+        no control. ``on_release``: see :meth:`experts`."""
         conds = self.encode(run.prompts, run.negative_prompt, list(run.style_scales), run.bucket_index)
         branches = []
         for name, weight in run.guidance_weights.items():
@@ -253,7 +247,7 @@ class PanGuDrawPipeline:
                 cond.control_scale = control.row_scale(name, cond.batch_size)
             branches.append(GuidanceBranch(name, cond, weight))
         if run.single_model is None:
-            model = self.experts(run.t_struct, run.switch_rule, control)
+            model = self.experts(run.t_struct, run.switch_rule, control, on_release)
         else:
             model = SingleModel(UNetEpsModel(self.components.get(run.single_model + "_unet"), control), run.single_model)
         model.plan(run.timesteps)
@@ -266,7 +260,7 @@ class PanGuDrawPipeline:
 
     def __call__(self, prompt: Union[str, Sequence[str]], *, noise: Optional[np.ndarray] = None, init_image=None,
                  strength: float = 0.8, output_type: str = "pil", progress: Optional[ProgressCallback] = None,
-                 **settings) -> PipelineOutput:
+                 compiled: Optional[bool] = None, **settings) -> PipelineOutput:
         """Generate ``num_images_per_prompt`` images for each prompt.
 
         Settings (defaults from ``config.sampling``): ``negative_prompt``, ``height``/``width`` (a bucket of
@@ -279,13 +273,23 @@ class PanGuDrawPipeline:
         ``noise``: the initial noise (B, C, h, w) instead of drawing it from the seed (image k of the run
         draws from ``(seed, first_image_index + k)``, so a batch equals its images made one call at a
         time). ``init_image`` + ``strength``: image-to-image. ``output_type``: "pil" or "latent".
+
+        ``compiled``: each denoising step as one graph (:mod:`pangu_draw_ms.diffusion.compiled`: every
+        guidance branch in one UNet call, the guidance combination, the expert's network, and with Euler or
+        DDIM (eta 0) the sampler's update), compiled once per expert and guidance weights and reused by
+        later calls (with ``memory="sequential"``: within the call). None (default): compiled unless guidance
+        rescale is on; True: compiled or an error; False: the host loop.
         """
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         run = self.plan(prompt, strength=strength if init_image is not None else None, **settings)
         noise = self.initial_noise(run, noise)
         started = time.perf_counter()
-        denoiser, model = self.denoiser(run)
+        # Compiled steps are kept for later calls; a sequential run keeps them for itself only, and drops
+        # them when it releases a UNet (a kept graph would hold it).
+        sequential = self.components.memory == "sequential"
+        graphs = {} if sequential else self._step_graphs
+        denoiser, model = self.denoiser(run, on_release=graphs.clear if sequential else None)
         encoded = time.perf_counter()
         if init_image is None:
             z = noise
@@ -297,12 +301,16 @@ class PanGuDrawPipeline:
             if progress is not None:
                 progress(i, len(run.timesteps), int(t), model.trace[-1][1])
 
-        latents = run.sampler.sample(denoiser, z, run.timesteps, rng=run.sampler_rng(), callback=on_step)
+        coop = CoopDenoiser(denoiser, run.latent_shape, [], self.schedule)  # Algorithm 1 with no partners
+        denoise = step_denoiser(coop, compiled, graphs)
+        latents = run.sampler.sample(denoise, z, run.timesteps, rng=run.sampler_rng(), callback=on_step)
         self.release_unets(model)
         sampled = time.perf_counter()
         images = [] if output_type == "latent" else to_pil(self.decode(latents))
         decoded = time.perf_counter()
         info = run.info()
+        use_graph = isinstance(denoise, CompiledDenoiser)
         info.update(bucket_table=self.buckets.name, expert_trace=list(model.trace), random_weights=self.components.random_weights,
+                    compiled_fused_steps=use_graph, sampler_update_in_graph=use_graph and run.sampler.affine,
                     seconds={"encode": encoded - started, "sample": sampled - encoded, "decode": decoded - sampled})
         return PipelineOutput(images=images, latents=latents, info=info)

@@ -21,12 +21,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import nn
-from PIL import Image
 
 from ..config import PartnerConfig, TokenizerConfig, load_config
 from ..diffusion.denoiser import Conditioning, ControlInput, UNetEpsModel
 from ..diffusion.experts import SingleModel
 from ..diffusion.guidance import GuidanceBranch, GuidedDenoiser, guidance_weights
+from ..images import load_image, resize, to_unit_array
 from ..io.diffusers_controlnet import controlnet_config_from_diffusers
 from ..io.diffusers_unet import unet_config_from_diffusers
 from ..io.diffusers_vae import vae_config_from_diffusers
@@ -53,15 +53,6 @@ def _loaded(component: str, config, path: str, dtype) -> nn.Cell:
     load_component(cell, path, component)
     cell.set_train(False)
     return cell
-
-
-def load_control_image(path_or_image, height: int, width: int) -> np.ndarray:
-    """A control image (path, PIL or HxWx3 uint8) -> (1, 3, H, W) float32 in [0, 1] at the given size."""
-    image = Image.open(path_or_image) if isinstance(path_or_image, str) else path_or_image
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image.astype(np.uint8))
-    image = image.convert("RGB").resize((width, height), Image.BICUBIC)
-    return (np.asarray(image, np.float32) / 255.0).transpose(2, 0, 1)[None]
 
 
 def load_controlnet(path: str, dtype) -> nn.Cell:
@@ -189,7 +180,8 @@ class ImageVariationPartner(Partner):
         self.name = config.name
         self.config = config
         encoder = _loaded("image_encoder", vision_config, os.path.join(folder, "image_encoder"), dtype)
-        pixels = preprocess_clip_images(Image.open(config.image), vision_config.image_size)
+        pixels = preprocess_clip_images(load_image(config.image, f"partner {config.name!r}'s image"),
+                                        vision_config.image_size)
         _, embeds = encoder(ms.Tensor(pixels))
         self.image_embeds = embeds.asnumpy().astype(np.float32)[:, None, :]   # (1, 1, projection)
         self.unet = _loaded("unet", unet_config, os.path.join(folder, "unet"), dtype)
@@ -216,16 +208,20 @@ class ControlledPartner(Partner):
         self.base = base
         self.vae, self.pixel_size = base.vae, base.pixel_size
         self.latent_channels, self.downsample = base.latent_channels, base.downsample
-        h, w = self.pixel_size
-        self.control = ControlInput(load_controlnet(config.path, dtype), load_control_image(config.control_image, h, w),
+        self.control = ControlInput(load_controlnet(config.path, dtype), self.control_pixels(config.control_image),
                                     scale=config.control_scale, guess_mode=config.guess_mode)
+
+    def control_pixels(self, control_image) -> np.ndarray:
+        """A control image (path, PIL or uint8 array) as the ControlNet takes it: (1, 3, H, W) in [0, 1] at
+        the base's size."""
+        return to_unit_array(resize(load_image(control_image, f"partner {self.name!r}'s control image"),
+                                    self.pixel_size))
 
     def denoiser(self, prompts, num_images, control=None, control_image=None):
         """The base's denoiser steered by this ControlNet, with the recipe's control image or ``control_image``
         (path, PIL or HxWx3 uint8) for this run."""
         if control_image is not None:
-            h, w = self.pixel_size
-            control = dataclasses.replace(self.control, image=load_control_image(control_image, h, w))
+            control = dataclasses.replace(self.control, image=self.control_pixels(control_image))
         return self.base.denoiser(prompts, num_images, control=control or self.control)
 
 

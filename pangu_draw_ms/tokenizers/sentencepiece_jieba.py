@@ -13,6 +13,8 @@ encoder pooling at it must be told the id rather than take the argmax).
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Iterable, List
 
@@ -23,17 +25,23 @@ from .base import Tokenizer
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
+@functools.lru_cache(maxsize=None)
+def _jieba_segmenter():
+    """One jieba tokenizer per process, shared by every normaliser (building its prefix dictionary takes about a
+    second). A private instance, not jieba's global one: its dictionary is the one shipped in the jieba package.
+    jieba logs its set-up at DEBUG level through a handler of its own; it follows our logger's level instead."""
+    import jieba
+
+    jieba.setLogLevel(logging.getLogger(__name__).getEffectiveLevel())
+    return jieba.Tokenizer()
+
+
 class _Normalizer:
     """Text as the SentencePiece model sees it: optionally lowercased, optionally jieba-segmented."""
 
     def __init__(self, lowercase: bool, jieba: bool):
         self.lowercase = lowercase
-        self.segmenter = None
-        if jieba:
-            import jieba as jieba_module
-
-            # A private instance: its dictionary is the one shipped in the jieba package.
-            self.segmenter = jieba_module.Tokenizer()
+        self.segmenter = _jieba_segmenter() if jieba else None
 
     def __call__(self, text: str) -> str:
         if self.lowercase:

@@ -27,6 +27,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..buckets import BucketTable
+from ..images import image_size, load_image, resize, to_array
 
 # Which caption a sample contributes in an epoch: one of the languages, or the empty prompt.
 UNCOND = "uncond"
@@ -51,14 +52,6 @@ class Skipped(collections.Counter):
 
     def describe(self) -> str:
         return ", ".join(f"{n} {reason}" for reason, n in sorted(self.items())) or "none"
-
-
-def _image_size(path: str) -> Tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-    return height, width
 
 
 def _read_rows(path: str, skipped: Skipped) -> Iterator[dict]:
@@ -109,7 +102,7 @@ def read_manifest(path: str, root: str = "") -> Tuple[List[Sample], Skipped]:
             if row.get("height") not in (None, "") and row.get("width") not in (None, ""):
                 height, width = int(row["height"]), int(row["width"])
             else:
-                height, width = _image_size(image)
+                height, width = image_size(image)
         except (ValueError, TypeError):
             skipped["bad size"] += 1
             continue
@@ -136,22 +129,6 @@ def assign_buckets(samples: Sequence[Sample], table: BucketTable, upscale_small_
             continue
         buckets[i] = b
     return buckets, skipped
-
-
-def load_image(path: str, size: Tuple[int, int]) -> np.ndarray:
-    """RGB image resized to cover ``size`` = (H, W) (aspect kept), centre-cropped: float32 (3, H, W) in [-1, 1]."""
-    from PIL import Image
-
-    height, width = size
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        scale = max(height / image.height, width / image.width)
-        resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(resized, Image.BICUBIC)
-        left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
-        image = image.crop((left, top, left + width, top + height))
-        pixels = np.asarray(image, dtype=np.float32)
-    return (pixels.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32)
 
 
 class BatchPlan:
@@ -265,7 +242,7 @@ class BatchStream:
             if j in self.bad:
                 continue
             try:
-                return load_image(self.samples[j].image, size)
+                return to_array(resize(load_image(self.samples[j].image), size, crop=True))[0]
             except (OSError, ValueError, SyntaxError):
                 with self._lock:
                     self.bad.add(j)

@@ -1,4 +1,7 @@
-"""The training run of one stage: models, data, the step loop, checkpoints, logs and the export.
+"""The training run of one stage: data, the step loop, checkpoints, logs and the export.
+
+What differs between the stages - networks, step inputs, loss, trainable parameters, export names - is the
+stage object's (:mod:`pangu_draw_ms.training.stages`); the trainer runs any of them the same way.
 
 Randomness that decides a sample's fate lives on the host and is keyed, never carried: the timestep and
 the noises of the sample at global batch position p of micro-batch m come from
@@ -14,30 +17,23 @@ import logging
 import os
 import shutil
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..buckets import BucketTable
-from ..config import ControlNetConfig, to_dict
-from ..diffusion.schedule import NoiseSchedule
-from ..io.layouts import load_component
+from ..config import to_dict
 from ..io.state import cell_state, load_state
-from ..models.conditioner import Conditioner
-from ..models.controlnet import ControlNet
 from ..models.layers import compute_dtype
-from ..models.unet import UNetModel
-from ..models.vae import AutoencoderKL
-from ..pipelines.image_processing import edge_map
 from ..tokenizers import build_tokenizer
 from .checkpointing import CheckpointFolder
 from .config import TrainConfig
 from .data import UNCOND, BatchPlan, BatchStream, FeatureCache, Skipped, assign_buckets, read_manifest
-from .losses import diffusion_loss, vae_loss
 from .metrics import MetricsLog, plot_loss
-from .model_dir import COMPONENT_FILES, load_model_config, save_component, with_scaling_factor, write_model_config
+from .model_dir import COMPONENT_FILES, load_model_config, save_component, write_model_config
+from .stages import StepInputs, TrainingStage, build_stage
 from .step import TrainStep
 
 logger = logging.getLogger("pangu_draw_ms.train")
@@ -77,137 +73,31 @@ class Trainer:
         self.model_config = load_model_config(config.model)
         precision = None if config.precision == "auto" else config.precision
         self.dtype = compute_dtype(precision)
-        self.diffusion = config.stage != "vae"
-        self.schedule = NoiseSchedule(self.model_config.num_train_timesteps)
-        self.t_range = config.timestep_range(self.model_config) if self.diffusion else None
         self.checkpoints = CheckpointFolder(os.path.join(config.output_dir, "checkpoints"), config.keep_checkpoints)
         self.step = 0
         self.micro = 0
         ms.set_seed(config.seed)  # identical initial weights on every worker
-        self._build_models()
+        self.stage: TrainingStage = build_stage(config, self.model_config, self.dtype, self.is_main)
         self._build_data()
-        trainable = [p for name in self.trainable for p in self.cells[name].trainable_params()]
         scaling = config.loss_scale if self.dtype == ms.float16 else None
-        self.train_step = TrainStep(self._loss_fn(), trainable, config.optim, config.steps, scaling, world)
+        self.train_step = TrainStep(self.stage.loss_fn(), self.stage.trainable_params(), config.optim, config.steps,
+                                    scaling, world)
 
-    # ---- models ---------------------------------------------------------------------------------
-    def _load(self, name: str, cell: nn.Cell, path: str) -> None:
-        load_component(cell, path, name)
-        if self.is_main:
-            logger.info("%s: loaded %s", name, path)
+    @property
+    def cells(self) -> Dict[str, nn.Cell]:
+        """The stage's networks by name."""
+        return self.stage.cells
 
-    def _build_models(self) -> None:
-        config, model = self.config, self.model_config
-        init = config.init
-        self.cells: Dict[str, nn.Cell] = {"vae": AutoencoderKL(model.vae, self.dtype)}
-        self.sources: Dict[str, str] = {}
-        if init.vae:
-            self._load("vae", self.cells["vae"], init.vae)
-            self.sources["vae"] = init.vae
-        if not self.diffusion:
-            self.trainable = ["vae"]
-        else:
-            if not init.vae:
-                raise ValueError(f"stage {config.stage!r} trains in the latent space of a trained VAE: set init.vae "
-                                 "to its vae.safetensors (stage 'vae' makes one)")
-            self.cells["unet"] = UNetModel(model.unet, self.dtype)
-            self.cells["conditioner"] = Conditioner(model.conditioner, self.dtype)
-            if init.unet:
-                self._load("unet", self.cells["unet"], init.unet)
-            if init.conditioner:
-                self._load("conditioner", self.cells["conditioner"], init.conditioner)
-                self.sources["conditioner"] = init.conditioner
-            elif not config.train_text_encoders:
-                raise ValueError("the text encoders are frozen (train_text_encoders: false) but init.conditioner names "
-                                 "no weights; give a conditioner.safetensors or set train_text_encoders: true")
-            if config.stage == "controlnet":
-                self.cells["controlnet"] = self._controlnet_copying(self.cells["unet"])
-                # The gradient graph holds both networks and needs unique parameter names; the frozen
-                # generator is neither saved nor exported, so its names may change.
-                self.cells["unet"].update_parameters_name("frozen_generator.")
-                self.trainable = ["controlnet"]
-            else:
-                self.trainable = ["unet"] + (["conditioner"] if config.train_text_encoders else [])
-            if config.recompute:
-                unet = self.cells["unet"]
-                for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
-                    block.recompute()
-        for name, cell in self.cells.items():
-            is_trained = name in self.trainable
-            cell.set_train(is_trained)
-            for param in cell.get_parameters():
-                param.requires_grad = is_trained
-        vae = self.cells["vae"]
-        if not config.train_vae_encoder:  # decoder fine-tune: the encoder (the latent space) stays as loaded
-            for param in list(vae.encoder.get_parameters()) + list(vae.quant_conv.get_parameters()):
-                param.requires_grad = False
-        compile_ = ms.get_context("mode") == ms.GRAPH_MODE
-        wrap = ms.jit if compile_ else (lambda f: f)
-
-        def encode_images(pixels):
-            return vae.encode(pixels)
-
-        self._encode_images = wrap(encode_images)
-        if self.diffusion:
-            conditioner = self.cells["conditioner"]
-
-            def encode_text(bucket, *ids):
-                return conditioner(ids, bucket)
-
-            self._encode_text = wrap(encode_text)
-
-    def _controlnet_copying(self, unet: UNetModel) -> ControlNet:
-        """A ControlNet for ``unet`` whose encoder, middle block and embeddings start as copies of the
-        generator's (ControlNet sec. 3.2); its zero convs make it a no-op until it learns."""
-        settings, vae = self.config.controlnet, self.model_config.vae
-        config = ControlNetConfig(unet=self.model_config.unet, conditioning_channels=3,
-                                  hint_channels=tuple(settings.hint_channels))
-        if config.hint_downsample_factor != vae.downsample_factor:
-            raise ValueError(f"controlnet.hint_channels {list(settings.hint_channels)} downsample the control image "
-                             f"{config.hint_downsample_factor}x but the VAE downsamples {vae.downsample_factor}x: give "
-                             f"{int(np.log2(vae.downsample_factor)) + 1} widths")
-        controlnet = ControlNet(config, self.dtype)
-        generator = {p.name: p for p in unet.get_parameters()}
-        params = list(controlnet.get_parameters())
-        copied = 0
-        for param in params:
-            source = generator.get(param.name)
-            if source is not None and source.shape == param.shape:
-                param.set_data(source.value().copy())
-                copied += 1
-        if self.is_main:
-            logger.info("controlnet: %d of %d tensors copied from the %s generator", copied,
-                        len(params), settings.base)
-        return controlnet
-
-    def _loss_fn(self):
-        if not self.diffusion:
-            vae, weights = self.cells["vae"], self.config.vae_loss
-
-            def loss(pixels, noise):
-                return vae_loss(vae, pixels, noise, weights)
-
-            return loss
-        unet, conditioner = self.cells["unet"], self.cells["conditioner"]
-        if self.config.stage == "controlnet":
-            controlnet = self.cells["controlnet"]
-
-            def loss(z0, noise, timesteps, alpha_bar, bucket, hint, context, vector):
-                return diffusion_loss(unet, z0, noise, timesteps, alpha_bar, context, vector, controlnet, hint)
-        elif self.config.train_text_encoders:
-            def loss(z0, noise, timesteps, alpha_bar, bucket, *ids):
-                context, vector = conditioner(ids, bucket)
-                return diffusion_loss(unet, z0, noise, timesteps, alpha_bar, context, vector)
-        else:
-            def loss(z0, noise, timesteps, alpha_bar, bucket, context, vector):
-                return diffusion_loss(unet, z0, noise, timesteps, alpha_bar, context, vector)
-        return loss
+    @property
+    def trainable(self) -> List[str]:
+        """The names of the networks this run trains (the rest are frozen)."""
+        return self.stage.trainable
 
     # ---- data -----------------------------------------------------------------------------------
     def _build_data(self) -> None:
         config, data = self.config, self.config.data
         samples, skipped = read_manifest(data.manifest, data.root)
-        table = BucketTable(f"{config.stage} buckets", tuple(tuple(s) for s in config.buckets(self.model_config)))
+        table = BucketTable(f"{config.stage} buckets", self.stage.buckets)
         buckets, left_out = assign_buckets(samples, table, data.upscale_small_images)
         self.skipped = Skipped(skipped + left_out)
         self.samples, self.buckets, self.table = samples, buckets, table
@@ -218,13 +108,13 @@ class Trainer:
             logger.info("data: %d samples in %d buckets %s; skipped: %s; %d global batches of %d per epoch",
                         int((buckets >= 0).sum()), len(table), counts, self.skipped.describe(),
                         self.plan.batches_per_epoch, self.global_batch)
-        frozen_text = self.diffusion and not config.train_text_encoders
+        frozen_text = self.stage.frozen_text
         self.cache = None
-        if data.cache_dir and self.diffusion:
+        if data.cache_dir and self.stage.frozen_vae:
             self.cache = FeatureCache(data.cache_dir, self._cache_fingerprint(frozen_text))
             self._fill_cache(frozen_text)
         tokenizers = None
-        if self.diffusion and not (self.cache is not None and frozen_text):
+        if self.stage.captioned and not (self.cache is not None and frozen_text):
             tokenizers = [build_tokenizer(e.tokenizer) for e in self.model_config.conditioner.encoders]
             for tokenizer in tokenizers:
                 tokenizer("warm up")  # loads jieba's dictionary before the decode threads share it
@@ -266,7 +156,7 @@ class Trainer:
             for first in range(0, len(members), batch):
                 chunk = members[first:first + batch]
                 pixels = np.stack([decoder.pixels(i, self.table.sizes[bucket]) for i in chunk])
-                mean, logvar = self._encode_images(Tensor(pixels))
+                mean, logvar = self.stage.encode_images(Tensor(pixels))
                 moments = np.concatenate([mean.asnumpy(), logvar.asnumpy()], axis=1)
                 for i, m in zip(chunk, moments):
                     np.save(cache.latents_path(i), m.astype(np.float32))
@@ -276,7 +166,7 @@ class Trainer:
                     for choice in choices:
                         texts = [self.samples[i].caption(choice) if choice != UNCOND else "" for i in chunk]
                         ids = [Tensor(tokenizer(texts)) for tokenizer in tokenizers]
-                        context, vector = self._encode_text(buckets, *ids)
+                        context, vector = self.stage.encode_text(buckets, *ids)
                         features[choice] = (context.asnumpy(), vector.asnumpy())
                     for k, i in enumerate(chunk):
                         np.savez(cache.text_path(i), **{f"{kind}_{choice}": features[choice][j][k]
@@ -289,44 +179,14 @@ class Trainer:
         barrier(self.world)
 
     # ---- one micro-batch ------------------------------------------------------------------------
-    def _inputs(self, batch: Dict[str, np.ndarray], micro: int) -> Tuple[tuple, np.ndarray]:
-        """The step's input tensors for a micro-batch, and the timesteps it uses (empty for the VAE)."""
+    def _inputs(self, batch: Dict[str, np.ndarray], micro: int) -> StepInputs:
+        """The step's input tensors for a micro-batch, and the timesteps it uses (empty for the VAE). The
+        sample at global batch position p draws from ``default_rng([seed, micro, p])``."""
         images = batch.get("pixels")
         size = batch["latents"].shape[0] if images is None else images.shape[0]
-        vae = self.model_config.vae
-        if images is not None:
-            f = vae.downsample_factor
-            latent_shape = (vae.latent_channels, images.shape[2] // f, images.shape[3] // f)
-        else:
-            latent_shape = (vae.latent_channels,) + batch["latents"].shape[2:]
         positions = self.rank * size + np.arange(size)
         rngs = [np.random.default_rng([self.config.seed, micro, int(p)]) for p in positions]
-        if not self.diffusion:
-            noise = np.stack([r.standard_normal(latent_shape, dtype=np.float32) for r in rngs])
-            return (Tensor(images), Tensor(noise)), np.zeros(0, np.int64)
-        low, high = self.t_range
-        timesteps = np.array([r.integers(low, high) for r in rngs], np.int64)
-        noise = np.stack([r.standard_normal(latent_shape, dtype=np.float32) for r in rngs])
-        posterior_noise = np.stack([r.standard_normal(latent_shape, dtype=np.float32) for r in rngs])
-        if images is None:
-            mean, logvar = np.split(batch["latents"].astype(np.float32), 2, axis=1)
-        else:
-            mean, logvar = (x.asnumpy() for x in self._encode_images(Tensor(images)))
-        z0 = (vae.scaling_factor * (mean + np.exp(0.5 * logvar) * posterior_noise)).astype(np.float32)
-        alpha_bar = self.schedule.alphas_cumprod[timesteps].astype(np.float32).reshape(-1, 1, 1, 1)
-        bucket = Tensor(batch["bucket_index"])
-        ids = [Tensor(batch[f"ids_{k}"]) for k in range(len(self.model_config.conditioner.encoders))] \
-            if "ids_0" in batch else []
-        if self.config.train_text_encoders:
-            text = tuple(ids)
-        elif "context" in batch:
-            text = (Tensor(batch["context"]), Tensor(batch["vector"]))
-        else:
-            text = tuple(self._encode_text(bucket, *ids))
-        control = (Tensor(edge_map((images + 1.0) / 2.0)),) if self.config.stage == "controlnet" else ()
-        inputs = (Tensor(z0), Tensor(noise), Tensor(timesteps.astype(np.float32)), Tensor(alpha_bar), bucket) \
-            + control + text
-        return inputs, timesteps
+        return self.stage.inputs(batch, rngs)
 
     def loss_on(self, micro: int) -> float:
         """The loss of this worker's micro-batch ``micro`` (its keyed timesteps and noise) at the current weights."""
@@ -382,7 +242,8 @@ class Trainer:
 
             progress = tqdm(total=steps, initial=self.step, desc=config.stage, dynamic_ncols=True)
         stream = self.stream(self.micro)
-        t_seen = [self.t_range[1], -1] if self.diffusion else None
+        t_range = self.stage.t_range
+        t_seen = [t_range[1], -1] if t_range else None
         start, first_step, losses = time.time(), self.step, []
         while self.step < steps:
             tick = time.time()
@@ -400,7 +261,7 @@ class Trainer:
                    "finite": int(result["finite"]),
                    "samples_per_s": self.global_batch * config.optim.grad_accumulation / seconds,
                    "bucket": int(batch["bucket_index"][0])}
-            if self.diffusion:
+            if t_range:
                 row.update(t_min=min(step_t), t_max=max(step_t))
                 t_seen = [min(t_seen[0], row["t_min"]), max(t_seen[1], row["t_max"])]
             losses.append(result["loss"])
@@ -422,7 +283,7 @@ class Trainer:
                    "steps_per_s": (self.step - first_step) / max(elapsed, 1e-9),
                    "skipped": dict(self.skipped), "replaced_images": self.stream.replaced,
                    "digest": self.digest()}
-        if self.diffusion:
+        if t_range:
             summary["t_seen"] = t_seen
         if self.is_main:
             plot_loss(metrics.path, os.path.join(config.output_dir, "loss.png"), title=f"{config.stage} loss")
@@ -444,32 +305,29 @@ class Trainer:
                              batch_size=self.config.data.batch_size, seed=self.config.seed, num_workers=1)
         rng = np.random.default_rng(self.config.seed)
         for micro in range(min(self.plan.batches_per_epoch, max(1, max_samples // self.config.data.batch_size))):
-            mean, logvar = (x.asnumpy() for x in self._encode_images(Tensor(stream.batch(micro)["pixels"])))
+            mean, logvar = (x.asnumpy() for x in self.stage.encode_images(Tensor(stream.batch(micro)["pixels"])))
             values.append(mean + np.exp(0.5 * logvar) * rng.standard_normal(mean.shape))
         return float(np.concatenate([v.reshape(-1) for v in values]).std())
 
     def export(self) -> dict:
         """Write the trained components (EMA weights) into ``config.export_dir``, copy in frozen ones it
-        lacks, and write ``config.yaml``. Stage ``vae`` also sets ``vae.scaling_factor`` to 1 / latent std
-        (unless only the decoder trained: then the latent space and its scale are those of ``init.vae``)."""
+        lacks, and write ``config.yaml`` as the stage exports it (stage ``vae`` measures its scaling factor)."""
         directory = self.config.export_dir
         os.makedirs(directory, exist_ok=True)
         ema = self.train_step.ema_weights()
-        written = {}
-        model_config = self.model_config
+        states = {}
         for name in self.trainable:
             state = {p.name: ema[p.name] for p in self.cells[name].trainable_params()}
             state.update({k: v for k, v in cell_state(self.cells[name]).items() if k not in state})
-            if name == "vae" and self.config.train_vae_encoder:
-                load_state(self.cells["vae"], state, what="EMA weights")
-                std = self.latent_std()
-                model_config = with_scaling_factor(model_config, 1.0 / std)
-                written["latent_std"] = std
-            for component in self._component_files(name):
+            states[name] = state
+        model_config, measured = self.stage.export_config(states, self.latent_std)
+        written = dict(measured)
+        for name, state in states.items():
+            for component in self.stage.component_files(name):
                 written[component] = save_component(directory, component, state, model_config,
-                                                    self.config.export_dtype, self.t_range,
+                                                    self.config.export_dtype, self.stage.t_range,
                                                     getattr(self.cells[name], "config", None))
-        for name, source in self.sources.items():
+        for name, source in self.stage.sources.items():
             if name not in self.trainable:
                 target = os.path.join(directory, COMPONENT_FILES[name])
                 if not os.path.exists(target):
@@ -478,11 +336,3 @@ class Trainer:
         write_model_config(directory, model_config)
         logger.info("exported to %s: %s", directory, written)
         return written
-
-    def _component_files(self, name: str) -> List[str]:
-        if name == "controlnet":
-            return [f"{self.config.controlnet.base}_controlnet"]
-        if name != "unet":
-            return [name]
-        return {"structure": ["structure_unet"], "texture": ["texture_unet"],
-                "full_range": ["structure_unet", "texture_unet"]}[self.config.stage]

@@ -1,0 +1,171 @@
+"""Convert checkpoints into pangu_draw_ms files (our parameter names, one component per file).
+
+Released PanGu-Draw 3.0 pair -> structure_unet, texture_unet, vae, conditioner + the config YAML:
+
+    python tools/convert.py released --structure pangu_high_timestamp-c6344411.ckpt \\
+        --texture pangu_low_timestamp-127da122.ckpt --out weights/ --dtype fp16
+
+diffusers / transformers weights -> our layout (a pipeline folder converts unet/, vae/, text_encoder/,
+text_encoder_2/ and controlnet/; a model folder or a single file converts one component, whose
+architecture comes from the config.json beside it or from --config, a YAML of the component's config):
+
+    python tools/convert.py diffusers stable-diffusion-xl-base-1.0/ --out sdxl/
+    python tools/convert.py diffusers controlnet-canny/diffusion_pytorch_model.safetensors --out cn/
+    python tools/convert.py diffusers open_clip_model.safetensors --component text_encoder \\
+        --config bigg_text.yaml --out text/
+
+Every output is written atomically (an existing file survives a failed run) and the run ends with a
+summary: tensors, parameters, bytes, and the entries left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tqdm import tqdm  # noqa: E402
+
+from pangu_draw_ms.config import PanGuDrawConfig, load_config  # noqa: E402
+from pangu_draw_ms.io.checkpoint import resolve_checkpoint_path  # noqa: E402
+from pangu_draw_ms.io.diffusers_controlnet import controlnet_config_from_diffusers  # noqa: E402
+from pangu_draw_ms.io.diffusers_unet import unet_config_from_diffusers  # noqa: E402
+from pangu_draw_ms.io.diffusers_vae import vae_config_from_diffusers  # noqa: E402
+from pangu_draw_ms.io.layouts import COMPONENTS, convert_component, group_names  # noqa: E402
+from pangu_draw_ms.io.released import convert_released, write_config  # noqa: E402
+from pangu_draw_ms.io.transformers_clip import text_encoder_config_from_transformers  # noqa: E402
+
+# diffusers pipeline subfolder -> component
+PIPELINE_FOLDERS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder",
+                    "controlnet": "controlnet"}
+# diffusers _class_name / transformers architecture -> component
+CLASS_COMPONENTS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "ControlNetModel": "controlnet",
+                    "CLIPTextModel": "text_encoder", "CLIPTextModelWithProjection": "text_encoder"}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def print_summary(results) -> None:
+    print("\nconverted:")
+    for name, (report, summary) in results.items():
+        print(f"  {summary.path}: {summary.tensors} tensors, {summary.parameters:,} parameters, "
+              f"{_size(summary.bytes)} (from {os.path.basename(report.path)}, {report.layout} layout)")
+        if report.skipped:
+            print(f"    {len(report.skipped)} entries of other components skipped unread: {group_names(report.skipped)}")
+        if report.ignored:
+            print(f"    {len(report.ignored)} entries ignored (not weights of this component): "
+                  f"{', '.join(report.ignored[:5])}{' ...' if len(report.ignored) > 5 else ''}")
+
+
+def _progress(desc: str):
+    return tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+
+
+def run_released(args) -> None:
+    config = load_config(args.config, PanGuDrawConfig)
+    os.makedirs(args.out, exist_ok=True)
+    results = convert_released(args.out, config, structure=args.structure, texture=args.texture, dtype=args.dtype,
+                               file_format=args.format, allow_swapped=args.allow_swapped, progress=_progress)
+    print_summary(results)
+    print(f"  {os.path.join(args.out, config.name + '.yaml')}: the model config")
+
+
+def _json(path: str) -> dict:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def component_from_json(config: dict, component, output_layer: str):
+    """(component, our config) from a diffusers/transformers config.json."""
+    names = [config.get("_class_name")] + list(config.get("architectures") or [])
+    found = next((CLASS_COMPONENTS[n] for n in names if n in CLASS_COMPONENTS), None)
+    component = component or found
+    if component is None:
+        raise ValueError(f"cannot tell the component from config.json (class {names}); pass --component")
+    if component == "unet":
+        return component, unet_config_from_diffusers(config)
+    if component == "vae":
+        return component, vae_config_from_diffusers(config)
+    if component == "controlnet":
+        return component, controlnet_config_from_diffusers(config)
+    if component == "text_encoder":
+        return component, text_encoder_config_from_transformers(config, output_layer)
+    raise ValueError(f"component {component!r} cannot be converted from a diffusers folder; use 'released'")
+
+
+def _model_jobs(args):
+    """(output name, weights path, component, config) for each model to convert."""
+    source = args.source
+    if os.path.isdir(source) and any(os.path.isdir(os.path.join(source, d)) for d in PIPELINE_FOLDERS):
+        if args.config:
+            raise ValueError("--config applies to one model; a pipeline folder takes each model's config.json")
+        return [(folder, os.path.join(source, folder),
+                 *component_from_json(_json(os.path.join(source, folder, "config.json")),
+                                      PIPELINE_FOLDERS[folder], args.output_layer))
+                for folder in PIPELINE_FOLDERS if os.path.isdir(os.path.join(source, folder))]
+    weights = resolve_checkpoint_path(source)
+    if args.config:
+        if not args.component:
+            raise ValueError("--config needs --component (the YAML holds that component's config)")
+        component, config = args.component, load_config(args.config, COMPONENTS[args.component][1])
+    else:
+        config_json = os.path.join(os.path.dirname(weights), "config.json")
+        if not os.path.isfile(config_json):
+            raise ValueError(f"no config.json beside {weights}: pass --component and --config (a YAML of the "
+                             "component's config)")
+        component, config = component_from_json(_json(config_json), args.component, args.output_layer)
+    return [(args.name or component, weights, component, config)]
+
+
+def run_diffusers(args) -> None:
+    jobs = _model_jobs(args)
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    for name, weights, component, config in jobs:
+        with _progress(name) as bar:
+            results[name] = convert_component(weights, component, config, os.path.join(args.out, f"{name}.{args.format}"),
+                                              dtype=args.dtype, progress=bar)
+        write_config(config, os.path.join(args.out, f"{name}.yaml"))
+    print_summary(results)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    released = commands.add_parser("released", help="split the released PanGu-Draw 3.0 .ckpt pair")
+    released.add_argument("--structure", help="the structure (high-timestep) file, pangu_high_timestamp-*.ckpt")
+    released.add_argument("--texture", help="the texture (low-timestep) file, pangu_low_timestamp-*.ckpt; "
+                                            "its text encoders and VAE are the ones kept")
+    released.add_argument("--config", default="pangu_draw_v3", help="bundled config name or YAML path")
+    released.add_argument("--allow-swapped", action="store_true",
+                          help="convert even when the files look swapped (a warning instead of an error)")
+    diffusers = commands.add_parser("diffusers", help="convert diffusers/transformers weights")
+    diffusers.add_argument("source", help="pipeline folder, model folder, or weights file")
+    diffusers.add_argument("--component", choices=[c for c in COMPONENTS if c != "conditioner"])
+    diffusers.add_argument("--config", help="YAML of the component's config (when there is no config.json)")
+    diffusers.add_argument("--name", help="output file name without suffix (default: the component)")
+    diffusers.add_argument("--output-layer", default="last", choices=["last", "penultimate"],
+                           help="text encoders: which hidden states the converted config uses")
+    for command in (released, diffusers):
+        command.add_argument("--out", required=True, help="output folder")
+        command.add_argument("--dtype", choices=["fp32", "fp16"], help="floating dtype of the output (default: keep)")
+        command.add_argument("--format", default="safetensors", choices=["safetensors", "ckpt"])
+    args = parser.parse_args(argv)
+    if args.command == "released" and not (args.structure or args.texture):
+        parser.error("released: give --structure, --texture or both")
+    try:
+        (run_released if args.command == "released" else run_diffusers)(args)
+    except (ValueError, KeyError) as err:  # CheckpointError, StateDictError, ConfigError, swapped files
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

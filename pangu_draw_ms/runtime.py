@@ -1,0 +1,100 @@
+"""Process-wide settings that must be in place before MindSpore's kernels first run: the oneDNN ISA cap
+on AVX-512 CPUs, quiet logs for our command-line entry points, and MindSpore's compile cache.
+
+Why the cap. MindSpore's CPU convolutions go through its bundled oneDNN (3.10). On a CPU with AVX-512
+oneDNN dispatches a float32 NCHW ("abcd") 3x3 convolution to ``jit_uni_ncsp:conv+ref:any`` - a reference
+kernel - instead of the im2col + JIT GEMM it uses on AVX2: measured on a 2-core Xeon (Sapphire Rapids
+class, AVX-512 + AMX) a (2, 64, 32, 32) 3x3 conv takes 285 ms by default and 3.7 ms with
+``DNNL_MAX_CPU_ISA=AVX2`` (every AVX-512 level, AVX512_CORE up to AVX512_CORE_AMX, takes the slow path;
+``bench/conv_isa.py`` prints the table and the kernel oneDNN picks). The slow path needs AVX-512, so the cap
+is set only where the CPU has it; on AVX2-only CPUs it would change nothing, and on Arm (Ascend hosts) it
+does not apply.
+
+oneDNN reads the variable when it first dispatches a kernel, so setting it at package import works even
+after ``import mindspore`` as long as no convolution has run yet. A value the user set
+(``DNNL_MAX_CPU_ISA`` or ``ONEDNN_MAX_CPU_ISA``) is never overridden: ``DNNL_MAX_CPU_ISA=ALL`` turns the
+cap off.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+from typing import Optional
+
+ISA_CAP = "AVX2"
+ISA_VARIABLES = ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
+    """The instruction-set flags of the first CPU in ``/proc/cpuinfo`` (empty where it does not exist)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def onednn_isa_cap(environ=os.environ, machine: Optional[str] = None, flags: Optional[frozenset] = None
+                   ) -> Optional[str]:
+    """The ISA cap to set: ``AVX2`` on an x86-64 CPU with AVX-512 unless the user set one; else None."""
+    if any(name in environ for name in ISA_VARIABLES):
+        return None
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64"):
+        return None
+    flags = cpu_flags() if flags is None else flags
+    return ISA_CAP if "avx512f" in flags else None
+
+
+def configure_onednn(environ=os.environ) -> Optional[str]:
+    """Set the oneDNN ISA cap in ``environ`` where :func:`onednn_isa_cap` says so; returns what was set."""
+    cap = onednn_isa_cap(environ)
+    if cap is not None:
+        environ["DNNL_MAX_CPU_ISA"] = cap
+    return cap
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Log levels for a command-line run: MindSpore's C++/Python log (``GLOG_v``: 3 = errors only, 1 = info
+    with ``verbose``) unless the user set it - effective only before ``import mindspore`` - plus Python
+    warnings of ours, and jieba's debug lines ("Building prefix dict ...") hidden unless ``verbose``."""
+    os.environ.setdefault("GLOG_v", "1" if verbose else "3")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jieba").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def compile_cache_root(setting: Optional[str], environ=os.environ) -> Optional[str]:
+    """Where compiled graphs are cached across processes: ``setting`` (a folder, or "off"), else
+    ``$PANGU_DRAW_COMPILE_CACHE`` (likewise), else ``$XDG_CACHE_HOME/pangu_draw_ms/compile`` (``~/.cache``)."""
+    setting = setting or environ.get("PANGU_DRAW_COMPILE_CACHE")
+    if setting == "off":
+        return None
+    if setting:
+        return setting
+    cache_home = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "pangu_draw_ms", "compile")
+
+
+def enable_compile_cache(root: str, run_key: dict) -> str:
+    """Turn on MindSpore's compile cache in a folder of ``root`` that belongs to ``run_key``; returns it.
+
+    Why a folder per key: MindSpore's cache names graphs by their compile order (``compile_cache_N.mindir``)
+    and checks only a hash of the source files, so a process that compiles other graphs, or the same ones
+    in another order, loads the wrong graph (measured: a two-prompt run after a one-prompt run into one
+    cache folder failed with mis-shaped text encodings). ``run_key`` must hold everything that decides which
+    graphs a run compiles and in which order (model, sizes, batch layout, guidance branches, sampler, ...);
+    then every process that uses a folder compiles the same sequence. Parameters are not stored in the
+    cache: new weights under the same key are read as usual."""
+    digest = hashlib.sha256(json.dumps(run_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = os.path.join(root, digest)
+    import mindspore as ms
+
+    ms.set_context(enable_compile_cache=True, compile_cache_path=path)
+    return path
