@@ -53,7 +53,8 @@ def main():
     built = time.perf_counter() - started
     rng = np.random.default_rng(0)
     h = args.latent
-    inputs = [ms.Tensor(rng.standard_normal((1, 4, h, h), dtype=np.float32)), ms.Tensor(np.full((1,), 500.0, np.float32)),
+    inputs = [ms.Tensor(rng.standard_normal((1, 4, h, h), dtype=np.float32)),
+              ms.Tensor(np.full((1,), 500.0, np.float32)),
               ms.Tensor(rng.standard_normal((1, 77, config.context_dim), dtype=np.float32)),
               ms.Tensor(rng.standard_normal((1, config.adm_in_channels), dtype=np.float32))]
     times = []

@@ -20,12 +20,13 @@ CAPS = ("default", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX5
 
 
 def child(shape, kernel, threads, repeats):
-    import numpy as np
     import mindspore as ms
+    import numpy as np
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from pangu_draw_ms.models.layers import Conv2d
+
     from timing import interleaved_medians
 
     ms.set_context(mode=ms.GRAPH_MODE, runtime_num_threads=threads)

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,6 +25,7 @@ def main():
     parser.add_argument("--high", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--t-low", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs of each path")
     args = parser.parse_args()
 
     import mindspore as ms
@@ -34,7 +34,9 @@ def main():
     from pangu_draw_ms.pipelines.coop import CoopPipeline
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    from timing import interleaved_medians
+
+    ms.set_context(mode=ms.GRAPH_MODE)
     config = dataclasses.replace(load_config(args.config), structure_buckets=(tuple(args.low), tuple(args.high)))
     pipe = PanGuDrawPipeline.from_config(config)
     recipe = from_dict(CoopRecipe, {"partners": [{"name": "low", "kind": "pangu", "path": "main", "height": args.low[0],
@@ -55,12 +57,9 @@ def main():
         first = pipe(prompt, num_inference_steps=args.steps, **low)
         return pipe(prompt, num_inference_steps=args.steps, init_image=first.images[0], strength=strength, **high)
 
-    results = {}
-    for name, fn in (("bridge", bridge), ("two-pass", two_pass)):
-        fn()  # warm-up: compile every graph of this path
-        start = time.perf_counter()
-        out = fn()
-        results[name] = (time.perf_counter() - start, out)
+    outputs = {"bridge": bridge(), "two-pass": two_pass()}  # warm-up: compile every graph of both paths
+    seconds = interleaved_medians({"bridge": bridge, "two-pass": two_pass}, warmup=0, repeats=args.repeats)
+    results = {name: (seconds[name], outputs[name]) for name in outputs}
     evaluations = results["bridge"][1].info["unet_evaluations"]
     print(f"config={args.config} steps={args.steps} t_low={args.t_low} low={args.low} high={args.high}")
     print(f"bridge:   {evaluations['low']} low-res + {evaluations['main']} high-res UNet steps (x guidance batch), "

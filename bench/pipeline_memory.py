@@ -30,7 +30,7 @@ def child(mode: str, size, steps: int, config_name: str) -> dict:
     from pangu_draw_ms.config import load_config
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
     memory, weights_dtype = mode.split(":")
     built = []
     pipe = PanGuDrawPipeline.from_config(load_config(config_name), memory=memory, weights_dtype=weights_dtype)

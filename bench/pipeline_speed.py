@@ -26,7 +26,15 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 
 def bench_config(name: str, height: int, width: int):
-    from pangu_draw_ms.config import ConditionerConfig, PanGuDrawConfig, TextEncoderConfig, TokenizerConfig, VAEConfig, load_config
+    from pangu_draw_ms.config import (
+        ConditionerConfig,
+        PanGuDrawConfig,
+        TextEncoderConfig,
+        TokenizerConfig,
+        VAEConfig,
+        load_config,
+    )
+
     from unet_speed import MID
 
     if name == "mid":
@@ -36,7 +44,8 @@ def bench_config(name: str, height: int, width: int):
             TextEncoderConfig(vocab_size=49408, hidden_size=1280, num_layers=2, num_heads=20, intermediate_size=5120,
                               hidden_act="gelu", output_layer="penultimate", projection_dim=1280),
         )
-        config = PanGuDrawConfig(name="mid", unet=MID, vae=VAEConfig(), conditioner=ConditionerConfig(encoders=encoders))
+        config = PanGuDrawConfig(name="mid", unet=MID, vae=VAEConfig(),
+                                 conditioner=ConditionerConfig(encoders=encoders))
     else:
         config = load_config(name)
     return dataclasses.replace(config, structure_buckets=((height, width),))
@@ -59,12 +68,13 @@ def main():
     from timing import interleaved_medians, report
 
     torch.set_num_threads(args.threads)
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU", runtime_num_threads=args.threads)
+    ms.set_context(mode=ms.GRAPH_MODE, runtime_num_threads=args.threads)
     height, width = args.size
     config = bench_config(args.config, height, width)
     ours, reference = build_pair(config, randomize=False)
     f = config.vae.downsample_factor
-    noise = np.random.default_rng(0).standard_normal((1, config.unet.in_channels, height // f, width // f)).astype(np.float32)
+    shape = (1, config.unet.in_channels, height // f, width // f)
+    noise = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     prompt = "一个红色的圆形 a red circle"
     common = dict(height=height, width=width, guidance_scale=args.guidance_scale, noise=noise)
 
@@ -74,7 +84,8 @@ def main():
 
     def run_reference(steps, output_type):
         with torch.no_grad():
-            return reference_run(reference, ours, prompt, bucket_index=0, steps=steps, output_type=output_type, **common)
+            return reference_run(reference, ours, prompt, bucket_index=0, steps=steps, output_type=output_type,
+                                 **common)
 
     run_ours(2, "pil")  # compile every graph (both experts, VAE, text encoders) before timing
     run_ours(2, "latent", compiled=False)
@@ -84,7 +95,8 @@ def main():
                                     "diffusers": lambda: run_reference(args.steps, "latent")},
                                    warmup=0, repeats=args.repeats)
     images = interleaved_medians({"ours": lambda: run_ours(args.steps, "pil"),
-                                  "diffusers": lambda: run_reference(args.steps, "pil")}, warmup=0, repeats=args.repeats)
+                                  "diffusers": lambda: run_reference(args.steps, "pil")},
+                                 warmup=0, repeats=args.repeats)
     latents = run_ours(args.steps, "latent").latents
     reference_latents = run_reference(args.steps, "latent").numpy()
     diff = np.abs(latents - reference_latents).max() / np.abs(reference_latents).max()

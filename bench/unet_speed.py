@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pangu_draw_ms.config import UNetConfig, load_config  # noqa: E402
+
 from timing import interleaved_medians  # noqa: E402
 
 # A mid-size SDXL-layout UNet (~0.4B parameters): large enough that kernels, not dispatch, dominate.
@@ -51,7 +52,7 @@ def main():
     from pangu_draw_ms.models.unet import UNetModel
 
     torch.set_num_threads(args.threads)
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU", runtime_num_threads=args.threads)
+    ms.set_context(mode=ms.GRAPH_MODE, runtime_num_threads=args.threads)
     config = unet_config(args.config)
     bucket_dim = 256 if config.adm_in_channels and config.adm_in_channels > 256 else 16
     reference = UNet2DConditionModel(**diffusers_unet_kwargs(config, addition_time_embed_dim=bucket_dim)).eval()

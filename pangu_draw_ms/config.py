@@ -154,7 +154,8 @@ class VAEConfig:
         _check(len(self.channel_mult) >= 1, "vae.channel_mult must name at least one level")
         for name in ("in_channels", "out_channels", "base_channels", "latent_channels"):
             _check(getattr(self, name) >= 1, f"vae.{name} must be >= 1, got {getattr(self, name)}")
-        _check(all(m >= 1 for m in self.channel_mult), f"vae.channel_mult entries must be >= 1, got {self.channel_mult}")
+        _check(all(m >= 1 for m in self.channel_mult),
+               f"vae.channel_mult entries must be >= 1, got {self.channel_mult}")
         _check(self.num_res_blocks >= 1, "vae.num_res_blocks must be >= 1")
         for mult in self.channel_mult:
             _check(
@@ -211,7 +212,8 @@ class TokenizerConfig:
         _check(not self.jieba or self.kind == "sentencepiece",
                f"tokenizer.jieba segments Chinese for kind 'sentencepiece' only, not {self.kind!r}")
         _check(not self.pad_with_end_token or self.kind == "clip_bpe",
-               f"tokenizer.pad_with_end_token (Stable Diffusion 1.x padding) applies to kind 'clip_bpe' only, not {self.kind!r}")
+               "tokenizer.pad_with_end_token (Stable Diffusion 1.x padding) applies to kind 'clip_bpe' only, "
+               f"not {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,11 @@ class ConditionerConfig:
         return self.encoders[self.pooled_from].projection_dim + self.bucket_embed_dim
 
 
+# The samplers of diffusion/samplers.py by name (configs name them; the registry there must hold exactly these).
+SamplerName = Literal["euler", "heun", "euler_ancestral", "ddim", "dpmpp_2m"]
+SAMPLER_NAMES: Tuple[str, ...] = typing.get_args(SamplerName)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Sampling defaults of the pipeline and ``tools/infer.py`` (each can be overridden per call).
@@ -358,7 +365,7 @@ class SamplingConfig:
     """
 
     num_inference_steps: int = 40
-    sampler: str = "euler"
+    sampler: str = "euler"             # one of SAMPLER_NAMES (checked below, with the valid names)
     spacing: Literal["release", "leading", "trailing", "linspace"] = "release"
     guidance_scale: float = 6.0
     aesthetic_scale: float = 0.0
@@ -368,10 +375,9 @@ class SamplingConfig:
     negative_prompt: str = ""
 
     def __post_init__(self):
-        from .diffusion.samplers import SAMPLERS
-
         _check(self.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
-        _check(self.sampler in SAMPLERS, f"sampling.sampler {self.sampler!r} is not valid; choose one of {sorted(SAMPLERS)}")
+        _check(self.sampler in SAMPLER_NAMES,
+               f"sampling.sampler {self.sampler!r} is not valid; choose one of {sorted(SAMPLER_NAMES)}")
         for name in ("guidance_scale", "aesthetic_scale", "anime_scale", "photography_scale"):
             _check(getattr(self, name) >= 0, f"sampling.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -460,7 +466,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is float:
         _check(
-            isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: expected a number, got {value!r}"
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{where}: expected a number, got {value!r}"
         )
         return float(value)
     if tp is str:
@@ -518,7 +525,8 @@ def _vocab_beside(data: Any, folder: str) -> None:
     for encoder in encoders:
         tokenizer = encoder.get("tokenizer") if isinstance(encoder, dict) else None
         vocab = tokenizer.get("vocab") if isinstance(tokenizer, dict) else None
-        if isinstance(vocab, str) and vocab and not os.path.isabs(vocab) and os.path.isfile(os.path.join(folder, vocab)):
+        if (isinstance(vocab, str) and vocab and not os.path.isabs(vocab)
+                and os.path.isfile(os.path.join(folder, vocab))):
             tokenizer["vocab"] = os.path.join(folder, vocab)
 
 

@@ -60,11 +60,16 @@ def configure_onednn(environ=os.environ) -> Optional[str]:
     return cap
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """Log levels for a command-line run: MindSpore's C++/Python log (``GLOG_v``: 3 = errors only, 1 = info
-    with ``verbose``) unless the user set it - effective only before ``import mindspore`` - plus Python
-    warnings of ours, and jieba's debug lines ("Building prefix dict ...") hidden unless ``verbose``."""
+def quiet_mindspore(verbose: bool = False) -> None:
+    """MindSpore's C++/Python log level for a command-line run (``GLOG_v``: 3 = errors only, 1 = info with
+    ``verbose``) unless the user set it; MindSpore reads it once, at import, so call this before."""
     os.environ.setdefault("GLOG_v", "1" if verbose else "3")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Log levels for a command-line run: :func:`quiet_mindspore`, our Python loggers at WARNING (INFO with
+    ``verbose``), and jieba's debug lines ("Building prefix dict ...") hidden."""
+    quiet_mindspore(verbose)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jieba").setLevel(logging.DEBUG if verbose else logging.WARNING)

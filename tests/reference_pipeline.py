@@ -15,6 +15,7 @@ from pangu_draw_ms.io.diffusers_unet import diffusers_unet_kwargs, unet_from_dif
 from pangu_draw_ms.io.diffusers_vae import vae_from_diffusers
 from pangu_draw_ms.io.state import load_state
 from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
+
 from helpers import randomize_torch_module, torch_state_numpy
 
 

@@ -2,8 +2,8 @@
 encoder with fused q/k/v) from our tiny cells, for tests of loading released checkpoints."""
 import re
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 
 from pangu_draw_ms.config import load_config
 from pangu_draw_ms.io.layouts import build_component

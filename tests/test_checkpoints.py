@@ -6,23 +6,40 @@ import logging
 import os
 import re
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 
 from pangu_draw_ms.config import ConditionerConfig, PanGuDrawConfig, UNetConfig, VAEConfig, load_config
 from pangu_draw_ms.io import checkpoint as ckpt
 from pangu_draw_ms.io.checkpoint import CheckpointError, open_checkpoint, save_checkpoint, write_tensors
 from pangu_draw_ms.io.diffusers_unet import unet_config_from_diffusers
 from pangu_draw_ms.io.diffusers_vae import vae_config_from_diffusers
-from pangu_draw_ms.io.layouts import (COMPONENTS, build_component, component_config, component_of,
-                                      convert_component, load_component, save_component)
-from pangu_draw_ms.io.released import SwappedCheckpointsError, check_roles, load_released
+from pangu_draw_ms.io.layouts import (
+    COMPONENTS,
+    build_component,
+    component_config,
+    component_of,
+    convert_component,
+    load_component,
+    save_component,
+)
+from pangu_draw_ms.io.model_dir import SwappedCheckpointsError, check_roles
+from pangu_draw_ms.io.released import load_released
 from pangu_draw_ms.io.state import StateDictError, cell_state
 from pangu_draw_ms.io.transformers_clip import text_encoder_config_from_transformers
 from pangu_draw_ms.models import layers as L
-from helpers import (BUCKET_DIM, CONTEXT, POOLED, SD15_LIKE, SDXL_LIKE, assert_close, diffusers_unet,
-                     randomize_torch_module)
+
+from helpers import (
+    BUCKET_DIM,
+    CONTEXT,
+    POOLED,
+    SD15_LIKE,
+    SDXL_LIKE,
+    assert_close,
+    diffusers_unet,
+    randomize_torch_module,
+)
 from released_layout import TINY, open_clip_state, randomize_cell, released_state, tiny_cells
 
 torch = pytest.importorskip("torch")
@@ -159,7 +176,8 @@ def test_released_layout_file_loads_completely_and_reproduces_outputs(tmp_path, 
     assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in state
     assert "first_stage_model.encoder.norm_out.gamma" in state
 
-    loaded = build_component("unet", TINY.unet, materialize=False), build_component("vae", TINY.vae, materialize=False), \
+    loaded = build_component("unet", TINY.unet, materialize=False), \
+        build_component("vae", TINY.vae, materialize=False), \
         build_component("conditioner", TINY.conditioner, materialize=False)
     reports = load_released(texture=path, texture_unet=loaded[0], vae=loaded[1], conditioner=loaded[2])
     for report in reports.values():
@@ -197,7 +215,8 @@ def test_pair_takes_text_encoders_and_vae_from_the_texture_file_only(released_pa
     cells, paths = released_pair
     reads = []
     real_get = ckpt._SpanReader.get
-    monkeypatch.setattr(ckpt._SpanReader, "get", lambda self, name: reads.append((self.path, name)) or real_get(self, name))
+    monkeypatch.setattr(ckpt._SpanReader, "get",
+                        lambda self, name: reads.append((self.path, name)) or real_get(self, name))
     loaded = {name: build_component(component, config, materialize=False) for name, component, config in (
         ("structure_unet", "unet", TINY.unet), ("texture_unet", "unet", TINY.unet), ("vae", "vae", TINY.vae),
         ("conditioner", "conditioner", TINY.conditioner))}
@@ -225,7 +244,8 @@ def test_swapped_pair_is_refused_unless_allowed(released_pair, caplog, tmp_path,
 
     tool = convert_tool()
     out = str(tmp_path / "out")
-    args = ["released", "--structure", paths["texture"], "--texture", paths["structure"], "--out", out, "--config", "tiny"]
+    args = ["released", "--structure", paths["texture"], "--texture", paths["structure"], "--out", out,
+            "--config", "tiny"]
     assert tool.main(args) == 2
     assert "--allow-swapped" in capsys.readouterr().err
     assert tool.main(args + ["--allow-swapped"]) == 0
@@ -271,7 +291,8 @@ def _unet_inputs(config: UNetConfig):
     y = np.concatenate([pooled, L.sinusoidal_embedding(ms.Tensor(bucket), BUCKET_DIM).asnumpy()], axis=1)
     added = {}
     if config.adm_in_channels is not None:
-        added["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(bucket[:, None])}
+        added["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled),
+                                      "time_ids": torch.from_numpy(bucket[:, None])}
     return x, t, context, y, added
 
 
@@ -291,13 +312,15 @@ def test_diffusers_unet_from_save_pretrained(config, tmp_path, pynative):
 
     # The tool reads config.json and writes our layout; that file loads bit-identically.
     assert convert_tool().main(["diffusers", str(tmp_path / "unet"), "--out", str(tmp_path / "ours")]) == 0
-    converted = build_component("unet", load_config(str(tmp_path / "ours" / "unet.yaml"), UNetConfig), materialize=False)
+    converted = build_component("unet", load_config(str(tmp_path / "ours" / "unet.yaml"), UNetConfig),
+                                materialize=False)
     assert load_component(converted, str(tmp_path / "ours" / "unet.safetensors")).layout == "ours"
     assert_same_parameters(converted, unet)
 
 
 def test_diffusers_vae_sharded_and_pickled(tmp_path, pynative):
-    from test_vae import TINY as VAE_TINY, diffusers_reference
+    from test_vae import TINY as VAE_TINY
+    from test_vae import diffusers_reference
 
     reference = diffusers_reference(VAE_TINY).eval()
     randomize_torch_module(reference, seed=0)
@@ -359,7 +382,8 @@ def test_transformers_clip_and_open_clip_files(with_projection, tmp_path, pynati
 
 
 def test_convert_tool_converts_a_pipeline_folder_and_single_files(tmp_path, capsys):
-    from test_vae import TINY as VAE_TINY, diffusers_reference
+    from test_vae import TINY as VAE_TINY
+    from test_vae import diffusers_reference
 
     pipeline = tmp_path / "pipeline"
     models = {"unet": diffusers_unet(SD15_LIKE), "vae": diffusers_reference(VAE_TINY),

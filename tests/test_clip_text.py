@@ -1,19 +1,20 @@
 """CLIP text encoder and conditioner: parity with transformers CLIP (identical seeded weights, fp32)."""
-import numpy as np
 import mindspore as ms
+import numpy as np
 import pytest
 import torch
 from diffusers.models.embeddings import Timesteps
 from mindspore.nn.utils import no_init_parameters
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from helpers import assert_close, randomize_torch_module, torch_state_numpy
 from pangu_draw_ms.config import ConditionerConfig, ConfigError, TextEncoderConfig
 from pangu_draw_ms.io.state import StateDictError, load_state
 from pangu_draw_ms.io.transformers_clip import clip_text_from_open_clip, clip_text_from_transformers
 from pangu_draw_ms.models.clip_text import CLIPTextEncoder
 from pangu_draw_ms.models.conditioner import Conditioner
 from pangu_draw_ms.models.layers import count_parameters
+
+from helpers import assert_close, randomize_torch_module, torch_state_numpy
 
 VOCAB = 1000
 LENGTH = 77

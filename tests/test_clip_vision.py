@@ -2,8 +2,8 @@
 and CLIPImageProcessor (identical seeded weights, fp32), and with diffusers' image-variation pipeline."""
 from types import SimpleNamespace
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionImageVariationPipeline
@@ -11,13 +11,14 @@ from mindspore.nn.utils import no_init_parameters
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from helpers import assert_close, randomize_torch_module, torch_state_numpy
 from pangu_draw_ms.config import ConfigError, VisionEncoderConfig, from_dict
 from pangu_draw_ms.io.state import StateDictError, load_state
 from pangu_draw_ms.io.transformers_clip import clip_vision_from_transformers
 from pangu_draw_ms.models.clip_vision import CLIPVisionEncoder
 from pangu_draw_ms.models.layers import count_parameters
 from pangu_draw_ms.pipelines.image_processing import preprocess_clip_images
+
+from helpers import assert_close, randomize_torch_module, torch_state_numpy
 
 TINY = VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=48, num_layers=2, num_heads=4,
                            intermediate_size=96, hidden_act="quick_gelu", projection_dim=16)
@@ -152,7 +153,8 @@ def test_sd_image_variations_encoder_has_the_names_shapes_and_count_of_transform
         reference = CLIPVisionModelWithProjection(transformers_config(VIT_L_14))
     assert count_parameters(cell) == sum(p.numel() for p in reference.parameters())
     # Zero-stride views stand in for the meta tensors: the mapping sees every on-disk name and shape.
-    on_disk = {name: np.broadcast_to(np.float32(0), tuple(value.shape)) for name, value in reference.state_dict().items()}
+    on_disk = {name: np.broadcast_to(np.float32(0), tuple(value.shape))
+               for name, value in reference.state_dict().items()}
     mapped = {name: value.shape for name, value in clip_vision_from_transformers(on_disk).items()}
     assert mapped == {p.name: tuple(p.shape) for p in cell.get_parameters()}
 

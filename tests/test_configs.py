@@ -1,9 +1,9 @@
 """Bundled configs load and build; validation messages name what is wrong; the tiny model runs."""
 import dataclasses
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 import yaml
 
 from pangu_draw_ms.config import ConfigError, PanGuDrawConfig, from_dict, load_config, resolve_config_path, to_dict

@@ -1,19 +1,32 @@
 """ControlNet: parity with diffusers ControlNetModel (weights through save_pretrained and our loader), the UNet
 taking its residuals, the config and key mappings, the released-size layout, input errors."""
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 
 from pangu_draw_ms.config import ConfigError, ControlNetConfig, UNetConfig
-from pangu_draw_ms.io.diffusers_controlnet import (controlnet_config_from_diffusers, controlnet_from_diffusers,
-                                                   diffusers_controlnet_kwargs)
+from pangu_draw_ms.io.diffusers_controlnet import (
+    controlnet_config_from_diffusers,
+    controlnet_from_diffusers,
+    diffusers_controlnet_kwargs,
+)
 from pangu_draw_ms.io.layouts import load_component
 from pangu_draw_ms.models import layers as L
 from pangu_draw_ms.models.controlnet import ControlNet
 from pangu_draw_ms.models.unet import UNetModel
-from helpers import (BUCKET_DIM, CONTEXT, POOLED, SD15_LIKE, SDXL_LIKE, assert_close, diffusers_unet,
-                     randomize_torch_module, torch_state_numpy)
+
+from helpers import (
+    BUCKET_DIM,
+    CONTEXT,
+    POOLED,
+    SD15_LIKE,
+    SDXL_LIKE,
+    assert_close,
+    diffusers_unet,
+    randomize_torch_module,
+    torch_state_numpy,
+)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -40,7 +53,8 @@ def inputs(config: UNetConfig, seed=0):
     y = np.concatenate([pooled, L.sinusoidal_embedding(ms.Tensor(bucket), BUCKET_DIM).asnumpy()], axis=1)
     added = {}
     if config.adm_in_channels is not None:
-        added["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(bucket[:, None])}
+        added["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled),
+                                      "time_ids": torch.from_numpy(bucket[:, None])}
     return x, hint, t, context, y, added
 
 
@@ -55,7 +69,8 @@ def test_controlnet_and_controlled_unet_match_diffusers(unet_config, ms_mode, tm
 
     x, hint, t, context, y, added = inputs(unet_config)
     with torch.no_grad():
-        down, mid = reference(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context), torch.from_numpy(hint),
+        down, mid = reference(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context),
+                              torch.from_numpy(hint),
                               conditioning_scale=0.7, return_dict=False, **added)
     residuals = controlnet(ms.Tensor(x), ms.Tensor(hint), ms.Tensor(t), ms.Tensor(context), ms.Tensor(y), 0.7)
     assert len(residuals) == len(down) + 1
@@ -66,10 +81,12 @@ def test_controlnet_and_controlled_unet_match_diffusers(unet_config, ms_mode, tm
     unet = UNetModel(unet_config)
     load_component(unet, _saved(unet_reference, tmp_path / "unet"))
     with torch.no_grad():
-        expected = unet_reference(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(context),
+        expected = unet_reference(torch.from_numpy(x), torch.from_numpy(t),
+                                  encoder_hidden_states=torch.from_numpy(context),
                                   down_block_additional_residuals=down, mid_block_additional_residual=mid,
                                   **added).sample.numpy()
-        plain = unet_reference(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(context),
+        plain = unet_reference(torch.from_numpy(x), torch.from_numpy(t),
+                               encoder_hidden_states=torch.from_numpy(context),
                                **added).sample.numpy()
     got = unet(ms.Tensor(x), ms.Tensor(t), ms.Tensor(context), ms.Tensor(y), residuals).asnumpy()
     assert_close(got, expected, what=f"controlled UNet ({ms_mode})")

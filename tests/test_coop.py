@@ -66,7 +66,8 @@ def test_identity_bridge_returns_eps_unchanged(rng):
     eps = rng.standard_normal(z_t.shape).astype(np.float32)
     for t in (999, 500, 20):
         a = SCHEDULE.alpha_bar(t)
-        np.testing.assert_allclose(bridged_eps(z_t, predict_x0(z_t, eps, a), bridge.numpy, a), eps, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(bridged_eps(z_t, predict_x0(z_t, eps, a), bridge.numpy, a), eps,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_eps_tilde_renoises_a_reconstructible_x0_to_z_t(rng):

@@ -4,9 +4,9 @@ import dataclasses
 import json
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 import yaml
 from PIL import Image
 
@@ -14,6 +14,7 @@ from pangu_draw_ms.config import ControlNetConfig, CoopRecipe, from_dict, load_c
 from pangu_draw_ms.io.layouts import build_component, save_component
 from pangu_draw_ms.pipelines.coop import CoopPipeline
 from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
+
 from helpers import randomize_torch_module
 from released_layout import randomize_cell
 
@@ -36,7 +37,8 @@ def pynative():
 
 def tiny_diffusers_vae(seed):
     vae = diffusers.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
                                   scaling_factor=0.18215)
     randomize_torch_module(vae, seed=seed)
     return vae
@@ -100,7 +102,8 @@ RUN = dict(height=64, width=64, num_inference_steps=4, seed=3)
 
 
 def test_zero_weight_partner_leaves_the_main_model_alone(main, models):
-    coop = CoopPipeline(main, recipe(partners=[{"name": "sd15", "kind": "diffusers", "path": models["sd15"], "weight": 0.0,
+    coop = CoopPipeline(main, recipe(partners=[{"name": "sd15", "kind": "diffusers", "path": models["sd15"],
+                                                "weight": 0.0,
                                                 "height": 32, "width": 32}]))
     fused = coop(PROMPT, output_type="latent", **RUN)
     plain = main(PROMPT, output_type="latent", **RUN)
@@ -195,7 +198,8 @@ def test_recipes_run_from_the_cli(models, tmp_path):
              "weight": 0.3},
             {"name": "v", "kind": "image_variation", "path": models["variation"], "image": models["reference"],
              "weight": 0.2, "height": 32, "width": 32}]},
-        "upscale": {"partners": [{"name": "sd15", "kind": "diffusers", "path": models["sd15"], "height": 32, "width": 32}],
+        "upscale": {"partners": [{"name": "sd15", "kind": "diffusers", "path": models["sd15"],
+                                  "height": 32, "width": 32}],
                     "resolution_bridge": {"partner": "sd15", "t_low": 500}},
     }
     for name, data in recipes.items():

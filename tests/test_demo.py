@@ -8,9 +8,17 @@ import pytest
 
 from pangu_draw_ms.demo import DEMO_MODEL_DIR
 from pangu_draw_ms.demo.judge import ShapeClassifier, color_of, foreground, judge
-from pangu_draw_ms.demo.shapes import (COLORS, SHAPES, Scene, all_combinations, captions, heldout_combinations,
-                                       random_scene, render, write_dataset)
-
+from pangu_draw_ms.demo.shapes import (
+    COLORS,
+    SHAPES,
+    Scene,
+    all_combinations,
+    captions,
+    heldout_combinations,
+    random_scene,
+    render,
+    write_dataset,
+)
 
 # Of the 12 colour prompts below: a model that ignores the prompt gets about 2 right (P(>= 8) < 0.1 % by
 # chance); the shipped demo model draws all 12 right here and 82-83 % of the held-out prompts (README).
@@ -44,7 +52,8 @@ def test_dataset_is_deterministic_bilingual_and_holds_out_its_eval_captions(tmp_
 
 def test_captions_name_the_same_attributes_in_both_languages():
     scene = Scene("orange", "cross", "big", "left", "white", 64, 64)
-    assert captions(scene) == ("a big orange cross on the left on a white background", "白色背景上左边有一个橙色的大十字形")
+    assert captions(scene) == ("a big orange cross on the left on a white background",
+                               "白色背景上左边有一个橙色的大十字形")
     assert captions(scene, (False, False, False)) == ("an orange cross", "一个橙色的十字形")
     assert captions(Scene("red", "circle", "small", "top", "black", 8, 8), (True, True, False)) == \
         ("a small red circle at the top", "上方有一个红色的小圆形")
@@ -115,7 +124,8 @@ def test_shipped_demo_controlnet_puts_the_shape_where_its_outline_is(demo_pipeli
                 placed[kind] += centre is not None and np.hypot(centre[0] - cy, centre[1] - cx) < 0.12
     print("shapes on the outline, of 12:", placed)
     # Measured on this machine: 10 with the ControlNet (9 centres within 0.07 of the outline's, one at 0.088; the
-    # nearest miss 0.16), 3 from the text alone (0.09 in at most, the nearest miss 0.20); eval_controlnet.py has the rates.
+    # nearest miss 0.16), 3 from the text alone (0.09 in at most, the nearest miss 0.20);
+    # eval_controlnet.py has the rates.
     assert placed["fused"] >= 5 and placed["fused"] >= placed["text only"] + 3
 
 

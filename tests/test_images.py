@@ -7,8 +7,7 @@ import pytest
 from PIL import Image, UnidentifiedImageError
 
 from pangu_draw_ms import images
-from pangu_draw_ms.images import (edge_map, image_grid, image_size, load_image, resize, to_array, to_pil,
-                                  to_unit_array)
+from pangu_draw_ms.images import edge_map, image_grid, image_size, load_image, resize, to_array, to_pil, to_unit_array
 
 
 def random_pixels(height, width, seed=0):

@@ -1,14 +1,15 @@
 """The text-to-image pipeline end to end with the tiny config on CPU."""
 import dataclasses
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 
-from pangu_draw_ms.buckets import BucketError, TABLE7_STRUCTURE, TABLE7_TEXTURE
+from pangu_draw_ms.buckets import TABLE7_STRUCTURE, TABLE7_TEXTURE, BucketError
 from pangu_draw_ms.config import load_config
 from pangu_draw_ms.io.state import cell_state, load_state
 from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
+
 from helpers import assert_close
 
 # The tiny architecture with small buckets, so a run takes seconds.

@@ -1,8 +1,8 @@
 """Our DDIM and Euler driving our tiny UNet vs diffusers' DDIMScheduler / EulerDiscreteScheduler driving a
 parity-loaded diffusers UNet, from the same initial noise."""
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 
 from pangu_draw_ms.diffusion.denoiser import Conditioning, UNetEpsModel
 from pangu_draw_ms.diffusion.samplers import make_sampler
@@ -11,6 +11,7 @@ from pangu_draw_ms.io.diffusers_unet import unet_from_diffusers
 from pangu_draw_ms.io.state import load_state
 from pangu_draw_ms.models import layers as L
 from pangu_draw_ms.models.unet import UNetModel
+
 from helpers import BUCKET_DIM, CONTEXT, POOLED, SDXL_LIKE, assert_close, diffusers_unet, torch_state_numpy
 
 torch = pytest.importorskip("torch")
@@ -78,6 +79,7 @@ def test_pipeline_matches_the_diffusers_sdxl_pipeline():
     import dataclasses
 
     from pangu_draw_ms.config import load_config
+
     from reference_pipeline import build_pair, reference_run
 
     config = dataclasses.replace(load_config("tiny"), structure_buckets=((64, 128), (96, 96)))

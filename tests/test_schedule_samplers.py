@@ -131,7 +131,8 @@ def test_ancestral_samplers_match_the_exact_output_distribution():
     print("expected mean %.4f std %.4f, got %.4f %.4f" % (mean, var ** 0.5, ddpm.mean(), ddpm.std()))
     assert abs(ddpm.mean() - mean) < 0.005 and abs(ddpm.std() - var ** 0.5) < 0.005
     # k-diffusion's Euler ancestral (eta = 1) is the same update written in sigma form.
-    ancestral = make_sampler("euler_ancestral", SCHEDULE).sample(gaussian_denoiser, z_T, ts, rng=np.random.default_rng(2))
+    ancestral = make_sampler("euler_ancestral", SCHEDULE).sample(gaussian_denoiser, z_T, ts,
+                                                                 rng=np.random.default_rng(2))
     np.testing.assert_allclose(ancestral, ddpm, atol=1e-4)
 
 
@@ -180,3 +181,12 @@ def test_affine_coefficients_reproduce_the_step_of_first_order_deterministic_sam
     assert sampler.affine == (name in ("euler", "ddim"))
     stochastic_ddim = make_sampler("ddim", SCHEDULE, eta=0.5)
     assert stochastic_ddim.linear_coefficients(999, 749) is None and not stochastic_ddim.affine
+
+
+def test_configs_name_exactly_the_registered_samplers():
+    """config.py names the samplers (it sits below diffusion/ and must not import it); the registry of
+    diffusion/samplers.py must hold exactly those names."""
+    from pangu_draw_ms.config import SAMPLER_NAMES
+    from pangu_draw_ms.diffusion.samplers import SAMPLERS
+
+    assert sorted(SAMPLERS) == sorted(SAMPLER_NAMES)

@@ -363,7 +363,8 @@ def test_sentencepiece_errors(tmp_path):
     import sentencepiece as spm
 
     no_pad = tmp_path / "no_pad"
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_prefix=str(no_pad), vocab_size=SPM_VOCAB_SIZE,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_prefix=str(no_pad),
+                                   vocab_size=SPM_VOCAB_SIZE,
                                    num_threads=1, minloglevel=2)
     with pytest.raises(ValueError, match="has no pad id"):
         SentencePieceTokenizer(str(no_pad) + ".model")

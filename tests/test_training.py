@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
 from pangu_draw_ms.buckets import BucketTable
@@ -19,6 +19,7 @@ from pangu_draw_ms.config import ConfigError, PanGuDrawConfig, from_dict, to_dic
 from pangu_draw_ms.demo.shapes import write_dataset
 from pangu_draw_ms.io.checkpoint import load_tensors, open_checkpoint
 from pangu_draw_ms.io.layouts import load_component
+from pangu_draw_ms.io.model_dir import load_model_config, save_component, write_model_config
 from pangu_draw_ms.io.state import cell_state
 from pangu_draw_ms.models.conditioner import Conditioner
 from pangu_draw_ms.models.vae import AutoencoderKL
@@ -27,7 +28,6 @@ from pangu_draw_ms.training.checkpointing import CheckpointFolder
 from pangu_draw_ms.training.config import LossScaleConfig, OptimConfig, load_train_config
 from pangu_draw_ms.training.data import BatchPlan, BatchStream, assign_buckets, read_manifest
 from pangu_draw_ms.training.metrics import read_metrics
-from pangu_draw_ms.training.model_dir import load_model_config, save_component, write_model_config
 from pangu_draw_ms.training.optim import WarmupCosine
 from pangu_draw_ms.training.step import TrainStep
 from pangu_draw_ms.training.trainer import Trainer
@@ -214,7 +214,8 @@ def _squared_error(net):
 
 def _regression(batch_size=8):
     rng = np.random.default_rng(0)
-    return rng.standard_normal((batch_size, 4)).astype(np.float32), rng.standard_normal((batch_size, 3)).astype(np.float32)
+    return (rng.standard_normal((batch_size, 4)).astype(np.float32),
+            rng.standard_normal((batch_size, 3)).astype(np.float32))
 
 
 def test_gradient_accumulation_equals_one_big_batch(ms_mode):

@@ -1,7 +1,7 @@
 """UNet: parity with diffusers UNet2DConditionModel (text_time addition), the released layout and size."""
+import mindspore as ms
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 
 from pangu_draw_ms.config import UNetConfig
@@ -9,6 +9,7 @@ from pangu_draw_ms.io.diffusers_unet import unet_from_diffusers
 from pangu_draw_ms.io.state import load_state
 from pangu_draw_ms.models import layers as L
 from pangu_draw_ms.models.unet import UNetModel
+
 from helpers import BUCKET_DIM, CONTEXT, POOLED, SD15_LIKE, SDXL_LIKE, assert_close, diffusers_unet, torch_state_numpy
 
 torch = pytest.importorskip("torch")
@@ -50,7 +51,8 @@ def test_sinusoidal_embedding_matches_diffusers_timesteps():
                      what=f"sinusoidal({dim})")
     small = np.array([0, 1, 2, 3], np.float32)
     expected = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)(torch.from_numpy(small)).numpy()
-    assert_close(L.sinusoidal_embedding(ms.Tensor(small), 256).asnumpy(), expected, rel=1e-6, what="sinusoidal(bucket ids)")
+    assert_close(L.sinusoidal_embedding(ms.Tensor(small), 256).asnumpy(), expected, rel=1e-6,
+                 what="sinusoidal(bucket ids)")
 
 
 def test_released_unet_size_and_layout():
@@ -79,7 +81,8 @@ def test_released_unet_size_and_layout():
     }
     for name, shape in expected.items():
         assert shapes.get(name) == shape, f"{name}: {shapes.get(name)} != {shape}"
-    assert not any(".attn" in n for n in shapes if n.startswith(("input_blocks.1.", "input_blocks.2.", "output_blocks.6.")))
+    assert not any(".attn" in n for n in shapes
+                   if n.startswith(("input_blocks.1.", "input_blocks.2.", "output_blocks.6.")))
 
 
 def test_unet_rejects_latents_not_divisible_by_downsampling(rng):

@@ -10,12 +10,13 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from mindspore.nn.utils import no_init_parameters
 
-from helpers import assert_close, randomize_torch_module, torch_state_numpy
 from pangu_draw_ms.config import ConfigError, VAEConfig
 from pangu_draw_ms.io.diffusers_vae import vae_from_diffusers
 from pangu_draw_ms.io.state import load_state
 from pangu_draw_ms.models.layers import count_parameters
 from pangu_draw_ms.models.vae import AutoencoderKL
+
+from helpers import assert_close, randomize_torch_module, torch_state_numpy
 
 # Three levels so that two decoder levels have identical shapes: a wrong up_blocks -> up index
 # mapping then loads without error and only shows up numerically.
@@ -213,7 +214,8 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match=r"decode_latents expects latents of shape \(batch, 4, height, width\)"):
         vae.decode_latents(ms.Tensor(np.zeros((2, 3, 6, 4), np.float32)))
     with pytest.raises(ValueError, match=r"noise has shape \(2, 4, 3, 3\) but the latents have shape \(2, 4, 6, 4\)"):
-        vae.encode_to_latents(ms.Tensor(np.zeros(IMAGE_SHAPE, np.float32)), noise=ms.Tensor(np.zeros((2, 4, 3, 3), np.float32)))
+        vae.encode_to_latents(ms.Tensor(np.zeros(IMAGE_SHAPE, np.float32)),
+                              noise=ms.Tensor(np.zeros((2, 4, 3, 3), np.float32)))
     with pytest.raises(TypeError, match="needs a VAEConfig"):
         AutoencoderKL({"base_channels": 16})
     with pytest.raises(ConfigError, match="vae.latent_channels must be >= 1, got 0"):

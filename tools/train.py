@@ -1,16 +1,9 @@
-"""Train one stage of PanGu-Draw (vae, structure, texture, full_range or controlnet) from a training YAML.
+"""Train one stage of PanGu-Draw (also under msrun): ``python tools/train.py --help``.
 
-    python tools/train.py --config configs/train/demo_structure.yaml [--resume [CHECKPOINT]] [key=value ...]
-
-Data-parallel on N workers (CPU or Ascend), the same script launched by msrun:
-
-    msrun --worker_num=N --local_worker_num=N --master_port=8118 --join=True \\
-        tools/train.py --config configs/train/demo_structure.yaml
-
-Overrides after the options change config entries, e.g. ``steps=200 data.batch_size=8``.
+The command lives in ``pangu_draw_ms.cli.train``, installed as ``pangu-draw-train``.
+This wrapper keeps the documented ``python tools/train.py`` commands working from a checkout
+without installing the package.
 """
-# The command lives in pangu_draw_ms.cli.train (installed as `pangu-draw-train`); this file keeps
-# `python tools/train.py` working from a checkout without installing the package.
 import os
 import sys
 

@@ -1,13 +1,9 @@
-"""Train a SentencePiece tokenizer (with jieba segmentation for Chinese) on the captions of a manifest.
+"""Train a SentencePiece tokenizer on a caption manifest: ``python tools/train_tokenizer.py --help``.
 
-    python tools/train_tokenizer.py --manifest outputs/demo/data/train.jsonl \
-        --out outputs/demo/data/tokenizer --vocab-size 160
-
-Writes OUT.model. Reference it in a model config with ``tokenizer: {kind: sentencepiece, vocab: OUT.model,
-jieba: true}`` and give the text encoders ``vocab_size`` = the vocabulary size and ``eot_token_id: 3``.
+The command lives in ``pangu_draw_ms.cli.train_tokenizer``, installed as ``pangu-draw-train-tokenizer``.
+This wrapper keeps the documented ``python tools/train_tokenizer.py`` commands working from a checkout
+without installing the package.
 """
-# The command lives in pangu_draw_ms.cli.train_tokenizer (installed as `pangu-draw-train-tokenizer`); this file keeps
-# `python tools/train_tokenizer.py` working from a checkout without installing the package.
 import os
 import sys
 

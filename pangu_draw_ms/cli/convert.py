@@ -20,19 +20,24 @@ summary: tensors, parameters, bytes, and the entries left out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
+
+from pangu_draw_ms.runtime import quiet_mindspore
+
+quiet_mindspore()  # before the io modules below import MindSpore: it reads its log level once
 
 from pangu_draw_ms.config import PanGuDrawConfig, load_config  # noqa: E402
 from pangu_draw_ms.io.checkpoint import resolve_checkpoint_path  # noqa: E402
 from pangu_draw_ms.io.diffusers_controlnet import controlnet_config_from_diffusers  # noqa: E402
+from pangu_draw_ms.io.diffusers_folder import config_beside, model_config, model_path, models_present  # noqa: E402
 from pangu_draw_ms.io.diffusers_unet import unet_config_from_diffusers  # noqa: E402
 from pangu_draw_ms.io.diffusers_vae import vae_config_from_diffusers  # noqa: E402
 from pangu_draw_ms.io.layouts import COMPONENTS, convert_component, group_names  # noqa: E402
-from pangu_draw_ms.io.released import convert_released, write_config  # noqa: E402
+from pangu_draw_ms.io.model_dir import write_config  # noqa: E402
+from pangu_draw_ms.io.released import convert_released  # noqa: E402
 from pangu_draw_ms.io.transformers_clip import text_encoder_config_from_transformers  # noqa: E402
 
 # diffusers pipeline subfolder -> component
@@ -57,7 +62,8 @@ def print_summary(results) -> None:
         print(f"  {summary.path}: {summary.tensors} tensors, {summary.parameters:,} parameters, "
               f"{_size(summary.bytes)} (from {os.path.basename(report.path)}, {report.layout} layout)")
         if report.skipped:
-            print(f"    {len(report.skipped)} entries of other components skipped unread: {group_names(report.skipped)}")
+            print(f"    {len(report.skipped)} entries of other components skipped unread: "
+                  f"{group_names(report.skipped)}")
         if report.ignored:
             print(f"    {len(report.ignored)} entries ignored (not weights of this component): "
                   f"{', '.join(report.ignored[:5])}{' ...' if len(report.ignored) > 5 else ''}")
@@ -74,11 +80,6 @@ def run_released(args) -> None:
                                file_format=args.format, allow_swapped=args.allow_swapped, progress=_progress)
     print_summary(results)
     print(f"  {os.path.join(args.out, config.name + '.yaml')}: the model config")
-
-
-def _json(path: str) -> dict:
-    with open(path, "r", encoding="utf-8") as f:
-        return json.load(f)
 
 
 def component_from_json(config: dict, component, output_layer: str):
@@ -102,24 +103,24 @@ def component_from_json(config: dict, component, output_layer: str):
 def _model_jobs(args):
     """(output name, weights path, component, config) for each model to convert."""
     source = args.source
-    if os.path.isdir(source) and any(os.path.isdir(os.path.join(source, d)) for d in PIPELINE_FOLDERS):
+    folders = models_present(source, PIPELINE_FOLDERS)
+    if folders:
         if args.config:
             raise ValueError("--config applies to one model; a pipeline folder takes each model's config.json")
-        return [(folder, os.path.join(source, folder),
-                 *component_from_json(_json(os.path.join(source, folder, "config.json")),
-                                      PIPELINE_FOLDERS[folder], args.output_layer))
-                for folder in PIPELINE_FOLDERS if os.path.isdir(os.path.join(source, folder))]
+        return [(folder, model_path(source, folder),
+                 *component_from_json(model_config(source, folder), PIPELINE_FOLDERS[folder], args.output_layer))
+                for folder in folders]
     weights = resolve_checkpoint_path(source)
     if args.config:
         if not args.component:
             raise ValueError("--config needs --component (the YAML holds that component's config)")
         component, config = args.component, load_config(args.config, COMPONENTS[args.component][1])
     else:
-        config_json = os.path.join(os.path.dirname(weights), "config.json")
-        if not os.path.isfile(config_json):
+        diffusers_config = config_beside(weights)
+        if diffusers_config is None:
             raise ValueError(f"no config.json beside {weights}: pass --component and --config (a YAML of the "
                              "component's config)")
-        component, config = component_from_json(_json(config_json), args.component, args.output_layer)
+        component, config = component_from_json(diffusers_config, args.component, args.output_layer)
     return [(args.name or component, weights, component, config)]
 
 
@@ -129,7 +130,8 @@ def run_diffusers(args) -> None:
     results = {}
     for name, weights, component, config in jobs:
         with _progress(name) as bar:
-            results[name] = convert_component(weights, component, config, os.path.join(args.out, f"{name}.{args.format}"),
+            results[name] = convert_component(weights, component, config,
+                                              os.path.join(args.out, f"{name}.{args.format}"),
                                               dtype=args.dtype, progress=bar)
         write_config(config, os.path.join(args.out, f"{name}.yaml"))
     print_summary(results)

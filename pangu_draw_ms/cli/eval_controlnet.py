@@ -41,6 +41,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
+    from pangu_draw_ms.runtime import quiet_mindspore
+
+    quiet_mindspore()  # before MindSpore is imported: it reads its log level once
     import mindspore as ms
 
     ms.set_context(mode=ms.GRAPH_MODE)

@@ -64,14 +64,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                         "(and/or a low-resolution model up to T_low); see configs/recipes/")
     model.add_argument("--config", help="config name or YAML (default: the model directory's, else the demo/tiny)")
     model.add_argument("--model-dir", help="a directory with config.yaml and per-component weights")
-    model.add_argument("--structure-ckpt", help="structure (high-timestep) UNet weights, e.g. pangu_high_timestamp-*.ckpt")
+    model.add_argument("--structure-ckpt",
+                       help="structure (high-timestep) UNet weights, e.g. pangu_high_timestamp-*.ckpt")
     model.add_argument("--texture-ckpt", help="texture (low-timestep) UNet weights; a released file also supplies "
                                               "the text encoders and the VAE")
     model.add_argument("--conditioner-ckpt", help="text encoder weights (default: from --texture-ckpt)")
     model.add_argument("--vae-ckpt", help="VAE weights (default: from --texture-ckpt)")
     model.add_argument("--allow-swapped", action="store_true",
                        help="accept a structure/texture pair whose recorded roles say it is swapped")
-    model.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="compute dtype (default: fp16 on Ascend, fp32 on CPU)")
+    model.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                       help="compute dtype (default: fp16 on Ascend, fp32 on CPU)")
     model.add_argument("--weights-dtype", choices=["fp32", "fp16"], default="fp32", help="parameter storage dtype")
     model.add_argument("--memory", choices=["resident", "sequential"], default="resident",
                        help="sequential: only the active network in memory (two 5B UNets need it on 32 GB)")
@@ -111,15 +113,15 @@ def read_prompts(args) -> List[str]:
 
 def build_pipeline(args):
     from pangu_draw_ms.config import load_config
-    from pangu_draw_ms.pipelines.components import find_component_files
+    from pangu_draw_ms.io.model_dir import CONFIG_FILE, find_component_files, released_pair_files
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
     options = dict(precision=args.precision, weights_dtype=args.weights_dtype, memory=args.memory,
                    allow_swapped=args.allow_swapped, show_progress=not args.quiet)
     if args.model_dir or (not args.structure_ckpt and not args.texture_ckpt and not args.config
-                          and os.path.isfile(os.path.join(DEMO_DIR, "config.yaml"))):
+                          and os.path.isfile(os.path.join(DEMO_DIR, CONFIG_FILE))):
         model_dir = args.model_dir or DEMO_DIR
-        config = load_config(args.config or os.path.join(model_dir, "config.yaml"))
+        config = load_config(args.config or os.path.join(model_dir, CONFIG_FILE))
         files = find_component_files(model_dir)
         source = f"model directory {model_dir}" if args.model_dir else "the embedded demo model"
     elif args.structure_ckpt or args.texture_ckpt:
@@ -129,8 +131,7 @@ def build_pipeline(args):
             if path and not os.path.isfile(path):
                 raise SystemExit(f"error: checkpoint {path!r} does not exist")
         config = load_config(args.config or "pangu_draw_v3")
-        files = {"structure_unet": args.structure_ckpt, "texture_unet": args.texture_ckpt,
-                 "conditioner": args.conditioner_ckpt or args.texture_ckpt, "vae": args.vae_ckpt or args.texture_ckpt}
+        files = released_pair_files(args.structure_ckpt, args.texture_ckpt, args.conditioner_ckpt, args.vae_ckpt)
         source = f"checkpoints {args.structure_ckpt} (structure) and {args.texture_ckpt} (texture)"
     else:
         config = load_config(args.config or "tiny")
@@ -222,8 +223,8 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> List[str]:
-    import numpy as np
     import mindspore as ms
+    import numpy as np
     from tqdm import tqdm
 
     from pangu_draw_ms.runtime import compile_cache_root, enable_compile_cache

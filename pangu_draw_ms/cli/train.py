@@ -63,6 +63,9 @@ def main(argv=None) -> dict:
             raise SystemExit("error: --restart-on-stall supervises one process; under msrun restart the job instead")
         return supervise(args)
 
+    from pangu_draw_ms.runtime import quiet_mindspore
+
+    quiet_mindspore()  # before MindSpore is imported: it reads its log level once
     import mindspore as ms
 
     if args.device:

@@ -138,7 +138,8 @@ def heldout_combinations(seed: int) -> List[Tuple[str, str, str, str, str]]:
     for color in COLORS:
         for shape in SHAPES:
             held.append((color, shape, list(SIZES)[rng.integers(len(SIZES))],
-                         list(POSITIONS)[rng.integers(len(POSITIONS))], list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]))
+                         list(POSITIONS)[rng.integers(len(POSITIONS))],
+                         list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]))
     return held
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn
 
 from .coop import CoopDenoiser, fuse_predictions
@@ -136,9 +136,9 @@ class CompiledDenoiser:
                                          len(main_inputs),
                                          [None if cell is None else len(inputs) for cell, inputs in partners])
         scalars = ms.Tensor(np.array([coop.schedule.alpha_bar(t), a, b], np.float32))
-        inputs = [_tensor(l) for l in partner_latents] + list(main_inputs) + [x for _, xs in partners for x in xs]
+        inputs = [_tensor(z_p) for z_p in partner_latents] + list(main_inputs) + [x for _, xs in partners for x in xs]
         z_next, *latents_next = self.graphs[key](_tensor(z), scalars, *inputs)
-        return coop.pack(z_next.asnumpy(), [l.asnumpy() for l in latents_next])
+        return coop.pack(z_next.asnumpy(), [z_p.asnumpy() for z_p in latents_next])
 
     def __call__(self, state: np.ndarray, t: int) -> np.ndarray:
         """The packed predictions (eps_fuse, eps'_fuse...) at t: the same graph with A = 0, B = 1."""

@@ -27,8 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 from .schedule import NoiseSchedule, add_noise, eps_from_x0, predict_x0
@@ -198,7 +198,8 @@ class CoopDenoiser:
 
 
 def resolution_bridge(z_low: np.ndarray, eps_low: np.ndarray, t: int, schedule: NoiseSchedule,
-                      bridge: Optional[LatentBridge], noise: np.ndarray, latent_upsample: Optional[Tuple[int, int]] = None
+                      bridge: Optional[LatentBridge], noise: np.ndarray,
+                      latent_upsample: Optional[Tuple[int, int]] = None
                       ) -> Tuple[np.ndarray, np.ndarray]:
     """Sub-module 2 at T_low: the high-resolution latent z_t and its clean latent z0 (for measurements).
 

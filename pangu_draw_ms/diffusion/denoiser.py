@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn
 
 from ..models.unet import UNetModel

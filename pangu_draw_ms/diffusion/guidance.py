@@ -11,13 +11,13 @@ Sample Steps are Flawed", eqs. 15-16) pulls the guided prediction's std back to 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
-from .denoiser import Conditioning, EpsModel, UNetEpsModel
+from .denoiser import Conditioning, ControlInput, EpsModel, UNetEpsModel
 
 # Prefixes of the released PanGu-Draw 3.0 style conditions (prepended to the prompt, both encoders).
 STYLE_PREFIXES: Dict[str, str] = {"aesthetic": "義 ", "anime": "饅 ", "photography": "霙 "}
@@ -53,6 +53,20 @@ def guidance_weights(guidance_scale: float, style_scales: Dict[str, float]) -> D
     weights = {"uncond": 1.0 - guidance_scale, "cond": guidance_scale - sum(style_scales.values())}
     weights.update({style: scale for style, scale in style_scales.items() if scale != 0})
     return weights
+
+
+def guidance_branches(conds: Mapping[str, Conditioning], weights: Mapping[str, float], num_images: int,
+                      control: Optional[ControlInput] = None) -> List[GuidanceBranch]:
+    """One branch per weight, in the weights' order: its conditioning (a row per prompt, ``conds[name]``) repeated
+    for ``num_images`` images per prompt. With ``control`` each branch gets the ControlNet's per-row scale
+    (in guess mode none for the unconditional branch)."""
+    branches = []
+    for name, weight in weights.items():
+        cond = conds[name].repeat(num_images)
+        if control is not None:
+            cond.control_scale = control.row_scale(name, cond.batch_size)
+        branches.append(GuidanceBranch(name, cond, weight))
+    return branches
 
 
 class GuidedDenoiser:

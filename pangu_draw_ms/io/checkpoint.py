@@ -439,7 +439,8 @@ class TorchPickleReader(CheckpointReader):
                 state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
         except pickle.UnpicklingError as err:
             raise CheckpointError(f"{path}: refused: the pickle holds objects other than tensors, which "
-                                  f"torch.load(weights_only=True) does not load ({str(err).splitlines()[0]}). Such files "
+                                  "torch.load(weights_only=True) does not load "
+                                  f"({str(err).splitlines()[0]}). Such files "
                                   "can run code when unpickled; get a .safetensors file instead") from None
         except (RuntimeError, EOFError) as err:
             raise CheckpointError(f"{path}: not a readable PyTorch file, or truncated ({err})") from None
@@ -690,7 +691,8 @@ def save_checkpoint(source, path: str, dtype: Optional[str] = None, metadata: Op
     return write_tensors(path, tensor_sources(source), dtype=dtype, metadata=metadata, progress=progress)
 
 
-def load_tensors(path: str, names: Optional[Union[Sequence[str], Callable[[str], bool]]] = None) -> Dict[str, np.ndarray]:
+def load_tensors(path: str, names: Optional[Union[Sequence[str], Callable[[str], bool]]] = None
+                 ) -> Dict[str, np.ndarray]:
     """Read tensors of ``path`` into a dict (all, those in ``names``, or those ``names(name)`` accepts).
 
     This holds them all in memory; to load a cell, :func:`pangu_draw_ms.io.layouts.load_component`

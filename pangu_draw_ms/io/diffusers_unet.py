@@ -103,7 +103,8 @@ def diffusers_unet_kwargs(config: UNetConfig, addition_time_embed_dim: int = 256
     )
     if config.transformer_depth[-1] and config.transformer_depth[-1] != config.transformer_depth_middle:
         raise ValueError("diffusers gives the middle block the depth of the last level: "
-                         f"transformer_depth[-1] {config.transformer_depth[-1]} != middle {config.transformer_depth_middle}")
+                         f"transformer_depth[-1] {config.transformer_depth[-1]} "
+                         f"!= middle {config.transformer_depth_middle}")
     if config.adm_in_channels is not None:
         kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
                       projection_class_embeddings_input_dim=config.adm_in_channels)

@@ -30,21 +30,36 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn
 from mindspore.nn.utils import no_init_parameters
 
-from ..config import (ConditionerConfig, ControlNetConfig, TextEncoderConfig, UNetConfig, VAEConfig,
-                      VisionEncoderConfig, from_dict, to_dict)
+from ..config import (
+    ConditionerConfig,
+    ControlNetConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+    VisionEncoderConfig,
+    from_dict,
+    to_dict,
+)
 from ..models.clip_text import CLIPTextEncoder
 from ..models.clip_vision import CLIPVisionEncoder
 from ..models.conditioner import Conditioner
 from ..models.controlnet import ControlNet
 from ..models.unet import UNetModel
 from ..models.vae import AutoencoderKL
-from .checkpoint import (CheckpointReader, SaveSummary, TensorSource, open_checkpoint, output_dtype, save_checkpoint,
-                         write_tensors)
+from .checkpoint import (
+    CheckpointReader,
+    SaveSummary,
+    TensorSource,
+    open_checkpoint,
+    output_dtype,
+    save_checkpoint,
+    write_tensors,
+)
 from .diffusers_controlnet import controlnet_from_diffusers
 from .diffusers_unet import unet_from_diffusers
 from .diffusers_vae import vae_from_diffusers
@@ -427,7 +442,8 @@ def save_component(cell: nn.Cell, path: str, dtype: Optional[str] = None,
 
 def convert_component(source: Union[str, CheckpointReader], component: str, config, path: str,
                       dtype: Optional[str] = None, strict: bool = True, layout: Optional[str] = None,
-                      metadata: Optional[Mapping[str, str]] = None, progress=None) -> Tuple[ComponentReport, SaveSummary]:
+                      metadata: Optional[Mapping[str, str]] = None, progress=None
+                      ) -> Tuple[ComponentReport, SaveSummary]:
     """Convert ``component`` of a file in any known layout into a file of our layout at ``path``.
 
     Checked like :func:`load_component` against the parameters of ``config``'s cell (built without

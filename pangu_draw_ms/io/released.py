@@ -5,74 +5,19 @@ The release ships ``pangu_high_timestamp-*.ckpt`` (the structure generator, deno
 encoders and the VAE in the sgm layout (:mod:`pangu_draw_ms.io.layouts`); the release uses only the
 texture file's text encoders and VAE, and so do we: the structure file's copies are never read.
 
-Swapped files. Both UNets have one architecture, so a swapped pair loads without any error and quietly
-gives worse images. :func:`check_roles` compares the role of each file, taken from
-
-1. the ``role`` metadata of the files we write (``tools/convert.py`` records ``structure``/``texture``
-   and the timestep range), else
-2. the file name: the release's ``high_timestamp``/``low_timestamp`` (also ``high_timestep``,
-   ``low_timestep``, ``structure``, ``texture``).
-
-Both are exact when present. No weight statistic is used: without the real weights none can be
-validated, and an unvalidated threshold would either cry wolf or stay silent. A file whose role cannot
-be told is not checked (logged at INFO).
+Swapped files load without any error and quietly give worse images: the pair is role-checked first
+(:func:`pangu_draw_ms.io.model_dir.check_roles`, from the files' metadata or names).
 """
 from __future__ import annotations
 
-import logging
 import os
 from contextlib import nullcontext
 from typing import Callable, Dict, Optional, Tuple
 
-import yaml
-
-from ..config import PanGuDrawConfig, to_dict
-from .checkpoint import CheckpointReader, SaveSummary, atomic_output, open_checkpoint
+from ..config import PanGuDrawConfig
+from .checkpoint import SaveSummary, open_checkpoint
 from .layouts import ComponentReport, convert_component, load_component
-
-logger = logging.getLogger(__name__)
-
-ROLES = ("structure", "texture")
-_NAME_HINTS = {"structure": ("high_timestamp", "high_timestep", "structure"),
-               "texture": ("low_timestamp", "low_timestep", "texture")}
-
-
-class SwappedCheckpointsError(ValueError):
-    """The structure and texture checkpoints look swapped (or are two files of one role)."""
-
-
-def checkpoint_role(reader: CheckpointReader) -> Tuple[Optional[str], str]:
-    """``(role, evidence)`` of a file: ``structure``, ``texture`` or None, and what said so."""
-    role = reader.metadata.get("role")
-    if role in ROLES:
-        return role, f"its metadata says role={role!r}"
-    name = os.path.basename(reader.path).lower()
-    for role, hints in _NAME_HINTS.items():
-        hint = next((h for h in hints if h in name), None)
-        if hint:
-            return role, f"its name contains {hint!r}"
-    return None, "neither its metadata nor its name tells"
-
-
-def check_roles(structure: CheckpointReader, texture: CheckpointReader, allow_swapped: bool = False) -> None:
-    """Raise :class:`SwappedCheckpointsError` when the file given as structure generator is known to be a
-    texture file, or the reverse; with ``allow_swapped`` log a warning instead."""
-    problems = []
-    for given, reader in (("structure", structure), ("texture", texture)):
-        role, evidence = checkpoint_role(reader)
-        if role is None:
-            logger.info("%s: cannot verify that it is the %s generator (%s)", reader.path, given, evidence)
-        elif role != given:
-            problems.append(f"{os.path.basename(reader.path)} was given as the {given} generator but is a {role} "
-                            f"file ({evidence})")
-    if not problems:
-        return
-    message = ("the structure and texture checkpoints look swapped: " + "; ".join(problems) + ". The structure "
-               "(high-timestep) file must denoise t >= t_struct and the texture (low-timestep) file the rest; "
-               "pass them the other way round, or allow_swapped=True (CLI: --allow-swapped) if you mean it")
-    if not allow_swapped:
-        raise SwappedCheckpointsError(message)
-    logger.warning(message)
+from .model_dir import CONFIG_FILE, ROLES, check_roles, role_metadata, write_config
 
 
 def _open_pair(structure: Optional[str], texture: Optional[str], allow_swapped: bool):
@@ -147,10 +92,10 @@ def convert_released(out_dir: str, config: PanGuDrawConfig, structure: Optional[
         raise ValueError(f"output folder {out_dir} does not exist")
     readers = _open_pair(structure, texture, allow_swapped)
     shared_from = readers["texture"] or readers["structure"]
-    ranges = {"structure": f"[{config.t_struct}, {config.num_train_timesteps})", "texture": f"[0, {config.t_struct})"}
-    jobs = [(f"{role}_unet", readers[role], "unet", config.unet, {"role": role, "timesteps": ranges[role]})
+    jobs = [(f"{role}_unet", readers[role], "unet", config.unet, role_metadata(config, role))
             for role in ROLES if readers[role] is not None]
-    jobs += [("vae", shared_from, "vae", config.vae, {}), ("conditioner", shared_from, "conditioner", config.conditioner, {})]
+    jobs += [("vae", shared_from, "vae", config.vae, {}),
+             ("conditioner", shared_from, "conditioner", config.conditioner, {})]
     results = {}
     try:
         for name, reader, component, component_config, metadata in jobs:
@@ -160,12 +105,5 @@ def convert_released(out_dir: str, config: PanGuDrawConfig, structure: Optional[
                                                   metadata=metadata, progress=bar)
     finally:
         _close(readers)
-    write_config(config, os.path.join(out_dir, "config.yaml"))
+    write_config(config, os.path.join(out_dir, CONFIG_FILE))
     return results
-
-
-def write_config(config, path: str) -> None:
-    """Atomically write a config dataclass as YAML (``load_config(path, type(config))`` reads it back)."""
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yaml.safe_dump(to_dict(config), f, sort_keys=False, allow_unicode=True)

@@ -5,8 +5,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Tuple
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn
 
 logger = logging.getLogger(__name__)

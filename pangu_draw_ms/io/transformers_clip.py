@@ -51,7 +51,8 @@ _HF_VISION = _TransformersTower("transformers CLIP vision model", "vision_model.
 # OpenCLIP block layout -> ours, for everything in a block except the fused q/k/v projection.
 _OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
                     "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_OPEN_CLIP_BLOCK_KEY = re.compile(r"^transformer\.resblocks\.(\d+)\.(ln_1|ln_2|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)\.(\w+)$")
+_OPEN_CLIP_BLOCK_KEY = re.compile(
+    r"^transformer\.resblocks\.(\d+)\.(ln_1|ln_2|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)\.(\w+)$")
 _OPEN_CLIP_IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
 _OPEN_CLIP_SKIPPED = ("logit_scale",)  # CLIP's contrastive temperature: not part of the text encoder
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import TextEncoderConfig

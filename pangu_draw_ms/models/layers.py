@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import HeUniform, Normal, One, Uniform, Zero, initializer
 
@@ -62,9 +62,11 @@ class Dense(nn.Cell):
         self.out_features = out_features
         self.dtype = dtype
         # PyTorch's default init (kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(fan_in))).
-        self.weight = Parameter(initializer(HeUniform(math.sqrt(5)), (out_features, in_features), ms.float32), name="weight")
+        self.weight = Parameter(initializer(HeUniform(math.sqrt(5)), (out_features, in_features), ms.float32),
+                                name="weight")
         self.has_bias = bias
-        self.bias = Parameter(initializer(_fan_in_uniform(in_features), (out_features,), ms.float32), name="bias") if bias else None
+        self.bias = Parameter(initializer(_fan_in_uniform(in_features), (out_features,), ms.float32),
+                              name="bias") if bias else None
 
     def construct(self, x):
         bias = self.bias.astype(self.dtype) if self.has_bias else None
@@ -89,7 +91,8 @@ class Conv2d(nn.Cell):
             initializer(HeUniform(math.sqrt(5)), (out_channels, in_channels, kernel_size, kernel_size), ms.float32),
             name="weight")
         self.has_bias = bias
-        self.bias = Parameter(initializer(_fan_in_uniform(fan_in), (out_channels,), ms.float32), name="bias") if bias else None
+        self.bias = Parameter(initializer(_fan_in_uniform(fan_in), (out_channels,), ms.float32),
+                              name="bias") if bias else None
 
     def construct(self, x):
         weight = self.weight.astype(self.dtype)

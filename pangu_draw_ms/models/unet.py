@@ -96,7 +96,8 @@ class BasicTransformerBlock(nn.Cell):
 class SpatialTransformer(nn.Cell):
     """GroupNorm (eps 1e-6), proj_in, ``depth`` transformer blocks over the H*W tokens, proj_out, + input."""
 
-    def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, config: UNetConfig, dtype):
+    def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, config: UNetConfig,
+                 dtype):
         super().__init__()
         inner = heads * head_dim
         self.use_linear = config.use_linear_in_transformer

@@ -1,9 +1,8 @@
 """Building and loading the networks of a pipeline, and keeping them resident or not.
 
-A model directory holds ``config.yaml`` (a PanGuDrawConfig) and one weight file per component:
-``structure_unet``, ``texture_unet``, ``vae`` and ``conditioner`` (``.safetensors`` or ``.ckpt``), the
-layout ``tools/convert.py`` writes. Without weight files every network gets seeded random weights (for
-tests and smoke runs), which the pipeline reports.
+The networks come from a model directory (:mod:`pangu_draw_ms.io.model_dir`: ``config.yaml`` and one
+weight file per component), or from any ``{component: path}`` files. Without weight files every network
+gets seeded random weights (for tests and smoke runs), which the pipeline reports.
 
 Memory modes:
 * ``resident``: every network is built once and kept.
@@ -25,32 +24,12 @@ from mindspore import nn
 from ..config import PanGuDrawConfig, load_config
 from ..io.checkpoint import open_checkpoint
 from ..io.layouts import build_component, load_component
-from ..io.released import check_roles
+from ..io.model_dir import COMPONENTS, CONFIG_FILE, check_roles, find_component_files
 from ..models import layers as L
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("conditioner", "structure_unet", "texture_unet", "vae")
 MEMORY_MODES = ("resident", "sequential")
-_WEIGHT_SUFFIXES = (".safetensors", ".ckpt")
-
-
-def find_component_files(model_dir: str) -> Dict[str, str]:
-    """``{component: path}`` of a model directory; a clear error names what is missing."""
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model directory {model_dir!r} does not exist")
-    files, missing = {}, []
-    for name in COMPONENTS:
-        found = [os.path.join(model_dir, name + s) for s in _WEIGHT_SUFFIXES
-                 if os.path.isfile(os.path.join(model_dir, name + s))]
-        if found:
-            files[name] = found[0]
-        else:
-            missing.append(name)
-    if missing:
-        raise FileNotFoundError(f"model directory {model_dir!r} lacks weights for {missing}; expected files "
-                                f"{', '.join(n + '.safetensors' for n in COMPONENTS)} (or .ckpt)")
-    return files
 
 
 @dataclass
@@ -96,7 +75,7 @@ class ComponentStore:
 
     @classmethod
     def from_pretrained(cls, model_dir: str, **kwargs) -> "ComponentStore":
-        config = load_config(os.path.join(model_dir, "config.yaml"))
+        config = load_config(os.path.join(model_dir, CONFIG_FILE))
         return cls(config, find_component_files(model_dir), **kwargs)
 
     @property

@@ -10,16 +10,17 @@ decodes. ``info["coop_trace"]`` lists which models ran at every timestep.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
 from ..config import CoopRecipe
-from ..diffusion.compiled import CompiledDenoiser, step_denoiser
+from ..diffusion.compiled import step_denoiser
 from ..diffusion.coop import CoopDenoiser, CoopPartner, LatentBridge, resolution_bridge
 from ..diffusion.denoiser import give_unique_names
 from ..diffusion.schedule import add_noise
-from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, to_pil
+from ..images import to_pil
+from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback
 from .partners import Partner, build_partner
 
 # Seed streams apart from the main image's (seed, k): partner i's latents and the bridge's fresh noise.
@@ -42,7 +43,8 @@ class CoopPipeline:
         if key not in self._partners:
             built: Dict[str, Partner] = {}
             for config in self.recipe.partners:
-                built[config.name] = build_partner(config, self.main, built, main_size, self.main.components.compute_dtype)
+                built[config.name] = build_partner(config, self.main, built, main_size,
+                                                   self.main.components.compute_dtype)
             self._partners[key] = built
         return self._partners[key]
 
@@ -78,25 +80,17 @@ class CoopPipeline:
         control images for this call (the ControlNets stay loaded and compiled)."""
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        control_images = dict(control_images or {})
-        controlled = [p.name for p in self.recipe.partners if p.kind == "controlnet"]
-        unknown = sorted(set(control_images) - set(controlled))
-        if unknown:
-            raise ValueError(f"control_images names {unknown}, which are not ControlNet partners of the recipe; "
-                             f"its ControlNet partners: {controlled}")
+        control_images = self._check_control_images(control_images)
         main = self.main
         run = main.plan(prompt, **settings)
-        schedule = main.schedule
-        main_size = (run.height, run.width)
-        partners = self.partners(main_size)
-        main_vae = main.components.get("vae")
-        batch = run.latent_shape[0]
+        partners = self.partners((run.height, run.width))
         started = time.perf_counter()
         # Compiled steps are kept for later calls; a sequential run keeps them for itself only, and drops them
         # when it releases a UNet (a kept graph would hold it).
         sequential = main.components.memory == "sequential"
         graphs = {} if sequential else self._fused_steps
         main_denoise, main_model = main.denoiser(run, on_release=graphs.clear if sequential else None)
+        encoded = time.perf_counter()
 
         def partner_denoiser(config):
             prompts = run.prompts if config.prompt is None else [config.prompt] * len(run.prompts)
@@ -105,61 +99,9 @@ class CoopPipeline:
                                                       control_image=control_images[config.name])
             return partners[config.name].denoiser(prompts, run.num_images_per_prompt)
 
-        timesteps = [int(t) for t in run.timesteps]
-        z = main.initial_noise(run)
-        bridge_cfg = self.recipe.resolution_bridge
-        low_trace: List[tuple] = []
-        z0_main = None
-        if bridge_cfg is not None:
-            # Sub-module 2: the low-resolution model from T to T_low (its first timestep <= t_low).
-            low = partners[bridge_cfg.partner]
-            if bridge_cfg.upsample == "latent_bilinear" and low.vae is not main_vae:
-                raise ValueError(f"latent_bilinear upsampling needs one latent space, but the low-resolution partner "
-                                 f"{low.name!r} has its own VAE; use a pixel-space upsample (bicubic, ...)")
-            k = next((i for i, t in enumerate(timesteps) if t <= bridge_cfg.t_low), None)
-            if not k:
-                raise ValueError(f"resolution_bridge.t_low {bridge_cfg.t_low} leaves no low-resolution step in "
-                                 f"{timesteps[:3]}...; pick a t_low below the first timestep")
-            low_denoise = partner_denoiser(next(p for p in self.recipe.partners if p.name == low.name))
-            low_coop = CoopDenoiser(low_denoise, low.latent_shape(batch), [], schedule, main_name=low.name)
-
-            def low_step(i, t, _z):
-                if progress is not None:
-                    progress(i, len(timesteps), t, low.name)
-
-            z_low = self._noise(run.seed, _BRIDGE_STREAM, run.first_image_index, low_coop.main_shape)
-            z_low = run.sampler.sample(step_denoiser(low_coop, compiled, graphs), z_low, timesteps[:k],
-                                       rng=run.sampler_rng(), callback=low_step, final_timestep=timesteps[k])
-            low_trace = low_coop.trace
-            t_low = timesteps[k]
-            eps_low = low_denoise(z_low, t_low)
-            if bridge_cfg.upsample == "latent_bilinear":
-                z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, None, z,
-                                               latent_upsample=run.latent_shape[2:])
-            else:
-                bridge = self._bridge(low.vae, main_vae, main_size, bridge_cfg.upsample)
-                fresh = self._noise(run.seed, _BRIDGE_STREAM + 1, run.first_image_index, run.latent_shape)
-                z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, bridge, fresh)
-            timesteps = timesteps[k:]
-
-        # Sub-module 1: every other partner, fused in its timestep range.
-        fused, latents0 = [], []
-        for i, config in enumerate(self.recipe.partners):
-            if bridge_cfg is not None and config.name == bridge_cfg.partner:
-                continue
-            partner = partners[config.name]
-            to_main, from_main = self._bridges(partner, main_vae, main_size, config.resize_mode)
-            shape = partner.latent_shape(batch)
-            noise = self._noise(run.seed, _PARTNER_STREAM + i, run.first_image_index, shape)
-            if z0_main is None:
-                latents0.append(noise if from_main is not None else z.copy())
-            else:  # starting at T_low: the partner's latent is the main x0 carried over and re-noised (eq. 1)
-                a = schedule.alpha_bar(timesteps[0])
-                start = z0_main if from_main is None else from_main.numpy(z0_main)
-                latents0.append(add_noise(start, noise, a).astype(np.float32))
-            fused.append(CoopPartner(config.name, partner_denoiser(config), shape, config.weight, config.t_min,
-                                     config.t_max, to_main, from_main))
-        coop = CoopDenoiser(main_denoise, run.latent_shape, fused, schedule)
+        z, z0_main, timesteps, low_trace = self._low_resolution_stage(run, partners, partner_denoiser, compiled,
+                                                                      graphs, progress)
+        coop, latents0 = self._fuse_partners(run, partners, partner_denoiser, main_denoise, z, z0_main, timesteps)
         offset = len(run.timesteps) - len(timesteps)
 
         def on_step(i, t, _state):
@@ -170,20 +112,92 @@ class CoopPipeline:
         state = run.sampler.sample(denoise, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(),
                                    callback=on_step)
         latents, _ = coop.unpack(state)
-        use_graph = isinstance(denoise, CompiledDenoiser)
-        update_in_graph = use_graph and run.sampler.affine
         main.release_unets(main_model)
         sampled = time.perf_counter()
         images = [] if output_type == "latent" else to_pil(main.decode(latents))
-        info = run.info()
+        info = main.run_info(run, main_model, denoise, {"encode": encoded - started, "sample": sampled - encoded,
+                                                        "decode": time.perf_counter() - sampled})
+        bridge_cfg = self.recipe.resolution_bridge
         info.update(coop_trace=low_trace + [(t, list(names)) for t, names in coop.trace],
                     recipe={"partners": [p.name for p in self.recipe.partners],
                             "resolution_bridge": None if bridge_cfg is None else
-                            {"partner": bridge_cfg.partner, "t_low": bridge_cfg.t_low, "upsample": bridge_cfg.upsample}},
+                            {"partner": bridge_cfg.partner, "t_low": bridge_cfg.t_low,
+                             "upsample": bridge_cfg.upsample}},
                     unet_evaluations={name: sum(name in names for _, names in low_trace + coop.trace)
-                                      for name in ["main"] + [p.name for p in self.recipe.partners]},
-                    compiled_fused_steps=use_graph, sampler_update_in_graph=update_in_graph,
-                    seconds={"sample": sampled - started, "decode": time.perf_counter() - sampled},
-                    random_weights=main.components.random_weights)
+                                      for name in ["main"] + [p.name for p in self.recipe.partners]})
         return PipelineOutput(images=images, latents=latents, info=info)
+
+    def _check_control_images(self, control_images: Optional[Dict[str, object]]) -> Dict[str, object]:
+        control_images = dict(control_images or {})
+        controlled = [p.name for p in self.recipe.partners if p.kind == "controlnet"]
+        unknown = sorted(set(control_images) - set(controlled))
+        if unknown:
+            raise ValueError(f"control_images names {unknown}, which are not ControlNet partners of the recipe; "
+                             f"its ControlNet partners: {controlled}")
+        return control_images
+
+    def _low_resolution_stage(self, run, partners, partner_denoiser, compiled, graphs, progress):
+        """Sub-module 2: the low-resolution partner from T to T_low (the first timestep <= t_low), its x0
+        carried to the main space and re-noised. Returns (main latents at the first main timestep, the main
+        space's x0 at T_low or None, the main model's timesteps, the low-resolution trace); without a
+        resolution bridge: (initial noise, None, every timestep, [])."""
+        timesteps = [int(t) for t in run.timesteps]
+        z = self.main.initial_noise(run)
+        bridge_cfg = self.recipe.resolution_bridge
+        if bridge_cfg is None:
+            return z, None, timesteps, []
+        schedule, main_vae = self.main.schedule, self.main.components.get("vae")
+        low = partners[bridge_cfg.partner]
+        if bridge_cfg.upsample == "latent_bilinear" and low.vae is not main_vae:
+            raise ValueError(f"latent_bilinear upsampling needs one latent space, but the low-resolution partner "
+                             f"{low.name!r} has its own VAE; use a pixel-space upsample (bicubic, ...)")
+        k = next((i for i, t in enumerate(timesteps) if t <= bridge_cfg.t_low), None)
+        if not k:
+            raise ValueError(f"resolution_bridge.t_low {bridge_cfg.t_low} leaves no low-resolution step in "
+                             f"{timesteps[:3]}...; pick a t_low below the first timestep")
+        low_denoise = partner_denoiser(next(p for p in self.recipe.partners if p.name == low.name))
+        low_coop = CoopDenoiser(low_denoise, low.latent_shape(run.latent_shape[0]), [], schedule, main_name=low.name)
+
+        def low_step(i, t, _z):
+            if progress is not None:
+                progress(i, len(timesteps), t, low.name)
+
+        z_low = self._noise(run.seed, _BRIDGE_STREAM, run.first_image_index, low_coop.main_shape)
+        z_low = run.sampler.sample(step_denoiser(low_coop, compiled, graphs), z_low, timesteps[:k],
+                                   rng=run.sampler_rng(), callback=low_step, final_timestep=timesteps[k])
+        t_low = timesteps[k]
+        eps_low = low_denoise(z_low, t_low)
+        if bridge_cfg.upsample == "latent_bilinear":
+            z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, None, z,
+                                           latent_upsample=run.latent_shape[2:])
+        else:
+            bridge = self._bridge(low.vae, main_vae, (run.height, run.width), bridge_cfg.upsample)
+            fresh = self._noise(run.seed, _BRIDGE_STREAM + 1, run.first_image_index, run.latent_shape)
+            z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, bridge, fresh)
+        return z, z0_main, timesteps[k:], low_coop.trace
+
+    def _fuse_partners(self, run, partners, partner_denoiser, main_denoise, z, z0_main, timesteps):
+        """Sub-module 1: the CoopDenoiser of the main model and every partner but the low-resolution one, and
+        the partners' initial latents (their own noise, or the main latents where they share its space;
+        after a resolution bridge, the main x0 carried over and re-noised by eq. 1)."""
+        schedule, main_vae = self.main.schedule, self.main.components.get("vae")
+        main_size, batch = (run.height, run.width), run.latent_shape[0]
+        bridge_cfg = self.recipe.resolution_bridge
+        fused, latents0 = [], []
+        for i, config in enumerate(self.recipe.partners):
+            if bridge_cfg is not None and config.name == bridge_cfg.partner:
+                continue
+            partner = partners[config.name]
+            to_main, from_main = self._bridges(partner, main_vae, main_size, config.resize_mode)
+            shape = partner.latent_shape(batch)
+            noise = self._noise(run.seed, _PARTNER_STREAM + i, run.first_image_index, shape)
+            if z0_main is None:
+                latents0.append(noise if from_main is not None else z.copy())
+            else:
+                a = schedule.alpha_bar(timesteps[0])
+                start = z0_main if from_main is None else from_main.numpy(z0_main)
+                latents0.append(add_noise(start, noise, a).astype(np.float32))
+            fused.append(CoopPartner(config.name, partner_denoiser(config), shape, config.weight, config.t_min,
+                                     config.t_max, to_main, from_main))
+        return CoopDenoiser(main_denoise, run.latent_shape, fused, schedule), latents0
 

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from PIL import Image
 
 from ..buckets import BucketTable
@@ -22,12 +22,12 @@ from ..diffusion.compiled import CompiledDenoiser, step_denoiser
 from ..diffusion.coop import CoopDenoiser
 from ..diffusion.denoiser import Conditioning, ControlInput, UNetEpsModel
 from ..diffusion.experts import STRUCTURE, TEXTURE, SingleModel, TimeDecoupledExperts
-from ..diffusion.guidance import STYLE_PREFIXES, GuidanceBranch, GuidedDenoiser, guidance_weights
+from ..diffusion.guidance import STYLE_PREFIXES, GuidedDenoiser, guidance_branches, guidance_weights
 from ..diffusion.samplers import Sampler, make_sampler
 from ..diffusion.schedule import NoiseSchedule, add_noise
 from ..images import load_image, resize, to_array, to_pil
-from .components import ComponentStore
 from ..tokenizers import build_tokenizer
+from .components import ComponentStore
 from .prompt_encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class Run:
                 "timesteps": [int(t) for t in self.timesteps], "sampler": self.sampler.name, "spacing": self.spacing,
                 "guidance_scale": self.guidance_scale, "style_scales": self.style_scales,
                 "guidance_rescale": self.guidance_rescale, "t_struct": self.t_struct, "switch_rule": self.switch_rule,
-                "single_model": self.single_model, "seed": self.seed, "num_images_per_prompt": self.num_images_per_prompt,
+                "single_model": self.single_model, "seed": self.seed,
+                "num_images_per_prompt": self.num_images_per_prompt,
                 "strength": self.strength}
 
 
@@ -105,7 +106,8 @@ class PanGuDrawPipeline:
         return cls(ComponentStore.from_pretrained(model_dir, **kwargs))
 
     @classmethod
-    def from_config(cls, config: PanGuDrawConfig, files: Optional[Dict[str, str]] = None, **kwargs) -> "PanGuDrawPipeline":
+    def from_config(cls, config: PanGuDrawConfig, files: Optional[Dict[str, str]] = None,
+                    **kwargs) -> "PanGuDrawPipeline":
         return cls(ComponentStore(config, dict(files or {}), **kwargs))
 
     # ---- pieces of a run ------------------------------------------------------------------------
@@ -233,23 +235,20 @@ class PanGuDrawPipeline:
             raise ValueError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}")
         return noise
 
-    def denoiser(self, run: Run, control: Optional[ControlInput] = None, on_release: Optional[Callable[[], None]] = None):
+    def denoiser(self, run: Run, control: Optional[ControlInput] = None,
+                 on_release: Optional[Callable[[], None]] = None):
         """(the guided denoiser ``denoise(z, t) -> eps``, the expert router whose ``trace`` it fills).
 
         Encodes the prompts, the negative prompt and the style-prefixed prompts once. With ``control``
         every UNet call goes through the ControlNet too; in its guess mode the unconditional branch gets
         no control. ``on_release``: see :meth:`experts`."""
         conds = self.encode(run.prompts, run.negative_prompt, list(run.style_scales), run.bucket_index)
-        branches = []
-        for name, weight in run.guidance_weights.items():
-            cond = conds[name].repeat(run.num_images_per_prompt)
-            if control is not None:
-                cond.control_scale = control.row_scale(name, cond.batch_size)
-            branches.append(GuidanceBranch(name, cond, weight))
+        branches = guidance_branches(conds, run.guidance_weights, run.num_images_per_prompt, control)
         if run.single_model is None:
             model = self.experts(run.t_struct, run.switch_rule, control, on_release)
         else:
-            model = SingleModel(UNetEpsModel(self.components.get(run.single_model + "_unet"), control), run.single_model)
+            network = self.components.get(run.single_model + "_unet")
+            model = SingleModel(UNetEpsModel(network, control), run.single_model)
         model.plan(run.timesteps)
         return GuidedDenoiser(model, branches, run.guidance_rescale), model
 
@@ -308,9 +307,17 @@ class PanGuDrawPipeline:
         sampled = time.perf_counter()
         images = [] if output_type == "latent" else to_pil(self.decode(latents))
         decoded = time.perf_counter()
-        info = run.info()
-        use_graph = isinstance(denoise, CompiledDenoiser)
-        info.update(bucket_table=self.buckets.name, expert_trace=list(model.trace), random_weights=self.components.random_weights,
-                    compiled_fused_steps=use_graph, sampler_update_in_graph=use_graph and run.sampler.affine,
-                    seconds={"encode": encoded - started, "sample": sampled - encoded, "decode": decoded - sampled})
+        info = self.run_info(run, model, denoise, {"encode": encoded - started, "sample": sampled - encoded,
+                                                   "decode": decoded - sampled})
         return PipelineOutput(images=images, latents=latents, info=info)
+
+    def run_info(self, run: Run, model, denoise, seconds: Dict[str, float]) -> Dict:
+        """``PipelineOutput.info``: the run's settings and what ran (bucket table, expert trace, whether each
+        step was one compiled graph and held the sampler's update, timings); the same keys for every
+        pipeline, Coop-Diffusion adding its own."""
+        use_graph = isinstance(denoise, CompiledDenoiser)
+        info = run.info()
+        info.update(bucket_table=self.buckets.name, expert_trace=list(model.trace),
+                    random_weights=self.components.random_weights, compiled_fused_steps=use_graph,
+                    sampler_update_in_graph=use_graph and run.sampler.affine, seconds=seconds)
+        return info

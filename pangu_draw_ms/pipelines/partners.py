@@ -14,38 +14,29 @@ latent channels, native resolution and conditioning.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import nn
 
-from ..config import PartnerConfig, TokenizerConfig, load_config
+from ..config import PartnerConfig, TokenizerConfig, UNetConfig, load_config
 from ..diffusion.denoiser import Conditioning, ControlInput, UNetEpsModel
 from ..diffusion.experts import SingleModel
-from ..diffusion.guidance import GuidanceBranch, GuidedDenoiser, guidance_weights
+from ..diffusion.guidance import GuidedDenoiser, guidance_branches, guidance_weights
 from ..images import load_image, resize, to_unit_array
+from ..io.checkpoint import open_checkpoint
 from ..io.diffusers_controlnet import controlnet_config_from_diffusers
+from ..io.diffusers_folder import config_beside, model_config, model_path, tokenizer_pad_token
 from ..io.diffusers_unet import unet_config_from_diffusers
 from ..io.diffusers_vae import vae_config_from_diffusers
 from ..io.layouts import build_component, component_config, load_component
-from ..io.checkpoint import open_checkpoint
 from ..io.transformers_clip import text_encoder_config_from_transformers, vision_encoder_config_from_transformers
 from ..tokenizers import build_tokenizer
 from .image_processing import preprocess_clip_images
 
 Denoise = Callable[[np.ndarray, int], np.ndarray]
 SD_DEFAULT_SIZE = (512, 512)
-
-
-def _read_json(folder: str, sub: str, name: str = "config.json") -> dict:
-    path = os.path.join(folder, sub, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {folder!r} is not a diffusers folder with {sub}/{name}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _loaded(component: str, config, path: str, dtype) -> nn.Cell:
@@ -58,10 +49,9 @@ def _loaded(component: str, config, path: str, dtype) -> nn.Cell:
 def load_controlnet(path: str, dtype) -> nn.Cell:
     """A ControlNet from a diffusers folder/file (config.json beside it) or one of our files (config in
     its metadata)."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = controlnet_config_from_diffusers(json.load(f))
+    diffusers_config = config_beside(path)
+    if diffusers_config is not None:
+        config = controlnet_config_from_diffusers(diffusers_config)
     else:
         with open_checkpoint(path) as reader:
             component, config = component_config(reader.metadata)
@@ -101,9 +91,10 @@ class PanGuPartner(Partner):
         self.downsample = pipeline.config.vae.downsample_factor
 
     def denoiser(self, prompts, num_images, control=None):
-        run = self.pipeline.plan(list(prompts), negative_prompt=self.config.negative_prompt, height=self.pixel_size[0],
-                                 width=self.pixel_size[1], snap_to_bucket=True, guidance_scale=self.config.guidance_scale,
-                                 style_scales={}, switch_rule="exact", num_images_per_prompt=num_images)
+        run = self.pipeline.plan(list(prompts), negative_prompt=self.config.negative_prompt,
+                                 height=self.pixel_size[0], width=self.pixel_size[1], snap_to_bucket=True,
+                                 guidance_scale=self.config.guidance_scale, style_scales={}, switch_rule="exact",
+                                 num_images_per_prompt=num_images)
         if run.height != self.pixel_size[0] or run.width != self.pixel_size[1]:
             raise ValueError(f"partner {self.name!r}: {self.pixel_size[0]}x{self.pixel_size[1]} is not a bucket of "
                              f"its model; valid sizes: {self.pipeline.buckets.describe()}")
@@ -111,91 +102,86 @@ class PanGuPartner(Partner):
         return denoise
 
 
-def _cfg_branches(cond: Conditioning, uncond: Conditioning, guidance_scale: float, num_images: int,
-                  control: Optional[ControlInput]) -> List[GuidanceBranch]:
-    weights = guidance_weights(guidance_scale, {})
-    branches = []
-    for name, c in (("uncond", uncond), ("cond", cond)):
-        c = c.repeat(num_images)
-        if control is not None:
-            c.control_scale = control.row_scale(name, c.batch_size)
-        branches.append(GuidanceBranch(name, c, weights[name]))
-    return branches
+class StableDiffusionPartner(Partner):
+    """A Stable Diffusion 1.x-family model of a diffusers folder: its ``unet/`` (no vector conditioning) and
+    ``vae/`` (its own scaling factor), at 512 px unless the recipe sizes it, with classifier-free guidance
+    over the conditioning a subclass gives (:meth:`conditioning`)."""
 
-
-class DiffusersPartner(Partner):
-    """A Stable Diffusion 1.x-family model from a diffusers folder: ``unet/`` (no vector conditioning),
-    ``vae/`` (its own scaling factor), ``text_encoder/`` (CLIP, last layer) and the CLIP BPE tokenizer
-    (padded as ``tokenizer/special_tokens_map.json`` says; SD 1.x pads with <|endoftext|>)."""
-
-    def __init__(self, config: PartnerConfig, dtype):
+    def __init__(self, config: PartnerConfig, dtype, unet_config: UNetConfig):
+        """``unet_config``: the config of the folder's ``unet/``, which the subclass has checked."""
         folder = config.path
-        unet_config = unet_config_from_diffusers(_read_json(folder, "unet"))
-        if unet_config.adm_in_channels is not None:
-            raise ValueError(f"partner {config.name!r}: {folder}/unet takes a vector conditioning (SDXL-style); "
-                             "diffusers partners are Stable Diffusion 1.x-family UNets (use kind pangu for SDXL-style)")
-        text_config = text_encoder_config_from_transformers(_read_json(folder, "text_encoder"), output_layer="last")
-        pad = "<|endoftext|>"
-        tokens_file = os.path.join(folder, "tokenizer", "special_tokens_map.json")
-        if os.path.isfile(tokens_file):
-            with open(tokens_file, encoding="utf-8") as f:
-                entry = json.load(f).get("pad_token", pad)
-            pad = entry.get("content", pad) if isinstance(entry, dict) else entry
-        self.tokenizer = build_tokenizer(TokenizerConfig(kind="clip_bpe", pad_with_end_token=pad == "<|endoftext|>",
-                                                         max_length=text_config.max_position_embeddings))
         self.name = config.name
         self.config = config
-        self.unet = _loaded("unet", unet_config, os.path.join(folder, "unet"), dtype)
-        self.vae = _loaded("vae", vae_config_from_diffusers(_read_json(folder, "vae")), os.path.join(folder, "vae"), dtype)
-        self.text_encoder = _loaded("text_encoder", text_config, os.path.join(folder, "text_encoder"), dtype)
+        self.unet = _loaded("unet", unet_config, model_path(folder, "unet"), dtype)
+        vae_config = vae_config_from_diffusers(model_config(folder, "vae"))
+        self.vae = _loaded("vae", vae_config, model_path(folder, "vae"), dtype)
         self.pixel_size = (config.height, config.width) if config.height else SD_DEFAULT_SIZE
         self.latent_channels = unet_config.in_channels
         self.downsample = self.vae.config.downsample_factor
+
+    def conditioning(self, prompts: Sequence[str]) -> Tuple[Conditioning, Conditioning]:
+        """(conditional, unconditional) conditioning of one run, a row per prompt."""
+        raise NotImplementedError
+
+    def denoiser(self, prompts, num_images, control=None):
+        cond, uncond = self.conditioning(prompts)
+        branches = guidance_branches({"cond": cond, "uncond": uncond}, guidance_weights(self.config.guidance_scale, {}),
+                                     num_images, control)
+        return GuidedDenoiser(SingleModel(UNetEpsModel(self.unet, control), self.name), branches)
+
+
+class DiffusersPartner(StableDiffusionPartner):
+    """A Stable Diffusion 1.x-family text-to-image model from a diffusers folder: ``unet/``, ``vae/``,
+    ``text_encoder/`` (CLIP, last layer) and the CLIP BPE tokenizer (padded as
+    ``tokenizer/special_tokens_map.json`` says; SD 1.x pads with <|endoftext|>)."""
+
+    def __init__(self, config: PartnerConfig, dtype):
+        folder = config.path
+        unet_config = unet_config_from_diffusers(model_config(folder, "unet"))
+        if unet_config.adm_in_channels is not None:
+            raise ValueError(f"partner {config.name!r}: {folder}/unet takes a vector conditioning (SDXL-style); "
+                             "diffusers partners are Stable Diffusion 1.x-family UNets (use kind pangu for SDXL-style)")
+        text_config = text_encoder_config_from_transformers(model_config(folder, "text_encoder"), output_layer="last")
+        pad = tokenizer_pad_token(folder, default="<|endoftext|>")
+        self.tokenizer = build_tokenizer(TokenizerConfig(kind="clip_bpe", pad_with_end_token=pad == "<|endoftext|>",
+                                                         max_length=text_config.max_position_embeddings))
+        super().__init__(config, dtype, unet_config)
+        self.text_encoder = _loaded("text_encoder", text_config, model_path(folder, "text_encoder"), dtype)
 
     def encode(self, texts: Sequence[str]) -> Conditioning:
         hidden, _ = self.text_encoder(ms.Tensor(self.tokenizer(list(texts))))
         return Conditioning(hidden.asnumpy().astype(np.float32))
 
-    def denoiser(self, prompts, num_images, control=None):
+    def conditioning(self, prompts):
+        """The prompts' encodings, and the negative prompt's repeated once per prompt."""
         everything = self.encode(list(prompts) + [self.config.negative_prompt])
         n = len(prompts)
-        cond = Conditioning(everything.context[:n])
-        uncond = Conditioning(np.repeat(everything.context[n:], n, axis=0))
-        branches = _cfg_branches(cond, uncond, self.config.guidance_scale, num_images, control)
-        return GuidedDenoiser(SingleModel(UNetEpsModel(self.unet, control), self.name), branches)
+        return Conditioning(everything.context[:n]), Conditioning(np.repeat(everything.context[n:], n, axis=0))
 
 
-class ImageVariationPartner(Partner):
+class ImageVariationPartner(StableDiffusionPartner):
     """Image variation (diffusers' ``StableDiffusionImageVariationPipeline`` layout): the reference image's
     CLIP embedding (B, 1, projection) is the UNet's cross-attention context; the unconditional branch
     uses zeros, as that pipeline does. Prompts are ignored."""
 
     def __init__(self, config: PartnerConfig, dtype):
         folder = config.path
-        vision_config = vision_encoder_config_from_transformers(_read_json(folder, "image_encoder"))
-        unet_config = unet_config_from_diffusers(_read_json(folder, "unet"))
+        vision_config = vision_encoder_config_from_transformers(model_config(folder, "image_encoder"))
+        unet_config = unet_config_from_diffusers(model_config(folder, "unet"))
         if unet_config.context_dim != vision_config.projection_dim:
             raise ValueError(f"partner {config.name!r}: the UNet attends to {unet_config.context_dim} features but the "
                              f"image encoder projects to {vision_config.projection_dim}")
-        self.name = config.name
-        self.config = config
-        encoder = _loaded("image_encoder", vision_config, os.path.join(folder, "image_encoder"), dtype)
+        encoder = _loaded("image_encoder", vision_config, model_path(folder, "image_encoder"), dtype)
         pixels = preprocess_clip_images(load_image(config.image, f"partner {config.name!r}'s image"),
                                         vision_config.image_size)
         _, embeds = encoder(ms.Tensor(pixels))
         self.image_embeds = embeds.asnumpy().astype(np.float32)[:, None, :]   # (1, 1, projection)
-        self.unet = _loaded("unet", unet_config, os.path.join(folder, "unet"), dtype)
-        self.vae = _loaded("vae", vae_config_from_diffusers(_read_json(folder, "vae")), os.path.join(folder, "vae"), dtype)
-        self.pixel_size = (config.height, config.width) if config.height else SD_DEFAULT_SIZE
-        self.latent_channels = unet_config.in_channels
-        self.downsample = self.vae.config.downsample_factor
+        super().__init__(config, dtype, unet_config)
 
-    def denoiser(self, prompts, num_images, control=None):
-        n = len(prompts)
-        cond = Conditioning(np.repeat(self.image_embeds, n, axis=0))
-        uncond = Conditioning(np.zeros_like(cond.context))
-        branches = _cfg_branches(cond, uncond, self.config.guidance_scale, num_images, control)
-        return GuidedDenoiser(SingleModel(UNetEpsModel(self.unet, control), self.name), branches)
+    def conditioning(self, prompts):
+        """The image embedding once per prompt, and zeros."""
+        cond = Conditioning(np.repeat(self.image_embeds, len(prompts), axis=0))
+        return cond, Conditioning(np.zeros_like(cond.context))
 
 
 class ControlledPartner(Partner):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import List, Sequence, Union
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 
 from ..diffusion.denoiser import Conditioning
 from ..models.conditioner import Conditioner

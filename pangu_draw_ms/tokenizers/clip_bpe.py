@@ -77,7 +77,8 @@ class ClipBPETokenizer(Tokenizer):
     (open_clip, PanGu-Draw's English encoder) or, with ``pad_with_end_token``, padded with
     ``<|endoftext|>`` (transformers' CLIPTokenizer, the tokenizer of Stable Diffusion 1.x)."""
 
-    def __init__(self, merges_file: str, max_length: int = 77, lowercase: bool = True, pad_with_end_token: bool = False):
+    def __init__(self, merges_file: str, max_length: int = 77, lowercase: bool = True,
+                 pad_with_end_token: bool = False):
         merges = load_merges(merges_file)
         self.byte_to_char = bytes_to_unicode()
         self.char_to_byte = {c: b for b, c in self.byte_to_char.items()}

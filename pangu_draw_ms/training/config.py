@@ -130,7 +130,7 @@ class ControlNetTrainConfig:
     and trains on that generator's timestep range and buckets; it starts as a copy of the generator's
     encoder (Zhang et al. 2023, sec. 3.2) with zero convs, so training starts from the unchanged generator.
     ``control``: the control image made from each training image - ``edges`` (white outlines on black,
-    :func:`pangu_draw_ms.pipelines.image_processing.edge_map`). ``hint_channels``: widths of the control
+    :func:`pangu_draw_ms.images.edge_map`). ``hint_channels``: widths of the control
     image's conv stack; ``len - 1`` stride-2 convs must equal the VAE's downsampling."""
 
     base: Literal["structure", "texture"] = "structure"
@@ -140,7 +140,8 @@ class ControlNetTrainConfig:
     def __post_init__(self):
         _check(self.base in ("structure", "texture"),
                f"controlnet.base must be 'structure' or 'texture', got {self.base!r}")
-        _check(self.control in CONTROLS, f"controlnet.control {self.control!r} is not valid; choose one of {list(CONTROLS)}")
+        _check(self.control in CONTROLS,
+               f"controlnet.control {self.control!r} is not valid; choose one of {list(CONTROLS)}")
         _check(len(self.hint_channels) >= 1 and all(c >= 1 for c in self.hint_channels),
                f"controlnet.hint_channels must list widths >= 1, got {list(self.hint_channels)}")
 
@@ -162,7 +163,7 @@ class TrainConfig:
     """One training run. ``model``: a model YAML (or bundled config name) or a model directory holding
     ``config.yaml``. ``steps``: optimizer steps. ``export_dir``: model directory the trained weights (the
     EMA when it is on, floats in ``export_dtype``) are written into at the end, with ``config.yaml`` (see
-    ``pangu_draw_ms.training.model_dir``). ``precision``: compute dtype (``auto``: fp16 on Ascend, fp32 on
+    ``pangu_draw_ms.io.model_dir``). ``precision``: compute dtype (``auto``: fp16 on Ascend, fp32 on
     CPU; fp16 turns dynamic loss scaling on). ``recompute``: recompute each UNet block's activations in the
     backward pass (less memory, more compute). ``train_vae_encoder``: stage ``vae`` trains the whole
     autoencoder; ``false`` fine-tunes only the decoder (and post_quant_conv) of ``init.vae``, so the latent

@@ -20,20 +20,20 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, nn
 
 from ..config import ControlNetConfig, PanGuDrawConfig
 from ..diffusion.schedule import NoiseSchedule
+from ..images import edge_map
 from ..io.layouts import build_component, load_component
+from ..io.model_dir import with_scaling_factor
 from ..io.state import load_state
 from ..models.controlnet import ControlNet
 from ..models.unet import UNetModel
-from ..images import edge_map
 from .config import TrainConfig
 from .losses import diffusion_loss, vae_loss
-from .model_dir import with_scaling_factor
 
 logger = logging.getLogger("pangu_draw_ms.train")
 

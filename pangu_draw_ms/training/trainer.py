@@ -19,12 +19,13 @@ import shutil
 import time
 from typing import Dict, List, Optional
 
-import numpy as np
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..buckets import BucketTable
 from ..config import to_dict
+from ..io.model_dir import COMPONENT_FILES, load_model_config, save_component, write_model_config
 from ..io.state import cell_state, load_state
 from ..models.layers import compute_dtype
 from ..tokenizers import build_tokenizer
@@ -32,7 +33,6 @@ from .checkpointing import CheckpointFolder
 from .config import TrainConfig
 from .data import UNCOND, BatchPlan, BatchStream, FeatureCache, Skipped, assign_buckets, read_manifest
 from .metrics import MetricsLog, plot_loss
-from .model_dir import COMPONENT_FILES, load_model_config, save_component, write_model_config
 from .stages import StepInputs, TrainingStage, build_stage
 from .step import TrainStep
 

@@ -1,0 +1,48 @@
+"""Process settings: the oneDNN ISA cap (detected from the CPU, never over a user's value), the compile-cache
+location, and quiet logs."""
+import os
+import subprocess
+import sys
+
+from pangu_draw_ms.runtime import compile_cache_root, configure_onednn, cpu_flags, onednn_isa_cap
+
+AVX512 = frozenset({"avx2", "avx512f", "avx512bw"})
+AVX2_ONLY = frozenset({"avx2", "fma"})
+
+
+def test_the_cap_is_set_only_on_x86_cpus_with_avx512_and_never_over_a_users_value():
+    assert onednn_isa_cap({}, "x86_64", AVX512) == "AVX2"
+    assert onednn_isa_cap({}, "AMD64", AVX512) == "AVX2"
+    assert onednn_isa_cap({}, "x86_64", AVX2_ONLY) is None  # nothing to avoid: AVX2 is oneDNN's path there
+    assert onednn_isa_cap({}, "aarch64", AVX512) is None    # Ascend hosts: the x86 ISA names do not apply
+    assert onednn_isa_cap({"DNNL_MAX_CPU_ISA": "ALL"}, "x86_64", AVX512) is None
+    assert onednn_isa_cap({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "x86_64", AVX512) is None
+    environ = {}
+    assert configure_onednn(environ) == environ.get("DNNL_MAX_CPU_ISA")  # it sets what it reports
+    environ = {"DNNL_MAX_CPU_ISA": "ALL"}
+    assert configure_onednn(environ) is None and environ == {"DNNL_MAX_CPU_ISA": "ALL"}
+
+
+def test_cpu_flags_read_proc_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(str(cpuinfo)) == {"fpu", "sse2", "avx2", "avx512f"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_importing_the_package_sets_the_cap_unless_the_user_did():
+    code = "import os, pangu_draw_ms; print(os.environ.get('DNNL_MAX_CPU_ISA'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    expected = "AVX2" if "avx512f" in cpu_flags() else "None"
+    assert default.stdout.strip() == expected
+    user = subprocess.run([sys.executable, "-c", code], env=dict(env, DNNL_MAX_CPU_ISA="ALL"), capture_output=True,
+                          text=True, check=True)
+    assert user.stdout.strip() == "ALL"
+
+
+def test_compile_cache_location():
+    assert compile_cache_root("off", {}) is None
+    assert compile_cache_root("/c", {"PANGU_DRAW_COMPILE_CACHE": "/e"}) == "/c"
+    assert compile_cache_root(None, {"PANGU_DRAW_COMPILE_CACHE": "off"}) is None
+    assert compile_cache_root(None, {"XDG_CACHE_HOME": "/x"}) == os.path.join("/x", "pangu_draw_ms", "compile")
