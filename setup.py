@@ -24,16 +24,20 @@ setup(
     package_data={
         "pangu_draw_ms.configs": ["*.yaml", "*/*.yaml"],
         "pangu_draw_ms.tokenizers": ["data/*"],
-        # The demo model trained with tools/train.py: the default of tools/infer.py.
-        "pangu_draw_ms.demo": ["config.yaml", "*.safetensors", "*.model", "*.png"],
+        # The demo model trained with tools/train.py: the default of tools/infer.py; clip/ is its evaluator.
+        "pangu_draw_ms.demo": ["config.yaml", "*.safetensors", "*.model", "*.png", "clip/*"],
     },
     install_requires=read_requirements(),
     entry_points={"console_scripts": [
         f"pangu-draw-{name.replace('_', '-')}=pangu_draw_ms.cli.{name}:main"
-        for name in ("infer", "train", "convert", "eval_demo", "eval_controlnet", "make_demo_data", "train_tokenizer")
+        for name in ("infer", "evaluate", "train", "convert", "eval_demo", "eval_controlnet", "make_demo_data",
+                     "train_tokenizer")
     ]},
     extras_require={
         # torch 2.13.0 is the CPU wheel on the machine's local disk; never let pip pull another torch.
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers==4.57.1", "ruff==0.17.6"],
+        # The metrics' reference implementations: pytorch-fid (its Inception needs torchvision), torchmetrics,
+        # and cn_clip, which the README's test command installs without its training dependencies.
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "torchvision==0.28.0", "diffusers", "transformers==4.57.1",
+                 "pytorch-fid==0.3.0", "torchmetrics==1.9.0", "six", "ruff==0.17.6"],
     },
 )

@@ -318,6 +318,24 @@ class VisionEncoderConfig:
 
 
 @dataclass(frozen=True)
+class CLIPConfig:
+    """A CLIP model: a text tower and an image tower that embed into one space (Radford et al. 2021).
+
+    The demo world's evaluator (``configs/demo_clip.yaml``, trained by stage ``clip``) is one: its text tower
+    reads the demo's bilingual SentencePiece tokens, its image tower sees the whole image squashed to
+    ``vision.image_size`` squared. Both projections must have the same width.
+    """
+
+    text: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(projection_dim=512))
+    vision: VisionEncoderConfig = field(default_factory=lambda: VisionEncoderConfig(projection_dim=512))
+
+    def __post_init__(self):
+        _check(self.text.projection_dim == self.vision.projection_dim,
+               f"CLIP: text.projection_dim {self.text.projection_dim} and vision.projection_dim "
+               f"{self.vision.projection_dim} must be equal (both towers embed into one space)")
+
+
+@dataclass(frozen=True)
 class ConditionerConfig:
     """Both text encoders run on the same prompt; their cross-attention features are concatenated on
     the feature axis (in this order), and the vector is pooled text || sinusoidal(bucket index)."""
@@ -518,10 +536,11 @@ def resolve_config_path(name_or_path: str) -> str:
 
 
 def _vocab_beside(data: Any, folder: str) -> None:
-    """Point relative tokenizer vocab paths of a PanGuDrawConfig mapping that name a file in ``folder`` (the
-    YAML's own folder) at that file: a model directory's config names its trained SentencePiece model by
-    file name and works from any working directory."""
-    encoders = ((data or {}).get("conditioner") or {}).get("encoders") or [] if isinstance(data, dict) else []
+    """Point relative tokenizer vocab paths of a PanGuDrawConfig or CLIPConfig mapping that name a file in
+    ``folder`` (the YAML's own folder) at that file: a model directory's config names its trained
+    SentencePiece model by file name and works from any working directory."""
+    data = data if isinstance(data, dict) else {}
+    encoders = list((data.get("conditioner") or {}).get("encoders") or []) + [data.get("text") or {}]
     for encoder in encoders:
         tokenizer = encoder.get("tokenizer") if isinstance(encoder, dict) else None
         vocab = tokenizer.get("vocab") if isinstance(tokenizer, dict) else None
@@ -533,12 +552,13 @@ def _vocab_beside(data: Any, folder: str) -> None:
 def load_config(name_or_path: str, cls: Type[T] = PanGuDrawConfig) -> T:
     """Load a YAML config file (or a bundled config by name) into dataclass ``cls``.
 
-    A PanGuDrawConfig's tokenizer vocab given as a path relative to the YAML's folder is resolved there.
+    A PanGuDrawConfig's or CLIPConfig's tokenizer vocab given as a path relative to the YAML's folder is
+    resolved there.
     """
     path = resolve_config_path(name_or_path)
     with open(path, "r", encoding="utf-8") as f:
         data = yaml.safe_load(f)
-    if cls is PanGuDrawConfig:
+    if cls in (PanGuDrawConfig, CLIPConfig):
         _vocab_beside(data, os.path.dirname(os.path.abspath(path)))
     return from_dict(cls, data, where=os.path.basename(path))
 

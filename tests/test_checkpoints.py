@@ -50,15 +50,6 @@ FORMATS = [".safetensors", ".ckpt"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def pynative():
-    """Forward passes here only confirm loaded weights; the cells' graph mode is tested with their parity."""
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=previous)
-
-
 def assert_same_parameters(loaded, source):
     expected = {name: p.asnumpy() for name, p in source.parameters_and_names()}
     got = {name: p.asnumpy() for name, p in loaded.parameters_and_names()}
@@ -167,7 +158,7 @@ def test_ckpt_reader_joins_slices_and_skips_the_crc_trailer(tmp_path):
 
 # ---- the released layout -------------------------------------------------------------------------
 
-def test_released_layout_file_loads_completely_and_reproduces_outputs(tmp_path, pynative):
+def test_released_layout_file_loads_completely_and_reproduces_outputs(tmp_path):
     unet, vae, conditioner = tiny_cells(10)
     path = str(tmp_path / "pangu_low_timestamp-test.ckpt")
     state = released_state(unet, vae, conditioner)
@@ -297,7 +288,7 @@ def _unet_inputs(config: UNetConfig):
 
 
 @pytest.mark.parametrize("config", [SDXL_LIKE, SD15_LIKE], ids=["sdxl_like", "sd15_like"])
-def test_diffusers_unet_from_save_pretrained(config, tmp_path, pynative):
+def test_diffusers_unet_from_save_pretrained(config, tmp_path):
     reference = diffusers_unet(config)
     reference.save_pretrained(tmp_path / "unet")
     assert unet_config_from_diffusers(reference.config) == config
@@ -318,7 +309,7 @@ def test_diffusers_unet_from_save_pretrained(config, tmp_path, pynative):
     assert_same_parameters(converted, unet)
 
 
-def test_diffusers_vae_sharded_and_pickled(tmp_path, pynative):
+def test_diffusers_vae_sharded_and_pickled(tmp_path):
     from test_vae import TINY as VAE_TINY
     from test_vae import diffusers_reference
 
@@ -341,7 +332,7 @@ def test_diffusers_vae_sharded_and_pickled(tmp_path, pynative):
 
 
 @pytest.mark.parametrize("with_projection", [False, True], ids=["CLIPTextModel", "WithProjection"])
-def test_transformers_clip_and_open_clip_files(with_projection, tmp_path, pynative):
+def test_transformers_clip_and_open_clip_files(with_projection, tmp_path):
     hf_config = transformers.CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, projection_dim=24, hidden_act="gelu",
                                             eos_token_id=2)  # legacy CLIP configs: pool at the argmax id

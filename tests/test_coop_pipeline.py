@@ -26,15 +26,6 @@ SMALL = dataclasses.replace(load_config("tiny"), structure_buckets=((64, 64), (9
 PROMPT = "一个红色的圆形 a red circle"
 
 
-@pytest.fixture(autouse=True)
-def pynative():
-    """The networks' graph mode is tested by their parity tests; here many small shapes run once each."""
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    yield
-    ms.set_context(mode=previous)
-
-
 def tiny_diffusers_vae(seed):
     vae = diffusers.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                                   down_block_types=("DownEncoderBlock2D",) * 2,
@@ -223,13 +214,23 @@ def test_bundled_recipes_are_valid():
         assert load_config(os.path.join(folder, name), CoopRecipe).partners
 
 
-def test_compiled_fused_steps_equal_the_host_loop(main, models):
+def in_pynative(call, *args, **kwargs):
+    """``call(*args, **kwargs)`` in PYNATIVE_MODE, the mode restored after."""
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        return call(*args, **kwargs)
+    finally:
+        ms.set_context(mode=previous)
+
+
+def test_compiled_fused_steps_equal_the_host_loop(main, models, graph_mode):
     """Each fused step as one graph (partner UNets + bridges + fusion + update) gives the latents of the
-    host loop (any-sampler path), in GRAPH mode - also for a step where no partner is active (the last
-    one here: sd15 fuses for t >= 400, the ControlNet for t >= 600). A second run reuses the compiled steps,
+    host loop (any-sampler path, run eagerly in PYNATIVE mode: the reference shares no compiled code with
+    the graph) - also for a step where no partner is active (the last one here: sd15 fuses for t >= 400, the
+    ControlNet for t >= 600). A second run reuses the compiled steps,
     and compiling renames no parameter of the pipeline's networks. (DDIM differs from Euler only in its affine
     coefficients, which test_schedule_samplers checks against its step.)"""
-    ms.set_context(mode=ms.GRAPH_MODE)
     coop = CoopPipeline(main, recipe(partners=[
         {"name": "sd15", "kind": "diffusers", "path": models["sd15"], "weight": 0.4, "height": 32, "width": 32,
          "t_min": 400},
@@ -240,7 +241,7 @@ def test_compiled_fused_steps_equal_the_host_loop(main, models):
     kwargs = dict(output_type="latent", sampler="euler", **RUN)
     graph = coop(PROMPT, compiled=True, **kwargs)
     compiled_steps = dict(coop._fused_steps)
-    host = coop(PROMPT, compiled=False, **kwargs)
+    host = in_pynative(coop, PROMPT, compiled=False, **kwargs)
     assert graph.info["compiled_fused_steps"] and graph.info["sampler_update_in_graph"]
     assert not host.info["compiled_fused_steps"]
     assert graph.info["coop_trace"] == host.info["coop_trace"]
@@ -251,7 +252,8 @@ def test_compiled_fused_steps_equal_the_host_loop(main, models):
     np.testing.assert_allclose(again.latents, graph.latents, rtol=1e-5, atol=1e-6)
     assert {name: [p.name for p in main.components.get(name).get_parameters()] for name in unet_names} == unet_names
     # Heun (two evaluations per step) updates on the host around the same compiled fused prediction.
-    heun = {mode: coop(PROMPT, compiled=mode, output_type="latent", sampler="heun", **RUN) for mode in (True, False)}
+    heun = {True: coop(PROMPT, compiled=True, output_type="latent", sampler="heun", **RUN),
+            False: in_pynative(coop, PROMPT, compiled=False, output_type="latent", sampler="heun", **RUN)}
     assert heun[True].info["compiled_fused_steps"] and not heun[True].info["sampler_update_in_graph"]
     np.testing.assert_allclose(heun[True].latents, heun[False].latents, rtol=1e-4,
                                atol=1e-4 * np.abs(heun[False].latents).max())

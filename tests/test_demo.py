@@ -69,6 +69,11 @@ def test_judge_reads_colour_and_shape_of_rendered_scenes():
     assert color_of(np.full((32, 32, 3), 128, np.uint8)) is None  # nothing drawn: no colour
 
 
+@pytest.fixture(autouse=True)
+def demo_in_graph_mode(graph_mode):
+    """The demo draws dozens of 40-step images here: compiled once, they run faster than eagerly."""
+
+
 @pytest.fixture(scope="module")
 def demo_pipeline():
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline

@@ -26,7 +26,7 @@ def small_config(tmp_path_factory):
 def test_cli_writes_pngs_with_metadata_and_a_grid(small_config, tmp_path, capsys):
     paths = infer.main(["--config", small_config, "--prompt", "一个红色的圆形", "--prompt", "a blue square",
                         "--num-images", "2", "--steps", "2", "--ratio", "2:1", "--seed", "4",
-                        "--out", str(tmp_path), "--quiet", "--save-latents"])
+                        "--out", str(tmp_path), "--quiet", "--save-latents", "--mode", "pynative"])
     pngs = sorted(p for p in paths if not p.endswith("_grid.png"))
     assert len(pngs) == 4 and os.path.exists(str(tmp_path / "pangu_grid.png"))
     assert "SEEDED RANDOM WEIGHTS" in capsys.readouterr().err
@@ -71,7 +71,7 @@ def test_released_pair_and_its_conversion_draw_the_same_image(small_config, tmp_
     save_checkpoint(released_state(*tiny_cells(20)), high)
     save_checkpoint(released_state(*tiny_cells(30)), low)
     common = ["--config", small_config, "--prompt", "一个红色的圆形", "--steps", "2", "--height", "96", "--width", "96",
-              "--quiet", "--save-latents"]
+              "--quiet", "--save-latents", "--mode", "pynative"]
     direct = infer.main(common + ["--structure-ckpt", high, "--texture-ckpt", low, "--out", str(tmp_path / "a.png")])
     assert "checkpoints" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="look swapped.*--allow-swapped"):

@@ -1,7 +1,6 @@
 """The text-to-image pipeline end to end with the tiny config on CPU."""
 import dataclasses
 
-import mindspore as ms
 import numpy as np
 import pytest
 
@@ -112,26 +111,21 @@ def test_bad_requests_fail_clearly(pipe):
 
 @pytest.mark.parametrize("table", [TABLE7_STRUCTURE, TABLE7_TEXTURE], ids=["structure", "texture"])
 def test_every_bucket_of_table7_gives_an_image_of_its_size(table):
-    """Full-size buckets; PyNative so that 11 shapes don't compile 11 graphs. The tiny architecture at a
-    quarter of its widths: what is checked is the bucket plumbing (image size, bucket index), and at
-    1024 px the decoder's full-resolution convolutions would otherwise take most of the test's time."""
+    """Full-size buckets (in the suite's PyNative mode, so that 11 shapes don't compile 11 graphs). The tiny
+    architecture at a quarter of its widths: what is checked is the bucket plumbing (image size, bucket
+    index), and at 1024 px the decoder's full-resolution convolutions would otherwise take most of the time."""
     tiny = load_config("tiny")
     narrow = dataclasses.replace(tiny, structure_buckets=table,
                                  unet=dataclasses.replace(tiny.unet, model_channels=8, num_head_channels=8),
                                  vae=dataclasses.replace(tiny.vae, base_channels=8, norm_num_groups=4))
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        pipe = PanGuDrawPipeline.from_config(narrow)
-        for index, (h, w) in enumerate(table):
-            out = pipe(PROMPT, height=h, width=w, num_inference_steps=1, guidance_scale=1.0)
-            assert out.images[0].size == (w, h) and out.info["bucket_index"] == index
-    finally:
-        ms.set_context(mode=previous)
+    pipe = PanGuDrawPipeline.from_config(narrow)
+    for index, (h, w) in enumerate(table):
+        out = pipe(PROMPT, height=h, width=w, num_inference_steps=1, guidance_scale=1.0)
+        assert out.images[0].size == (w, h) and out.info["bucket_index"] == index
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim", "heun", "dpmpp_2m", "euler_ancestral"])
-def test_compiled_step_equals_the_host_loop(pipe, sampler):
+def test_compiled_step_equals_the_host_loop(pipe, sampler, graph_mode):
     """Each denoising step as one graph (both guidance branches in one UNet call, the guidance combination,
     the expert's network, and for Euler/DDIM the update) gives the host loop's latents within 1e-5, with the
     same expert trace. The graphs do not depend on the sampler: one per expert, compiled once and reused by

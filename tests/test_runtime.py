@@ -1,10 +1,17 @@
-"""Process settings: the oneDNN ISA cap (detected from the CPU, never over a user's value), the compile-cache
-location, and quiet logs."""
+"""Process settings: the oneDNN ISA cap (detected from the CPU, never over a user's value), blocking op launch
+on CPU-only hosts, the compile-cache location, and quiet logs."""
 import os
 import subprocess
 import sys
 
-from pangu_draw_ms.runtime import compile_cache_root, configure_onednn, cpu_flags, onednn_isa_cap
+from pangu_draw_ms.runtime import (
+    accelerator_present,
+    compile_cache_root,
+    configure_host_launch,
+    configure_onednn,
+    cpu_flags,
+    onednn_isa_cap,
+)
 
 AVX512 = frozenset({"avx2", "avx512f", "avx512bw"})
 AVX2_ONLY = frozenset({"avx2", "fma"})
@@ -39,6 +46,32 @@ def test_importing_the_package_sets_the_cap_unless_the_user_did():
     user = subprocess.run([sys.executable, "-c", code], env=dict(env, DNNL_MAX_CPU_ISA="ALL"), capture_output=True,
                           text=True, check=True)
     assert user.stdout.strip() == "ALL"
+
+
+def test_blocking_launch_only_on_hosts_without_an_accelerator_and_never_over_a_users_value():
+    def nothing(path):
+        return False
+
+    environ = {}
+    assert configure_host_launch(environ, nothing) and environ == {"MS_DEV_HOST_BLOCKING_RUN": "1"}
+    environ = {"MS_DEV_HOST_BLOCKING_RUN": "0"}
+    assert not configure_host_launch(environ, nothing) and environ == {"MS_DEV_HOST_BLOCKING_RUN": "0"}
+    ascend = {"ASCEND_HOME_PATH": "/usr/local/Ascend/ascend-toolkit/latest"}
+    assert accelerator_present(ascend, nothing) and not configure_host_launch(ascend, nothing)
+    assert "MS_DEV_HOST_BLOCKING_RUN" not in ascend
+    for device in ("/dev/nvidia0", "/dev/davinci0", "/usr/local/Ascend"):
+        environ = {}
+        assert not configure_host_launch(environ, lambda path: path == device) and environ == {}
+
+
+def test_importing_the_package_sets_blocking_launch_on_this_cpu_host():
+    code = "import os, pangu_draw_ms; print(os.environ.get('MS_DEV_HOST_BLOCKING_RUN'))"
+    env = {k: v for k, v in os.environ.items() if k != "MS_DEV_HOST_BLOCKING_RUN"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert default.stdout.strip() == ("None" if accelerator_present() else "1")
+    user = subprocess.run([sys.executable, "-c", code], env=dict(env, MS_DEV_HOST_BLOCKING_RUN="0"),
+                          capture_output=True, text=True, check=True)
+    assert user.stdout.strip() == "0"
 
 
 def test_compile_cache_location():

@@ -314,8 +314,9 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, datas
     assert steps == [1, 2, 3, 4]
 
 
-def test_recompute_trains_to_the_same_weights(tmp_path, dataset, weights):
-    """Recomputing each UNet block in the backward pass trades compute for memory, not results."""
+def test_recompute_trains_to_the_same_weights(tmp_path, dataset, weights, graph_mode):
+    """Recomputing each UNet block in the backward pass trades compute for memory, not results (in the
+    compiled gradient graph, where recompute applies)."""
     states = []
     for recompute in ("false", "true"):
         trainer = Trainer(tiny_config(tmp_path / recompute, dataset, weights, "steps=2", f"recompute={recompute}"))
@@ -340,6 +341,67 @@ def test_vae_stage_exports_a_model_directory(tmp_path, dataset, weights):
         assert reader.metadata["component"] == "vae"
     tensors = load_tensors(CheckpointFolder(f"{tmp_path}/run/checkpoints").latest())
     assert any(k.startswith("ema/") for k in tensors) and any(k.startswith("optimizer/adam_m.") for k in tensors)
+
+
+def test_clip_contrastive_loss_is_clips_symmetric_cross_entropy_with_repeated_captions_as_positives(rng):
+    from pangu_draw_ms.training.losses import clip_contrastive_loss
+
+    image, text = rng.standard_normal((5, 8)), rng.standard_normal((5, 8))
+    captions = np.array([0, 1, 0, 2, 3])  # samples 0 and 2 share a caption
+    same = (captions[:, None] == captions[None, :]).astype(np.float64)
+
+    def reference(logit_scale):
+        cos = (image / np.linalg.norm(image, axis=1, keepdims=True)) @ (text / np.linalg.norm(text, axis=1,
+                                                                                                  keepdims=True)).T
+        logits = np.exp(min(logit_scale, np.log(100.0))) * cos
+        targets = same / same.sum(1, keepdims=True)
+
+        def cross_entropy(x):
+            log_p = x - x.max(1, keepdims=True) - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True))
+            return -(targets * log_p).sum(1).mean()
+
+        return (cross_entropy(logits) + cross_entropy(logits.T)) / 2
+
+    for logit_scale in (np.log(1 / 0.07), 7.0):  # CLIP's initial temperature; a scale past its cap of 100
+        ours = clip_contrastive_loss(Tensor(image, ms.float32), Tensor(text, ms.float32),
+                                     Tensor(logit_scale, ms.float32), Tensor(same, ms.float32))
+        np.testing.assert_allclose(float(ours.asnumpy()), reference(logit_scale), rtol=1e-5)
+
+
+def test_clip_stage_learns_to_pair_images_with_their_captions_and_exports_a_loadable_folder(tmp_path, dataset,
+                                                                                              weights):
+    """Stage ``clip``: the contrastive loss falls, the exported folder (weights, config, vocabulary) loads as a
+    demo CLIP whose features are the trained (EMA) weights'; empty captions are refused."""
+    from pangu_draw_ms.config import CLIPConfig, load_config
+    from pangu_draw_ms.evaluation.demo import load_demo_clip
+    from pangu_draw_ms.io.model_dir import write_config
+
+    text = load_model_config(weights["model"]).conditioner.encoders[1]
+    clip = from_dict(CLIPConfig, {
+        "text": dict(to_dict(text), hidden_size=32, num_heads=2, intermediate_size=64, projection_dim=16),
+        "vision": {"image_size": 16, "patch_size": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                   "intermediate_size": 64, "projection_dim": 16}})
+    write_config(clip, str(tmp_path / "clip.yaml"))
+    common = (f"model={weights['model']}", "stage=clip", f"clip={tmp_path}/clip.yaml", "data.uncond_prob=0",
+              f"data.manifest={dataset}/train.jsonl", "data.batch_size=8", "save_every=0", "log_every=1",
+              "optim.learning_rate=3e-3", "optim.warmup_steps=0", "optim.ema_decay=0", "train_text_encoders=false")
+    config = load_train_config("train/tiny", common + ("steps=12", f"output_dir={tmp_path}/run",
+                                                       f"export_dir={tmp_path}/exported"))
+    trainer = Trainer(config)
+    assert trainer.trainable == ["clip"] and "vae" not in trainer.cells
+    summary = trainer.train()
+    losses = [float(r["loss"]) for r in read_metrics(os.path.join(config.output_dir, "metrics.csv"))]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
+    assert sorted(os.listdir(tmp_path / "exported")) == sorted(["clip.safetensors", "config.yaml",
+                                                                 os.path.basename(text.tokenizer.vocab)])
+    loaded = load_demo_clip(str(tmp_path / "exported"))
+    assert load_config(str(tmp_path / "exported" / "config.yaml"), CLIPConfig).vision == clip.vision
+    trained = cell_state(trainer.cells["clip"])
+    for key, value in cell_state(loaded).items():
+        np.testing.assert_allclose(value, trained[key], rtol=1e-3, atol=1e-3, err_msg=key)  # saved in fp32
+    assert summary["export"]["clip"].endswith("clip.safetensors")
+    with pytest.raises(ConfigError, match="set data.uncond_prob: 0"):
+        load_train_config("train/tiny", ("stage=clip", "train_text_encoders=false"))
 
 
 def test_vae_decoder_fine_tune_keeps_the_latent_space(tmp_path, dataset, weights):
@@ -488,7 +550,8 @@ def test_msrun_two_workers_end_with_identical_weights(tmp_path, dataset, weights
     """2 workers x batch 1 == 1 worker x batch 2: both ranks hold the same weights, equal to the single run's.
     The workers also fill the latent cache (each rank encodes its share, then they wait for each other);
     the single run reads it."""
-    common = ["--config", "train/tiny", "steps=3", f"model={weights['model']}", f"data.manifest={dataset}/square.jsonl",
+    common = ["--config", "train/tiny", "--mode", "pynative", "steps=3", f"model={weights['model']}",
+              f"data.manifest={dataset}/square.jsonl",
               f"init.vae={weights['vae']}", "save_every=0", "data.num_workers=1", f"data.cache_dir={tmp_path}/cache"]
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
                OMP_NUM_THREADS="1", GLOG_v="3")

@@ -14,6 +14,10 @@ architecture comes from the config.json beside it or from --config, a YAML of th
     python tools/convert.py diffusers open_clip_model.safetensors --component text_encoder \\
         --config bigg_text.yaml --out text/
 
+The FID Inception-v3 weights (pytorch-fid's file) -> a .safetensors that tools/evaluate.py reads without torch:
+
+    python tools/convert.py inception pt_inception-2015-12-05-6726825d.pth --out weights/
+
 Every output is written atomically (an existing file survives a failed run) and the run ends with a
 summary: tensors, parameters, bytes, and the entries left out.
 """
@@ -137,6 +141,19 @@ def run_diffusers(args) -> None:
     print_summary(results)
 
 
+def run_inception(args) -> None:
+    from pangu_draw_ms.io.checkpoint import load_tensors, save_checkpoint
+    from pangu_draw_ms.io.inception import FID_WEIGHTS, fid_inception_from_torch
+
+    state = fid_inception_from_torch(load_tensors(resolve_checkpoint_path(args.source)))
+    path = os.path.join(args.out, f"fid_inception.{args.format}")
+    os.makedirs(args.out, exist_ok=True)
+    summary = save_checkpoint(state, path, dtype=args.dtype,
+                              metadata={"component": "fid_inception", "source": FID_WEIGHTS})
+    print(f"\nconverted:\n  {summary.path}: {summary.tensors} tensors, {summary.parameters:,} parameters, "
+          f"{_size(summary.bytes)} (from {os.path.basename(args.source)})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,7 +171,9 @@ def main(argv=None) -> int:
     diffusers.add_argument("--name", help="output file name without suffix (default: the component)")
     diffusers.add_argument("--output-layer", default="last", choices=["last", "penultimate"],
                            help="text encoders: which hidden states the converted config uses")
-    for command in (released, diffusers):
+    inception = commands.add_parser("inception", help="the FID Inception-v3 weights of pytorch-fid (for FID and IS)")
+    inception.add_argument("source", help="pt_inception-2015-12-05-6726825d.pth")
+    for command in (released, diffusers, inception):
         command.add_argument("--out", required=True, help="output folder")
         command.add_argument("--dtype", choices=["fp32", "fp16"], help="floating dtype of the output (default: keep)")
         command.add_argument("--format", default="safetensors", choices=["safetensors", "ckpt"])
@@ -162,7 +181,7 @@ def main(argv=None) -> int:
     if args.command == "released" and not (args.structure or args.texture):
         parser.error("released: give --structure, --texture or both")
     try:
-        (run_released if args.command == "released" else run_diffusers)(args)
+        {"released": run_released, "diffusers": run_diffusers, "inception": run_inception}[args.command](args)
     except (ValueError, KeyError) as err:  # CheckpointError, StateDictError, ConfigError, swapped files
         print(f"error: {err}", file=sys.stderr)
         return 2

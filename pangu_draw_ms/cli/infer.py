@@ -17,8 +17,8 @@ import os
 import sys
 from typing import List, Optional
 
-# The demo model shipped inside the package: the default when no weights are given.
-DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
+from .model_args import add_model_arguments, build_pipeline, run_with_clear_errors
+
 # Default batch: images per UNet call such that the batched guidance branches hold at most this many latent
 # pixels - one 1024 x 1024 image (128 x 128 latents) with classifier-free guidance.
 BATCH_LATENT_PIXELS = 2 * 128 * 128
@@ -59,26 +59,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     sampling.add_argument("--single-model", choices=["structure", "texture"],
                           help="one UNet for every timestep (baseline for the time split)")
 
-    model = p.add_argument_group("model and weights")
+    model = add_model_arguments(p)
     model.add_argument("--recipe", help="a Coop-Diffusion recipe YAML: partner models fused with the main model "
                                         "(and/or a low-resolution model up to T_low); see configs/recipes/")
-    model.add_argument("--config", help="config name or YAML (default: the model directory's, else the demo/tiny)")
-    model.add_argument("--model-dir", help="a directory with config.yaml and per-component weights")
-    model.add_argument("--structure-ckpt",
-                       help="structure (high-timestep) UNet weights, e.g. pangu_high_timestamp-*.ckpt")
-    model.add_argument("--texture-ckpt", help="texture (low-timestep) UNet weights; a released file also supplies "
-                                              "the text encoders and the VAE")
-    model.add_argument("--conditioner-ckpt", help="text encoder weights (default: from --texture-ckpt)")
-    model.add_argument("--vae-ckpt", help="VAE weights (default: from --texture-ckpt)")
-    model.add_argument("--allow-swapped", action="store_true",
-                       help="accept a structure/texture pair whose recorded roles say it is swapped")
-    model.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
-                       help="compute dtype (default: fp16 on Ascend, fp32 on CPU)")
-    model.add_argument("--weights-dtype", choices=["fp32", "fp16"], default="fp32", help="parameter storage dtype")
-    model.add_argument("--memory", choices=["resident", "sequential"], default="resident",
-                       help="sequential: only the active network in memory (two 5B UNets need it on 32 GB)")
-    model.add_argument("--device", choices=["CPU", "Ascend"], default="CPU")
-    model.add_argument("--mode", choices=["graph", "pynative"], default="graph")
 
     out = p.add_argument_group("output")
     out.add_argument("--out", default="outputs", help="a directory, or a .png file name (numbered when several)")
@@ -109,35 +92,6 @@ def read_prompts(args) -> List[str]:
     if empty:
         raise SystemExit(f"error: prompt {empty[0] + 1} is empty")
     return prompts
-
-
-def build_pipeline(args):
-    from pangu_draw_ms.config import load_config
-    from pangu_draw_ms.io.model_dir import CONFIG_FILE, find_component_files, released_pair_files
-    from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
-
-    options = dict(precision=args.precision, weights_dtype=args.weights_dtype, memory=args.memory,
-                   allow_swapped=args.allow_swapped, show_progress=not args.quiet)
-    if args.model_dir or (not args.structure_ckpt and not args.texture_ckpt and not args.config
-                          and os.path.isfile(os.path.join(DEMO_DIR, CONFIG_FILE))):
-        model_dir = args.model_dir or DEMO_DIR
-        config = load_config(args.config or os.path.join(model_dir, CONFIG_FILE))
-        files = find_component_files(model_dir)
-        source = f"model directory {model_dir}" if args.model_dir else "the embedded demo model"
-    elif args.structure_ckpt or args.texture_ckpt:
-        if not (args.structure_ckpt and args.texture_ckpt):
-            raise SystemExit("error: give both --structure-ckpt and --texture-ckpt")
-        for path in (args.structure_ckpt, args.texture_ckpt, args.conditioner_ckpt, args.vae_ckpt):
-            if path and not os.path.isfile(path):
-                raise SystemExit(f"error: checkpoint {path!r} does not exist")
-        config = load_config(args.config or "pangu_draw_v3")
-        files = released_pair_files(args.structure_ckpt, args.texture_ckpt, args.conditioner_ckpt, args.vae_ckpt)
-        source = f"checkpoints {args.structure_ckpt} (structure) and {args.texture_ckpt} (texture)"
-    else:
-        config = load_config(args.config or "tiny")
-        files = {}
-        source = f"config {config.name!r} with SEEDED RANDOM WEIGHTS (no checkpoint given): the images are noise"
-    return PanGuDrawPipeline.from_config(config, files, **options), source
 
 
 # Arguments that change no compiled graph (texts are tokenised to a fixed length; seeds and noise are data).
@@ -208,18 +162,7 @@ def save_grid(args, images) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> List[str]:
-    args = parse_args(argv)
-    from pangu_draw_ms.runtime import configure_logging
-
-    configure_logging(args.verbose)  # before MindSpore is imported: its log level is read once
-    from pangu_draw_ms.buckets import BucketError
-    from pangu_draw_ms.config import ConfigError
-    from pangu_draw_ms.io.state import StateDictError
-
-    try:
-        return run(args)
-    except (ValueError, BucketError, ConfigError, StateDictError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    return run_with_clear_errors(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> List[str]:

@@ -17,9 +17,7 @@ import logging
 import os
 import sys
 
-
-def launched_by_msrun() -> bool:
-    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
+from pangu_draw_ms.runtime import launched_by_msrun
 
 
 def supervise(args) -> dict:
@@ -70,8 +68,6 @@ def main(argv=None) -> dict:
 
     if args.device:
         ms.set_device(args.device)
-    if os.environ.get("PANGU_LAUNCH_BLOCKING"):
-        ms.runtime.launch_blocking()
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
     rank, world = 0, 1
     if launched_by_msrun():

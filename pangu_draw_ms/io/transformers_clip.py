@@ -1,5 +1,6 @@
-"""Weight-name mapping from transformers and OpenCLIP CLIP text models to :class:`CLIPTextEncoder`, and
-from transformers' CLIP vision model with projection to :class:`CLIPVisionEncoder`.
+"""Weight-name mapping from transformers and OpenCLIP CLIP text models to :class:`CLIPTextEncoder`, from
+transformers' CLIP vision model with projection and OpenAI/OpenCLIP ViT image towers to
+:class:`CLIPVisionEncoder`, and of a whole transformers ``CLIPModel`` (both towers and ``logit_scale``).
 
 Pure functions on ``{name: array}`` dicts; load the result with :func:`pangu_draw_ms.io.state.load_state`.
 All accept torch suffixes (``weight``/``bias``) and MindSpore ones (``gamma``/``beta``/
@@ -10,7 +11,7 @@ MindSpore naming (``conditioner.embedders.0.transformer.`` + transformers names,
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Mapping, Tuple
 
 import numpy as np
@@ -54,7 +55,14 @@ _OPEN_CLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj
 _OPEN_CLIP_BLOCK_KEY = re.compile(
     r"^transformer\.resblocks\.(\d+)\.(ln_1|ln_2|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)\.(\w+)$")
 _OPEN_CLIP_IN_PROJ = re.compile(r"^transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
-_OPEN_CLIP_SKIPPED = ("logit_scale",)  # CLIP's contrastive temperature: not part of the text encoder
+LOGIT_SCALE = "logit_scale"  # CLIP's contrastive temperature (log of its inverse): part of neither tower
+_OPEN_CLIP_SKIPPED = (LOGIT_SCALE,)
+# OpenAI/OpenCLIP ViT image tower names outside the blocks -> ours (``proj`` is transposed).
+_OPEN_CLIP_VISION = {"conv1.weight": "embeddings.patch_embedding.weight",
+                     "class_embedding": "embeddings.class_embedding",
+                     "positional_embedding": "embeddings.position_embedding.embedding_table",
+                     "proj": "visual_projection.weight"}
+_OPEN_CLIP_VISION_NORMS = {"ln_pre": "pre_layrnorm", "ln_post": "post_layernorm"}
 
 
 def _unknown(keys, what: str, valid: str) -> StateDictError:
@@ -140,6 +148,23 @@ def clip_text_from_open_clip(state: Mapping[str, np.ndarray]) -> Tensors:
 def _open_clip_entries(name: str, value: np.ndarray):
     """Our ``{name: array}`` for one OpenCLIP entry, or None when the name is not an OpenCLIP text key."""
     leaf = name.rsplit(".", 1)[-1]
+    block = _open_clip_block_entries(name, value)
+    if block is not None:
+        return block
+    if name.startswith("token_embedding.") and leaf in _EMBEDDING_SUFFIXES:
+        return {"embeddings.token_embedding.embedding_table": value}
+    if name == "positional_embedding":
+        return {"embeddings.position_embedding.embedding_table": value}
+    if name.startswith("ln_final.") and leaf in _TORCH_TO_MS_NORM:
+        return {f"final_layer_norm.{_TORCH_TO_MS_NORM[leaf]}": value}
+    if name == "text_projection":
+        return {"text_projection.weight": np.ascontiguousarray(value.T)}
+    return None
+
+
+def _open_clip_block_entries(name: str, value: np.ndarray):
+    """Our ``{name: array}`` for one entry of an OpenCLIP/OpenAI transformer block (the same in the text
+    and the image tower), or None when the name is not a block key."""
     in_proj = _OPEN_CLIP_IN_PROJ.match(name)
     if in_proj:
         layer, kind = in_proj.groups()
@@ -159,15 +184,68 @@ def _open_clip_entries(name: str, value: np.ndarray):
         elif leaf not in ("weight", "bias"):
             return None
         return {f"encoder.layers.{layer}.{ours}.{leaf}": value}
-    if name.startswith("token_embedding.") and leaf in _EMBEDDING_SUFFIXES:
-        return {"embeddings.token_embedding.embedding_table": value}
-    if name == "positional_embedding":
-        return {"embeddings.position_embedding.embedding_table": value}
-    if name.startswith("ln_final.") and leaf in _TORCH_TO_MS_NORM:
-        return {f"final_layer_norm.{_TORCH_TO_MS_NORM[leaf]}": value}
-    if name == "text_projection":
-        return {"text_projection.weight": np.ascontiguousarray(value.T)}
     return None
+
+
+def clip_vision_from_open_clip(state: Mapping[str, np.ndarray]) -> Tensors:
+    """Map an OpenAI-CLIP / OpenCLIP ViT image tower state dict (the names under ``visual.``, that prefix
+    stripped) to :class:`CLIPVisionEncoder` names.
+
+    ``conv1`` is the patch convolution, ``class_embedding`` and ``positional_embedding`` the class token
+    and position table, ``ln_pre``/``ln_post`` the LayerNorms around the blocks; the blocks are mapped
+    as in :func:`clip_text_from_open_clip`; ``proj`` (width, embed_dim), applied as ``x @ P``, is
+    transposed into the ``visual_projection`` Dense weight. Raises :class:`StateDictError` on other keys
+    (e.g. a ModifiedResNet tower's ``layer1.*``/``attnpool.*``, which this encoder does not implement).
+    """
+    mapped: Tensors = {}
+    unknown = []
+    for name, value in state.items():
+        value = np.asarray(value)
+        module, _, leaf = name.rpartition(".")
+        if name in _OPEN_CLIP_VISION:
+            ours = _OPEN_CLIP_VISION[name]
+            mapped[ours] = np.ascontiguousarray(value.T) if name == "proj" else value
+        elif module in _OPEN_CLIP_VISION_NORMS and leaf in _TORCH_TO_MS_NORM:
+            mapped[f"{_OPEN_CLIP_VISION_NORMS[module]}.{_TORCH_TO_MS_NORM[leaf]}"] = value
+        else:
+            entries = _open_clip_block_entries(name, value)
+            if entries is None:
+                unknown.append(name)
+            else:
+                mapped.update(entries)
+    if unknown:
+        raise _unknown(unknown, "ViT image tower (OpenAI-CLIP layout)",
+                       "conv1.weight, class_embedding, positional_embedding, ln_pre, transformer.resblocks.N.{ln_1, "
+                       "attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_post, "
+                       "proj (strip the outer 'visual.' prefix first)")
+    return mapped
+
+
+def clip_model_from_transformers(state: Mapping[str, np.ndarray]) -> Tuple[Tensors, Tensors, np.ndarray]:
+    """Split a transformers ``CLIPModel`` state dict into ``(text, vision, logit_scale)``: the text tower
+    (``text_model.*``, ``text_projection.weight``) mapped by :func:`clip_text_from_transformers`, the image
+    tower (``vision_model.*``, ``visual_projection.weight``) by :func:`clip_vision_from_transformers`, and
+    the scalar ``logit_scale`` (log of the contrastive temperature's inverse). Raises
+    :class:`StateDictError` on keys of neither tower, or without ``logit_scale``.
+    """
+    parts: Dict[str, Tensors] = {"text": {}, "vision": {}}
+    unknown = []
+    for name, value in state.items():
+        if name.startswith(_HF_TEXT.prefix) or name == _HF_TEXT.projection:
+            parts["text"][name] = value
+        elif name.startswith(_HF_VISION.prefix) or name == _HF_VISION.projection:
+            parts["vision"][name] = value
+        elif name != LOGIT_SCALE:
+            unknown.append(name)
+    if unknown:
+        raise _unknown(unknown, "transformers CLIPModel",
+                       f"names under {_HF_TEXT.prefix!r} and {_HF_VISION.prefix!r}, {_HF_TEXT.projection!r}, "
+                       f"{_HF_VISION.projection!r} and {LOGIT_SCALE!r}")
+    if LOGIT_SCALE not in state:
+        raise StateDictError(f"a transformers CLIPModel state dict holds {LOGIT_SCALE!r}; this one does not (a "
+                             "CLIPTextModel or CLIPVisionModel alone has no logit scale)")
+    return (clip_text_from_transformers(parts["text"]), clip_vision_from_transformers(parts["vision"]),
+            np.asarray(state[LOGIT_SCALE], np.float32))
 
 
 def text_encoder_config_from_transformers(config: Mapping, output_layer: str = "last") -> TextEncoderConfig:
@@ -203,3 +281,17 @@ def vision_encoder_config_from_transformers(config: Mapping) -> VisionEncoderCon
         num_heads=config.get("num_attention_heads", 12), intermediate_size=config.get("intermediate_size", 3072),
         hidden_act=config.get("hidden_act", "quick_gelu"), layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
         projection_dim=config.get("projection_dim", 512))
+
+
+def clip_model_configs_from_transformers(config: Mapping) -> Tuple[TextEncoderConfig, VisionEncoderConfig]:
+    """Our text and vision encoder configs from a transformers ``CLIPConfig`` dict (``config.json`` of a
+    ``CLIPModel``): both towers project to the top-level ``projection_dim`` (what ``CLIPModel`` builds its
+    ``text_projection``/``visual_projection`` with; the sub-configs' own ``projection_dim`` is not used).
+    """
+    if "text_config" not in config or "vision_config" not in config:
+        raise ValueError(f"not a transformers CLIPConfig: a CLIPModel's config.json has 'text_config' and "
+                         f"'vision_config'; got the keys {sorted(config)}")
+    projection_dim = config.get("projection_dim", 512)
+    text = replace(text_encoder_config_from_transformers(config["text_config"]), projection_dim=projection_dim)
+    vision = replace(vision_encoder_config_from_transformers(config["vision_config"]), projection_dim=projection_dim)
+    return text, vision

@@ -10,6 +10,9 @@ A training run trains ONE stage of PanGu-Draw's recipe:
 * ``full_range``: the single-model baseline, t uniform in [0, T), the structure bucket list;
 * ``controlnet``: a ControlNet for a frozen trained generator (``controlnet.base``), on that generator's
   timestep range and bucket list, the control image made from each training image (``controlnet.control``).
+* ``clip``: a CLIP (the :class:`~pangu_draw_ms.config.CLIPConfig` named by ``clip``) trained contrastively on
+  the image-caption pairs: the demo world's evaluator, and in miniature the paper's sec. 5 step of
+  pre-training a Chinese text encoder with a contrastive objective.
 
 ``t_struct``, T and the bucket lists come from the model config; :attr:`TrainConfig.timestep_range`
 turns the stage into its range.
@@ -24,8 +27,8 @@ import yaml
 
 from ..config import PanGuDrawConfig, _check, from_dict, resolve_config_path
 
-Stage = Literal["vae", "structure", "texture", "full_range", "controlnet"]
-STAGES = ("vae", "structure", "texture", "full_range", "controlnet")
+Stage = Literal["vae", "structure", "texture", "full_range", "controlnet", "clip"]
+STAGES = ("vae", "structure", "texture", "full_range", "controlnet", "clip")
 CONTROLS = ("edges",)
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 CAPTION_LANGUAGES = ("en", "zh")
@@ -168,7 +171,8 @@ class TrainConfig:
     backward pass (less memory, more compute). ``train_vae_encoder``: stage ``vae`` trains the whole
     autoencoder; ``false`` fine-tunes only the decoder (and post_quant_conv) of ``init.vae``, so the latent
     space and its scaling factor stay those the generators were trained in (the "ft-MSE" decoder
-    fine-tune of Stable Diffusion's VAE)."""
+    fine-tune of Stable Diffusion's VAE). ``clip``: stage ``clip``'s architecture, a CLIPConfig YAML or bundled
+    name (``model`` then only gives the bucket list the images are read at)."""
 
     model: str = "tiny"
     stage: Stage = "structure"
@@ -185,6 +189,7 @@ class TrainConfig:
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
     init: InitConfig = field(default_factory=InitConfig)
     controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
+    clip: str = "demo_clip"
     export_dir: str = ""
     export_dtype: Literal["fp32", "fp16"] = "fp32"
     log_every: int = 10
@@ -212,6 +217,12 @@ class TrainConfig:
                    "set train_text_encoders: false")
             _check(not self.data.cache_dir, "stage 'controlnet' makes its control images from the decoded "
                    "training images every step: leave data.cache_dir empty")
+        if self.stage == "clip":
+            _check(self.data.uncond_prob == 0, "stage 'clip' learns image-caption pairs; an empty caption pairs "
+                   f"with nothing: set data.uncond_prob: 0 (got {self.data.uncond_prob})")
+            _check(not self.data.cache_dir and not self.train_text_encoders,
+                   "stage 'clip' trains both of its towers on decoded images and token ids: leave data.cache_dir "
+                   "empty and train_text_encoders false (they name the generator's text encoders)")
 
     def timestep_range(self, model: PanGuDrawConfig) -> Tuple[int, int]:
         """[low, high) of the uniformly sampled training timesteps of a diffusion stage (a ControlNet

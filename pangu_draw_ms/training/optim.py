@@ -64,7 +64,8 @@ class EMA:
         self.map = ops.HyperMap()
 
     def update(self, update_index):
-        n = update_index.astype(ms.float32)
+        # A scalar decay, so that 0-d parameters (CLIP's logit_scale) keep their shape.
+        n = update_index.reshape(()).astype(ms.float32)
         decay = ops.minimum(ops.scalar_to_tensor(self.decay, ms.float32), (1.0 + n) / (10.0 + n))
         self.map(ops.partial(_ema_update, decay), self.shadows, self.params)
         return decay

@@ -17,23 +17,27 @@ optimise, and a stage object owns exactly that:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import shutil
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn
 
-from ..config import ControlNetConfig, PanGuDrawConfig
+from ..config import CLIPConfig, ControlNetConfig, PanGuDrawConfig, TokenizerConfig, load_config
 from ..diffusion.schedule import NoiseSchedule
-from ..images import edge_map
+from ..images import edge_map, to_pil
+from ..io.checkpoint import save_checkpoint
 from ..io.layouts import build_component, load_component
-from ..io.model_dir import with_scaling_factor
+from ..io.model_dir import COMPONENT_FILES, save_component, with_scaling_factor, write_config, write_model_config
 from ..io.state import load_state
 from ..models.controlnet import ControlNet
 from ..models.unet import UNetModel
 from .config import TrainConfig
-from .losses import diffusion_loss, vae_loss
+from .losses import clip_contrastive_loss, diffusion_loss, vae_loss
 
 logger = logging.getLogger("pangu_draw_ms.train")
 
@@ -60,12 +64,14 @@ class TrainingStage:
     captioned = False
     #: The VAE is frozen, so an image's posterior never changes and ``data.cache_dir`` may hold it.
     frozen_vae = False
+    #: The stage trains the VAE or in its latent space (every stage but ``clip``).
+    uses_vae = True
 
     def __init__(self, config: TrainConfig, model_config: PanGuDrawConfig, dtype, is_main: bool = True):
         self.config, self.model_config, self.dtype, self.is_main = config, model_config, dtype, is_main
         self.buckets = tuple(tuple(size) for size in config.buckets(model_config))
         self.cells: Dict[str, nn.Cell] = {}
-        vae = self._build("vae", model_config.vae, config.init.vae)
+        vae = self._build("vae", model_config.vae, config.init.vae) if self.uses_vae else None
         self._build_networks()
         self.trainable: List[str] = self._trained_networks()
         # Frozen components a stage was given are copied into the export directory.
@@ -78,10 +84,11 @@ class TrainingStage:
             for param in cell.get_parameters():
                 param.requires_grad = is_trained
 
-        def encode_images(pixels):
-            return vae.encode(pixels)
+        if vae is not None:
+            def encode_images(pixels):
+                return vae.encode(pixels)
 
-        self.encode_images = _compiled(encode_images)
+            self.encode_images = _compiled(encode_images)
 
     @property
     def frozen_text(self) -> bool:
@@ -100,6 +107,10 @@ class TrainingStage:
 
     def _build_networks(self) -> None:
         """Build the networks besides the VAE into ``self.cells``."""
+
+    def tokenizer_configs(self) -> List[TokenizerConfig]:
+        """The tokenizers of a captioned stage's batches (``ids_<k>``): the model's text encoders'."""
+        return [encoder.tokenizer for encoder in self.model_config.conditioner.encoders]
 
     def _trained_networks(self) -> List[str]:
         raise NotImplementedError
@@ -127,6 +138,27 @@ class TrainingStage:
     def component_files(self, name: str) -> List[str]:
         """The model-directory components the trained network ``name`` is exported as."""
         return [name]
+
+    def export(self, directory: str, states: Mapping[str, Mapping[str, np.ndarray]],
+               latent_std: Callable[[], float]) -> Dict[str, object]:
+        """Write the trained ``states`` (``{network: exported weights}``) into the model directory ``directory``
+        as :meth:`component_files`, copy in the frozen components it lacks, and write ``config.yaml`` as
+        :meth:`export_config` says; returns what was written and measured."""
+        model_config, measured = self.export_config(states, latent_std)
+        written = dict(measured)
+        for name, state in states.items():
+            for component in self.component_files(name):
+                written[component] = save_component(directory, component, state, model_config,
+                                                    self.config.export_dtype, self.t_range,
+                                                    getattr(self.cells[name], "config", None))
+        for name, source in self.sources.items():
+            if name not in self.trainable:
+                target = os.path.join(directory, COMPONENT_FILES[name])
+                if not os.path.exists(target):
+                    shutil.copyfile(source, target)
+                    written[name] = target
+        write_model_config(directory, model_config)
+        return written
 
     def export_config(self, states: Mapping[str, Mapping[str, np.ndarray]],
                       latent_std: Callable[[], float]) -> Tuple[PanGuDrawConfig, dict]:
@@ -317,9 +349,71 @@ class ControlNetStage(GeneratorStage):
         return [f"{self.config.controlnet.base}_controlnet"]
 
 
+class CLIPStage(TrainingStage):
+    """Stage ``clip``: a CLIP (the :class:`~pangu_draw_ms.config.CLIPConfig` named by ``config.clip``) trained
+    with CLIP's contrastive objective on the image-caption pairs, each sample captioned in one of
+    ``data.languages`` per epoch so that its one text tower learns both (the paper's sec. 5 pre-trains its
+    Chinese text encoder contrastively; this is that step in miniature, and the demo world's evaluator).
+    Images come at their bucket and are squashed to the image tower's square, as the evaluator sees them.
+    Exports ``clip.safetensors``, ``config.yaml`` (the CLIPConfig) and the tokenizer's vocabulary file."""
+
+    captioned = True
+    uses_vae = False
+
+    def _build_networks(self) -> None:
+        from ..evaluation.demo import DemoCLIP
+
+        self.clip_config = load_config(self.config.clip, CLIPConfig)
+        self.cells["clip"] = DemoCLIP(self.clip_config)
+
+    def _trained_networks(self) -> List[str]:
+        return ["clip"]
+
+    def tokenizer_configs(self) -> List[TokenizerConfig]:
+        return [self.clip_config.text.tokenizer]
+
+    def inputs(self, batch: Mapping[str, np.ndarray], rngs: Sequence[np.random.Generator]) -> StepInputs:
+        """``(pixels at the image tower's size, token ids, same_caption)``; ``same_caption[i, j]``: samples i and
+        j carry the same token ids (the demo world repeats short captions), both positives of each other."""
+        pixels = self.cells["clip"].preprocess(to_pil(batch["pixels"]))
+        ids = batch["ids_0"]
+        same_caption = (ids[:, None, :] == ids[None, :, :]).all(axis=-1).astype(np.float32)
+        return (Tensor(pixels), Tensor(ids), Tensor(same_caption)), np.zeros(0, np.int64)
+
+    def loss_fn(self) -> Callable:
+        clip = self.cells["clip"]
+
+        def loss(pixels, ids, same_caption):
+            return clip_contrastive_loss(clip.vision_model(pixels)[1], clip.text_model(ids)[1], clip.logit_scale,
+                                         same_caption)
+
+        return loss
+
+    def export(self, directory: str, states: Mapping[str, Mapping[str, np.ndarray]],
+               latent_std: Callable[[], float]) -> Dict[str, object]:
+        """``clip.safetensors`` (floats in ``export_dtype``), ``config.yaml`` naming the vocabulary beside it,
+        and that vocabulary file: a folder :func:`~pangu_draw_ms.evaluation.demo.load_demo_clip` reads."""
+        from ..evaluation.demo import CLIP_CONFIG, CLIP_WEIGHTS
+
+        weights_path = os.path.join(directory, CLIP_WEIGHTS)
+        save_checkpoint(dict(states["clip"]), weights_path, dtype=self.config.export_dtype,
+                        metadata={"component": "clip"})
+        vocab = self.clip_config.text.tokenizer.vocab
+        config = self.clip_config
+        if vocab and os.path.isfile(vocab):
+            target = os.path.join(directory, os.path.basename(vocab))
+            if os.path.abspath(vocab) != os.path.abspath(target):
+                shutil.copyfile(vocab, target)
+            tokenizer = dataclasses.replace(config.text.tokenizer, vocab=os.path.basename(vocab))
+            config = dataclasses.replace(config, text=dataclasses.replace(config.text, tokenizer=tokenizer))
+        config_path = os.path.join(directory, CLIP_CONFIG)
+        write_config(config, config_path)
+        return {"clip": weights_path, "config": config_path}
+
+
 #: ``config.stage`` -> the class that trains it.
 STAGE_CLASSES = {"vae": VAEStage, "structure": GeneratorStage, "texture": GeneratorStage,
-                 "full_range": GeneratorStage, "controlnet": ControlNetStage}
+                 "full_range": GeneratorStage, "controlnet": ControlNetStage, "clip": CLIPStage}
 
 
 def build_stage(config: TrainConfig, model_config: PanGuDrawConfig, dtype, is_main: bool = True) -> TrainingStage:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Dict, List, Optional
 
@@ -25,7 +24,7 @@ from mindspore import Tensor, nn, ops
 
 from ..buckets import BucketTable
 from ..config import to_dict
-from ..io.model_dir import COMPONENT_FILES, load_model_config, save_component, write_model_config
+from ..io.model_dir import load_model_config
 from ..io.state import cell_state, load_state
 from ..models.layers import compute_dtype
 from ..tokenizers import build_tokenizer
@@ -115,7 +114,7 @@ class Trainer:
             self._fill_cache(frozen_text)
         tokenizers = None
         if self.stage.captioned and not (self.cache is not None and frozen_text):
-            tokenizers = [build_tokenizer(e.tokenizer) for e in self.model_config.conditioner.encoders]
+            tokenizers = [build_tokenizer(t) for t in self.stage.tokenizer_configs()]
             for tokenizer in tokenizers:
                 tokenizer("warm up")  # loads jieba's dictionary before the decode threads share it
         self.stream = BatchStream(samples, buckets, table, self.plan, rank=self.rank, world=self.world,
@@ -146,7 +145,7 @@ class Trainer:
         # Images are read through the stream's decoder (bad files are replaced the same way).
         decoder = BatchStream(self.samples, self.buckets, self.table, self.plan, rank=0, world=1, batch_size=1,
                               seed=self.config.seed, num_workers=1)
-        tokenizers = [build_tokenizer(e.tokenizer) for e in self.model_config.conditioner.encoders]
+        tokenizers = [build_tokenizer(t) for t in self.stage.tokenizer_configs()]
         choices = list(self.config.data.languages) + [UNCOND]
         batch = self.config.data.batch_size
         start = time.time()
@@ -310,8 +309,8 @@ class Trainer:
         return float(np.concatenate([v.reshape(-1) for v in values]).std())
 
     def export(self) -> dict:
-        """Write the trained components (EMA weights) into ``config.export_dir``, copy in frozen ones it
-        lacks, and write ``config.yaml`` as the stage exports it (stage ``vae`` measures its scaling factor)."""
+        """Write the trained networks (EMA weights) into ``config.export_dir`` as the stage exports them
+        (:meth:`TrainingStage.export`; stage ``vae`` measures its scaling factor)."""
         directory = self.config.export_dir
         os.makedirs(directory, exist_ok=True)
         ema = self.train_step.ema_weights()
@@ -320,19 +319,6 @@ class Trainer:
             state = {p.name: ema[p.name] for p in self.cells[name].trainable_params()}
             state.update({k: v for k, v in cell_state(self.cells[name]).items() if k not in state})
             states[name] = state
-        model_config, measured = self.stage.export_config(states, self.latent_std)
-        written = dict(measured)
-        for name, state in states.items():
-            for component in self.stage.component_files(name):
-                written[component] = save_component(directory, component, state, model_config,
-                                                    self.config.export_dtype, self.stage.t_range,
-                                                    getattr(self.cells[name], "config", None))
-        for name, source in self.stage.sources.items():
-            if name not in self.trainable:
-                target = os.path.join(directory, COMPONENT_FILES[name])
-                if not os.path.exists(target):
-                    shutil.copyfile(source, target)
-                    written[name] = target
-        write_model_config(directory, model_config)
+        written = self.stage.export(directory, states, self.latent_std)
         logger.info("exported to %s: %s", directory, written)
         return written

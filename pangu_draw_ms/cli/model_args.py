@@ -1,0 +1,87 @@
+"""What the command-line tools that draw images share (tools/infer.py, tools/evaluate.py): the model arguments
+(the embedded demo model, a model directory, the released checkpoint pair, or a config with random weights),
+building the pipeline they name, and one-line errors."""
+from __future__ import annotations
+
+import argparse
+import os
+
+# The demo model shipped inside the package: the default when no weights are given.
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser):
+    """The "model and weights" argument group (returned, for tool-specific additions)."""
+    model = parser.add_argument_group("model and weights")
+    model.add_argument("--config", help="config name or YAML (default: the model directory's, else the demo/tiny)")
+    model.add_argument("--model-dir", help="a directory with config.yaml and per-component weights")
+    model.add_argument("--structure-ckpt",
+                       help="structure (high-timestep) UNet weights, e.g. pangu_high_timestamp-*.ckpt")
+    model.add_argument("--texture-ckpt", help="texture (low-timestep) UNet weights; a released file also supplies "
+                                              "the text encoders and the VAE")
+    model.add_argument("--conditioner-ckpt", help="text encoder weights (default: from --texture-ckpt)")
+    model.add_argument("--vae-ckpt", help="VAE weights (default: from --texture-ckpt)")
+    model.add_argument("--allow-swapped", action="store_true",
+                       help="accept a structure/texture pair whose recorded roles say it is swapped")
+    model.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                       help="compute dtype (default: fp16 on Ascend, fp32 on CPU)")
+    model.add_argument("--weights-dtype", choices=["fp32", "fp16"], default="fp32", help="parameter storage dtype")
+    model.add_argument("--memory", choices=["resident", "sequential"], default="resident",
+                       help="sequential: only the active network in memory (two 5B UNets need it on 32 GB)")
+    model.add_argument("--device", choices=["CPU", "Ascend"], default="CPU")
+    model.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    return model
+
+
+def run_with_clear_errors(run, args):
+    """``run(args)`` with the tools' logging set up (before MindSpore is imported: it reads its log level
+    once) and a user's error - a bad value, bucket, config or weights file, a missing file - as one
+    ``error: ...`` line instead of a traceback."""
+    from pangu_draw_ms.runtime import configure_logging
+
+    configure_logging(args.verbose)
+    from pangu_draw_ms.buckets import BucketError
+    from pangu_draw_ms.config import ConfigError
+    from pangu_draw_ms.io.state import StateDictError
+
+    try:
+        return run(args)
+    except (ValueError, BucketError, ConfigError, StateDictError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def uses_demo_model(args) -> bool:
+    """No weights and no config given: the embedded demo model."""
+    from pangu_draw_ms.io.model_dir import CONFIG_FILE
+
+    return not (args.model_dir or args.structure_ckpt or args.texture_ckpt or args.config) \
+        and os.path.isfile(os.path.join(DEMO_DIR, CONFIG_FILE))
+
+
+def build_pipeline(args):
+    """The pipeline the model arguments name, and a sentence saying what it is (printed by the tools)."""
+    from pangu_draw_ms.config import load_config
+    from pangu_draw_ms.io.model_dir import CONFIG_FILE, find_component_files, released_pair_files
+    from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
+
+    options = dict(precision=args.precision, weights_dtype=args.weights_dtype, memory=args.memory,
+                   allow_swapped=args.allow_swapped, show_progress=not args.quiet)
+    if args.model_dir or uses_demo_model(args):
+        model_dir = args.model_dir or DEMO_DIR
+        config = load_config(args.config or os.path.join(model_dir, CONFIG_FILE))
+        files = find_component_files(model_dir)
+        source = f"model directory {model_dir}" if args.model_dir else "the embedded demo model"
+    elif args.structure_ckpt or args.texture_ckpt:
+        if not (args.structure_ckpt and args.texture_ckpt):
+            raise SystemExit("error: give both --structure-ckpt and --texture-ckpt")
+        for path in (args.structure_ckpt, args.texture_ckpt, args.conditioner_ckpt, args.vae_ckpt):
+            if path and not os.path.isfile(path):
+                raise SystemExit(f"error: checkpoint {path!r} does not exist")
+        config = load_config(args.config or "pangu_draw_v3")
+        files = released_pair_files(args.structure_ckpt, args.texture_ckpt, args.conditioner_ckpt, args.vae_ckpt)
+        source = f"checkpoints {args.structure_ckpt} (structure) and {args.texture_ckpt} (texture)"
+    else:
+        config = load_config(args.config or "tiny")
+        files = {}
+        source = f"config {config.name!r} with SEEDED RANDOM WEIGHTS (no checkpoint given): the images are noise"
+    return PanGuDrawPipeline.from_config(config, files, **options), source
