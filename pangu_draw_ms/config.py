@@ -531,6 +531,8 @@ def resolve_config_path(name_or_path: str) -> str:
     candidate = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
     if os.path.isfile(candidate):
         return candidate
+    if name_or_path.endswith((".yaml", ".yml")):
+        raise ConfigError(f"{name_or_path}: no such file")
     bundled = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")) if os.path.isdir(CONFIG_DIR) else []
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a bundled config; bundled: {bundled}")
 
@@ -549,6 +551,22 @@ def _vocab_beside(data: Any, folder: str) -> None:
             tokenizer["vocab"] = os.path.join(folder, vocab)
 
 
+def read_yaml(path: str) -> Any:
+    """The data of a YAML file; a malformed one raises :class:`ConfigError` as ``<file>: line N: <what>``, a
+    file that is not UTF-8 text likewise."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "malformed"
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: {where}: {what} (not valid YAML)") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a config is a YAML text "
+                          "file") from None
+
+
 def load_config(name_or_path: str, cls: Type[T] = PanGuDrawConfig) -> T:
     """Load a YAML config file (or a bundled config by name) into dataclass ``cls``.
 
@@ -556,8 +574,7 @@ def load_config(name_or_path: str, cls: Type[T] = PanGuDrawConfig) -> T:
     resolved there.
     """
     path = resolve_config_path(name_or_path)
-    with open(path, "r", encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    data = read_yaml(path)
     if cls in (PanGuDrawConfig, CLIPConfig):
         _vocab_beside(data, os.path.dirname(os.path.abspath(path)))
     return from_dict(cls, data, where=os.path.basename(path))

@@ -407,6 +407,21 @@ def test_convert_tool_converts_a_pipeline_folder_and_single_files(tmp_path, caps
     assert convert_tool().main(args + ["--component", "text_encoder", "--config", str(out / "text_encoder.yaml")]) == 0
     assert os.path.isfile(tmp_path / "again" / "text_encoder.safetensors")
 
+    # A conversion never writes into its source: --out the input folder, or inside it, is refused (inside is
+    # allowed when asked), and an output that would replace an input file always is.
+    before = {p: digest(p) for p in map(str, pipeline.rglob("*")) if os.path.isfile(p)}
+    for target, flag, message in ((pipeline, [], "is the input"), (pipeline / "converted", [], "inside the input")):
+        assert convert_tool().main(["diffusers", str(pipeline), "--out", str(target)] + flag) == 2
+        assert message in capsys.readouterr().err
+    assert convert_tool().main(["diffusers", str(pipeline), "--out", str(pipeline / "converted"),
+                                "--allow-inside-source"]) == 0
+    assert {p: digest(p) for p in before} == before
+    in_place = single / "text_encoder.safetensors"
+    os.rename(single / "text.safetensors", in_place)
+    assert convert_tool().main(["diffusers", str(in_place), "--out", str(single), "--component", "text_encoder",
+                                "--config", str(out / "text_encoder.yaml")]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+
 
 # ---- bad inputs ----------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Bundled configs load and build; validation messages name what is wrong; the tiny model runs."""
 import dataclasses
+import os
 
 import mindspore as ms
 import numpy as np
@@ -49,6 +50,28 @@ def test_config_errors_say_what_is_wrong(edit, message):
 def test_unknown_config_name_lists_the_bundled_ones():
     with pytest.raises(ConfigError, match="bundled: .*pangu_draw_v3.*tiny"):
         load_config("pangu_draw_v9")
+
+
+def test_malformed_yaml_and_missing_files_are_one_line_naming_the_file(tmp_path):
+    from pangu_draw_ms.config import CLIPConfig, CoopRecipe
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("unet:\n  model_channels: 32\n   channel_mult: [1, 2\n", encoding="utf-8")
+    for cls in (PanGuDrawConfig, CoopRecipe, CLIPConfig):
+        with pytest.raises(ConfigError, match=rf"^{broken}: line 3: .* \(not valid YAML\)$"):
+            load_config(str(broken), cls)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ConfigError, match="binary.yaml: not UTF-8 text"):
+        load_config(str(binary))
+    with pytest.raises(ConfigError, match=r"missing\.yaml: no such file$"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+    # The shipped demo CLIP's config names its vocabulary by file name: resolved beside the YAML, from any folder.
+    from pangu_draw_ms.evaluation.demo import CLIP_CONFIG, DEMO_CLIP_DIR
+
+    vocab = load_config(os.path.join(DEMO_CLIP_DIR, CLIP_CONFIG), CLIPConfig).text.tokenizer.vocab
+    assert vocab == os.path.join(DEMO_CLIP_DIR, "tokenizer.model") and os.path.isfile(vocab)
 
 
 def test_tiny_model_cells_run_in_both_modes(ms_mode, rng):

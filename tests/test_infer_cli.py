@@ -27,8 +27,8 @@ def test_cli_writes_pngs_with_metadata_and_a_grid(small_config, tmp_path, capsys
     paths = infer.main(["--config", small_config, "--prompt", "一个红色的圆形", "--prompt", "a blue square",
                         "--num-images", "2", "--steps", "2", "--ratio", "2:1", "--seed", "4",
                         "--out", str(tmp_path), "--quiet", "--save-latents", "--mode", "pynative"])
-    pngs = sorted(p for p in paths if not p.endswith("_grid.png"))
-    assert len(pngs) == 4 and os.path.exists(str(tmp_path / "pangu_grid.png"))
+    pngs = sorted(p for p in paths if "_grid_" not in p)
+    assert len(pngs) == 4 and os.path.exists(str(tmp_path / "pangu_grid_000-003.png"))
     assert "SEEDED RANDOM WEIGHTS" in capsys.readouterr().err
     with Image.open(pngs[2]) as image:
         assert image.size == (128, 64)
@@ -41,11 +41,11 @@ def test_cli_writes_pngs_with_metadata_and_a_grid(small_config, tmp_path, capsys
 
 @pytest.mark.parametrize("argv, message", [
     (["--prompt", " "], "prompt 1 is empty"),
-    (["--prompt", "a cat", "--sampler", "plms"], "unknown sampler"),
+    (["--prompt", "a cat", "--sampler", "plms"], "--sampler must be one of ddim,"),
     (["--prompt", "a cat", "--height", "100", "--width", "100"], "valid sizes"),
-    (["--prompt", "a cat", "--steps", "0"], "--steps must be >= 1"),
-    (["--prompt", "a cat", "--guidance-scale", "-1"], "guidance_scale must be >= 0"),
-    (["--prompt", "a cat", "--anime-scale", "-3"], "anime scale must be >= 0"),
+    (["--prompt", "a cat", "--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--prompt", "a cat", "--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0, got -1.0"),
+    (["--prompt", "a cat", "--anime-scale", "-3"], "--anime-scale must be a finite number >= 0, got -3.0"),
     (["--prompt", "a cat", "--structure-ckpt", "/nonexistent/high.ckpt", "--texture-ckpt", "/nonexistent/low.ckpt"],
      "does not exist"),
     (["--prompt", "a cat", "--structure-ckpt", "/nonexistent/high.ckpt"], "both --structure-ckpt and --texture-ckpt"),
@@ -96,7 +96,7 @@ def test_batches_equal_one_image_at_a_time(small_config, tmp_path):
               "--mode", "pynative"]
     batched = infer.main(common + ["--batch-size", "3", "--out", str(tmp_path / "batched")])
     single = infer.main(common + ["--batch-size", "1", "--out", str(tmp_path / "single")])
-    assert [os.path.basename(p) for p in batched] == [f"pangu_00{i}.png" for i in range(4)] + ["pangu_grid.png"]
+    assert [os.path.basename(p) for p in batched] == [f"pangu_00{i}.png" for i in range(4)] + ["pangu_grid_000-003.png"]
     for a, b in zip(batched[:4], single[:4]):
         with Image.open(a) as image:
             assert json.loads(image.text["parameters"])["image_index"] == int(a[-5])
@@ -142,3 +142,139 @@ def test_compile_cache_reads_back_the_same_graphs(small_config, tmp_path):
     assert os.listdir(cache / folder)  # the graphs were written
     warm = draw("warm")
     assert os.listdir(cache) == [folder] and all(np.array_equal(a, b) for a, b in zip(cold, warm))
+
+
+def _folder_state(folder):
+    """Every file under ``folder`` with its content, to show that a refused run changed nothing."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def _refused(argv, monkeypatch, folder):
+    """The SystemExit of ``infer.main(argv)``, checking that it came before any model was built and that
+    ``folder`` is unchanged."""
+    def no_model(args):
+        raise AssertionError("a model was built for a request that had to be refused first")
+
+    monkeypatch.setattr(infer, "build_pipeline", no_model)
+    before = _folder_state(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(argv)
+    assert _folder_state(folder) == before
+    assert exit_info.value.code == 2
+    return str(exit_info.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guidance-scale", "nan"], "error: --guidance-scale must be a finite number >= 0, got nan"),
+    (["--guidance-scale", "inf"], "error: --guidance-scale must be a finite number >= 0, got inf"),
+    (["--num-images", "0"], "error: --num-images must be an integer >= 1, got 0"),
+    (["--num-images", "-1"], "error: --num-images must be an integer >= 1, got -1"),
+    (["--seed", "-1"], "error: --seed must be an integer >= 0, got -1"),
+    (["--eta", "nan"], "error: --eta must be a finite number, got nan"),
+    (["--strength", "2"], "error: --strength must be a finite number in (0, 1], got 2.0"),
+    (["--guidance-rescale", "1.5"], "error: --guidance-rescale must be a finite number in [0, 1], got 1.5"),
+    (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+])
+def test_bad_values_are_refused_before_the_model_is_built(small_config, tmp_path, monkeypatch, argv, message):
+    message_seen = _refused(["--config", small_config, "--prompt", "a cat", "--out", str(tmp_path), "--quiet",
+                             "--mode", "pynative"] + argv, monkeypatch, tmp_path)
+    assert message_seen == message
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "error: --prompts-file {path} holds no prompt (one prompt per line)"),
+    (b"\n  \n", "error: --prompts-file {path} holds no prompt (one prompt per line)"),
+    (b"\xff\xfe\x00garbage\x80", "error: --prompts-file {path} is not UTF-8 text (byte 0: invalid start byte)"),
+    (b"a cat\x00\x01", "error: --prompts-file {path} holds NUL bytes: it is not a text file of prompts"),
+])
+def test_prompts_files_that_hold_no_prompts_are_named(small_config, tmp_path, monkeypatch, content, message):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    seen = _refused(["--config", small_config, "--prompts-file", str(path), "--out", str(tmp_path / "out"),
+                     "--quiet"], monkeypatch, tmp_path)
+    assert seen.startswith(message.format(path=path))
+
+
+def test_bad_inputs_and_output_locations_are_refused_first(small_config, tmp_path, monkeypatch):
+    common = ["--config", small_config, "--prompt", "a cat", "--quiet"]
+    not_image = tmp_path / "photo.png"
+    not_image.write_bytes(b"not a png")
+    assert _refused(common + ["--init-image", str(not_image), "--out", str(tmp_path / "o")], monkeypatch,
+                    tmp_path) == f"error: --init-image: {str(not_image)!r} is not an image: PIL recognises no " \
+                                 "image format in it"
+    assert _refused(common + ["--noise", str(not_image), "--out", str(tmp_path / "o")], monkeypatch,
+                    tmp_path).startswith(f"error: --noise {str(not_image)!r} is not a numpy .npy array")
+    a_file = tmp_path / "results"
+    a_file.write_text("not a folder")
+    assert _refused(common + ["--out", str(a_file)], monkeypatch, tmp_path) == \
+        f"error: --out {a_file}: {a_file} is a file, where a folder is needed for the images"
+    assert _refused(common + ["--out", str(a_file / "x.png")], monkeypatch, tmp_path).endswith(
+        f"{a_file} is a file, where a folder is needed for the images")
+    assert _refused(common + ["--out", str(not_image)], monkeypatch, tmp_path) == \
+        f"error: --out {not_image} exists; pass --overwrite to replace it, or give another name"
+
+
+def test_a_read_only_output_folder_is_refused_first(small_config, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root may write into a read-only folder: deny it the way a read-only mount would
+        allowed = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: (not str(path).startswith(str(locked))
+                                                             and allowed(path, mode)))
+    try:
+        message = _refused(["--config", small_config, "--prompt", "a cat", "--quiet", "--out", str(locked / "new")],
+                           monkeypatch, tmp_path)
+    finally:
+        locked.chmod(0o755)
+    assert message == f"error: --out {locked / 'new'}: cannot write in {locked} (permission denied)"
+
+
+def test_later_runs_continue_the_numbering_and_files_need_overwrite(small_config, tmp_path):
+    common = ["--config", small_config, "--prompt", "a cat", "--steps", "1", "--height", "96", "--width", "96",
+              "--quiet", "--mode", "pynative"]
+    first = infer.main(common + ["--num-images", "2", "--out", str(tmp_path)])
+    second = infer.main(common + ["--num-images", "2", "--out", str(tmp_path)])
+    assert [os.path.basename(p) for p in first + second] == [
+        "pangu_000.png", "pangu_001.png", "pangu_grid_000-001.png",
+        "pangu_002.png", "pangu_003.png", "pangu_grid_002-003.png"]
+    one = str(tmp_path / "one.png")
+    assert infer.main(common + ["--out", one]) == [one]
+    with pytest.raises(SystemExit, match="one.png exists; pass --overwrite"):
+        infer.main(common + ["--out", one, "--seed", "1"])
+    assert infer.main(common + ["--out", one, "--seed", "1", "--overwrite"]) == [one]
+    with Image.open(one) as image:
+        assert json.loads(image.text["parameters"])["seed"] == 1
+    assert not [name for name in os.listdir(tmp_path) if "partial" in name or name.startswith(".")]
+
+
+def test_ctrl_c_keeps_the_finished_images_and_exits_130(small_config, tmp_path, monkeypatch, capsys):
+    from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
+
+    draw = PanGuDrawPipeline.__call__
+
+    def interrupted_at_second_batch(self, prompt, **settings):
+        if settings["first_image_index"] == 1:
+            raise KeyboardInterrupt
+        return draw(self, prompt, **settings)
+
+    monkeypatch.setattr(PanGuDrawPipeline, "__call__", interrupted_at_second_batch)
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(["--config", small_config, "--prompt", "a cat", "--num-images", "3", "--batch-size", "1",
+                    "--steps", "1", "--height", "96", "--width", "96", "--quiet", "--mode", "pynative",
+                    "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert sorted(os.listdir(tmp_path)) == ["pangu_000.png"]
+    saved = str(tmp_path / "pangu_000.png")
+    assert f"interrupted: 1 of 3 images were finished and saved\n  {saved}" in capsys.readouterr().err
+
+
+def test_overflowing_latents_stop_the_run_without_an_image(small_config, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(["--config", small_config, "--prompt", "a cat", "--steps", "2", "--ratio", "2:1",
+                    "--guidance-scale", "3e38", "--quiet", "--mode", "pynative", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert str(exit_info.value).startswith("error: the latents became non-finite (")
+    assert "at step 1/2 (timestep 999)" in str(exit_info.value) and "guidance_scale 3e+38" in str(exit_info.value)
+    assert not os.path.exists(tmp_path / "o")

@@ -3,6 +3,7 @@
 Runs the tiny_train architecture (16-32 px images) on a few dozen generated demo images on CPU.
 """
 import json
+import logging
 import os
 import re
 import socket
@@ -91,6 +92,36 @@ def test_train_config_rejects_bad_values_with_clear_messages():
         load_train_config("train/tiny", ("optim.lr=0.1",))
     with pytest.raises(ConfigError, match="key=value"):
         load_train_config("train/tiny", ("steps",))
+
+
+def test_train_cli_errors_are_one_line_with_exit_code_2(tmp_path, dataset, weights, capsys):
+    """Configuration, data and checkpoint errors of tools/train.py: one line naming the problem, exit 2, no
+    traceback (``--debug`` shows it), nothing written."""
+    from pangu_draw_ms.cli import train
+
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("stage: structure\ndata:\n  manifest: [a, b\nsteps: 3\n", encoding="utf-8")
+    garbage = tmp_path / "step_00000009.safetensors"
+    garbage.write_bytes(os.urandom(256))
+    common = ["--config", "train/tiny", "--mode", "pynative", f"model={weights['model']}",
+              f"data.manifest={dataset}/square.jsonl", f"init.vae={weights['vae']}", f"output_dir={tmp_path}/run"]
+    cases = [
+        (common + ["optim.lr=0.1"], "unknown key"),
+        (common + ["steps=-1"], "steps must be >= 1, got -1"),
+        (common + [f"data.manifest={tmp_path}/missing.jsonl"], "missing.jsonl"),
+        (["--config", str(malformed)], f"{malformed}: line 4: expected ',' or ']'"),
+        (["--config", str(tmp_path / "absent.yaml")], "absent.yaml: no such file"),
+        (common + ["--resume", str(garbage)], "step_00000009.safetensors"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv)
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2, (argv, error)
+        assert message in error and error.startswith("error: ") and "Traceback" not in error, (argv, error)
+    with pytest.raises(ConfigError, match="unknown key"):
+        train.main(common + ["optim.lr=0.1", "--debug"])
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def test_stage_timestep_ranges_and_buckets_come_from_the_model_config():
@@ -291,7 +322,7 @@ def test_texture_stage_only_sees_low_timesteps_and_reads_the_cache(tmp_path, dat
     assert all(int(r["t_max"]) < 500 for r in read_metrics(os.path.join(config.output_dir, "metrics.csv")))
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset, weights):
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset, weights, caplog):
     def run(name, *extra):
         return tiny_config(tmp_path / name, dataset, weights, "steps=4", "optim.grad_accumulation=2", *extra)
 
@@ -300,9 +331,19 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, datas
     first = Trainer(run("interrupted"))
     first.train(steps=2)
     del first
-    resumed = Trainer(run("interrupted"))
-    assert resumed.resume() and (resumed.step, resumed.micro) == (2, 4)
+    # What a SIGKILL during the next save leaves (a hidden partial file), and a newer checkpoint damaged from
+    # outside: the partial file is removed at start, the damaged file skipped (kept aside) for step 2's.
+    folder = tmp_path / "interrupted" / "run" / "checkpoints"
+    (folder / ".step_00000003.safetensors.k1ll3d.partial.safetensors").write_bytes(b"\0" * 4096)
+    (folder / "step_00000003.safetensors").write_bytes(os.urandom(512))
+    with caplog.at_level(logging.WARNING, logger="pangu_draw_ms.train"):
+        resumed = Trainer(run("interrupted"))
+        assert resumed.resume() and (resumed.step, resumed.micro) == (2, 4)
+    assert "removed .step_00000003.safetensors.k1ll3d.partial.safetensors" in caplog.text
+    assert "skipped" in caplog.text and "step_00000003.safetensors, it does not load" in caplog.text
     resumed.train()
+    assert sorted(os.listdir(folder)) == ["step_00000002.safetensors", "step_00000003.safetensors.damaged",
+                                          "step_00000004.safetensors"]
     for name in ("unet", "conditioner"):
         ours, reference = cell_state(resumed.cells[name]), cell_state(straight.cells[name])
         for key in reference:

@@ -40,7 +40,7 @@ from pangu_draw_ms.io.diffusers_folder import config_beside, model_config, model
 from pangu_draw_ms.io.diffusers_unet import unet_config_from_diffusers  # noqa: E402
 from pangu_draw_ms.io.diffusers_vae import vae_config_from_diffusers  # noqa: E402
 from pangu_draw_ms.io.layouts import COMPONENTS, convert_component, group_names  # noqa: E402
-from pangu_draw_ms.io.model_dir import write_config  # noqa: E402
+from pangu_draw_ms.io.model_dir import COMPONENT_FILES, CONFIG_FILE, write_config  # noqa: E402
 from pangu_draw_ms.io.released import convert_released  # noqa: E402
 from pangu_draw_ms.io.transformers_clip import text_encoder_config_from_transformers  # noqa: E402
 
@@ -77,13 +77,31 @@ def _progress(desc: str):
     return tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
+def check_output(args, inputs, outputs) -> None:
+    """A conversion never writes into its source: the output folder must not be an input nor lie inside an
+    input folder (``--allow-inside-source`` allows the latter), and no output file may be an input file."""
+    out = os.path.realpath(args.out)
+    for source in map(os.path.realpath, filter(None, inputs)):
+        if out == source or (os.path.isdir(source) and out.startswith(source + os.sep)
+                             and not args.allow_inside_source):
+            raise ValueError(f"--out {args.out} is {'the input' if out == source else 'inside the input'} "
+                             f"{source}: a conversion does not write into its source; give another folder"
+                             + ("" if out == source else " (or --allow-inside-source)"))
+        overwritten = [path for path in outputs if os.path.realpath(path) == source]
+        if overwritten:
+            raise ValueError(f"--out {args.out}: the output {overwritten[0]} would overwrite the input {source}; "
+                             "give another folder")
+
+
 def run_released(args) -> None:
+    outputs = [f"{os.path.splitext(name)[0]}.{args.format}" for name in COMPONENT_FILES.values()] + [CONFIG_FILE]
+    check_output(args, [args.structure, args.texture], [os.path.join(args.out, name) for name in outputs])
     config = load_config(args.config, PanGuDrawConfig)
     os.makedirs(args.out, exist_ok=True)
     results = convert_released(args.out, config, structure=args.structure, texture=args.texture, dtype=args.dtype,
                                file_format=args.format, allow_swapped=args.allow_swapped, progress=_progress)
     print_summary(results)
-    print(f"  {os.path.join(args.out, config.name + '.yaml')}: the model config")
+    print(f"  {os.path.join(args.out, CONFIG_FILE)}: the model config")
 
 
 def component_from_json(config: dict, component, output_layer: str):
@@ -130,6 +148,8 @@ def _model_jobs(args):
 
 def run_diffusers(args) -> None:
     jobs = _model_jobs(args)
+    check_output(args, [args.source] + [weights for _, weights, _, _ in jobs],
+                 [os.path.join(args.out, f"{name}.{suffix}") for name, *_ in jobs for suffix in (args.format, "yaml")])
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for name, weights, component, config in jobs:
@@ -145,8 +165,9 @@ def run_inception(args) -> None:
     from pangu_draw_ms.io.checkpoint import load_tensors, save_checkpoint
     from pangu_draw_ms.io.inception import FID_WEIGHTS, fid_inception_from_torch
 
-    state = fid_inception_from_torch(load_tensors(resolve_checkpoint_path(args.source)))
     path = os.path.join(args.out, f"fid_inception.{args.format}")
+    check_output(args, [args.source], [path])
+    state = fid_inception_from_torch(load_tensors(resolve_checkpoint_path(args.source)))
     os.makedirs(args.out, exist_ok=True)
     summary = save_checkpoint(state, path, dtype=args.dtype,
                               metadata={"component": "fid_inception", "source": FID_WEIGHTS})
@@ -175,6 +196,8 @@ def main(argv=None) -> int:
     inception.add_argument("source", help="pt_inception-2015-12-05-6726825d.pth")
     for command in (released, diffusers, inception):
         command.add_argument("--out", required=True, help="output folder")
+        command.add_argument("--allow-inside-source", action="store_true",
+                             help="allow an output folder inside the input folder (input files are never overwritten)")
         command.add_argument("--dtype", choices=["fp32", "fp16"], help="floating dtype of the output (default: keep)")
         command.add_argument("--format", default="safetensors", choices=["safetensors", "ckpt"])
     args = parser.parse_args(argv)

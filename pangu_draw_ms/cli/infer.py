@@ -5,16 +5,19 @@
     python tools/infer.py --structure-ckpt pangu_high_timestamp-c6344411.ckpt \\
         --texture-ckpt pangu_low_timestamp-127da122.ckpt --device Ascend --prompt "..."
 
-Every image is saved as a PNG whose text metadata holds the prompt and all settings; several images
-also give a grid. Defaults (steps, sampler, guidance, style scales, switch rule) come from the model
-config's ``sampling`` section.
+Every image is saved as a PNG whose text metadata holds the prompt and all settings, as soon as its batch
+is decoded; several images also give a grid. The request and the output location are checked before any
+model is loaded; numbered names continue after the files of earlier runs in the folder. Defaults (steps,
+sampler, guidance, style scales, switch rule) come from the model config's ``sampling`` section.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
+from dataclasses import dataclass
 from typing import List, Optional
 
 from .model_args import add_model_arguments, build_pipeline, run_with_clear_errors
@@ -64,7 +67,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                         "(and/or a low-resolution model up to T_low); see configs/recipes/")
 
     out = p.add_argument_group("output")
-    out.add_argument("--out", default="outputs", help="a directory, or a .png file name (numbered when several)")
+    out.add_argument("--out", default="outputs",
+                     help="a directory, or a .png file name (numbered when several); numbered names "
+                          "(pangu_000.png, ...) continue after the highest index already in the folder, so an "
+                          "earlier run's images are never replaced")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing --out FILE.png")
     out.add_argument("--save-latents", action="store_true", help="also save the final latents as .npy")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     out.add_argument("--verbose", action="store_true", help="MindSpore's and our info logs")
@@ -81,17 +88,75 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# The CLI's flag of each request argument, so that a refused value is named as the user typed it.
+FLAGS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "height": "--height", "width": "--width",
+         "ratio": "--ratio", "num_inference_steps": "--steps", "sampler": "--sampler", "spacing": "--spacing",
+         "guidance_scale": "--guidance-scale", "guidance_rescale": "--guidance-rescale", "t_struct": "--t-struct",
+         "seed": "--seed", "num_images_per_prompt": "--num-images", "strength": "--strength",
+         "init_image": "--init-image", "noise": "--noise", "sampler_options['eta']": "--eta",
+         **{f"style_scales[{style!r}]": f"--{style}-scale" for style in ("aesthetic", "anime", "photography")}}
+
+
 def read_prompts(args) -> List[str]:
+    """--prompt values, then the lines of --prompts-file (blank lines skipped); errors name the file."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        path = args.prompts_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as error:
+            raise SystemExit(f"error: --prompts-file {path} is not UTF-8 text (byte {error.start}: "
+                             f"{error.reason}); give a text file with one prompt per line") from None
+        except OSError as error:
+            raise SystemExit(f"error: cannot read --prompts-file {path}: {error.strerror}") from None
+        if "\x00" in text:
+            raise SystemExit(f"error: --prompts-file {path} holds NUL bytes: it is not a text file of prompts")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise SystemExit(f"error: --prompts-file {path} holds no prompt (one prompt per line)")
+        prompts += lines
     if not prompts:
         raise SystemExit("error: give --prompt (repeatable) or --prompts-file")
-    empty = [i for i, p in enumerate(prompts) if not p.strip()]
-    if empty:
-        raise SystemExit(f"error: prompt {empty[0] + 1} is empty")
     return prompts
+
+
+def style_overrides(args) -> dict:
+    """The style scales given on the command line (the config supplies the others)."""
+    styles = {style: getattr(args, f"{style}_scale") for style in ("aesthetic", "anime", "photography")}
+    return {style: scale for style, scale in styles.items() if scale is not None}
+
+
+def request_settings(args) -> dict:
+    """The pipeline settings of the command line (style scales: only those given)."""
+    return dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, ratio=args.ratio,
+                snap_to_bucket=args.snap, num_inference_steps=args.steps, sampler=args.sampler,
+                spacing=args.spacing, guidance_scale=args.guidance_scale, style_scales=style_overrides(args),
+                guidance_rescale=args.guidance_rescale, t_struct=args.t_struct, switch_rule=args.switch_rule,
+                single_model=args.single_model, seed=args.seed,
+                sampler_options={"eta": args.eta} if args.eta is not None else None)
+
+
+def check_request(args):
+    """Everything about the request that needs no model, before one is loaded: (prompts, noise or None,
+    init image or None, where the files go). Raises the same errors as the Python API, named by flag."""
+    from pangu_draw_ms.pipelines.requests import check_noise_file, check_prompts, check_settings, load_init_image
+
+    prompts = check_prompts(read_prompts(args), FLAGS)
+    check_settings(dict(request_settings(args), num_images_per_prompt=args.num_images, strength=args.strength),
+                   FLAGS)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
+    if args.recipe and (args.init_image or args.noise):
+        raise SystemExit("error: --init-image and --noise do not combine with --recipe")
+    total = len(prompts) * args.num_images
+    noise = None
+    if args.noise:
+        noise = check_noise_file(args.noise, FLAGS)
+        if noise.shape[0] != total:
+            raise SystemExit(f"error: --noise holds {noise.shape[0]} images' noise; this run makes {total}")
+    init_image = load_init_image(args.init_image, FLAGS) if args.init_image else None
+    return prompts, noise, init_image, plan_output(args, total)
 
 
 # Arguments that change no compiled graph (texts are tokenised to a fixed length; seeds and noise are data).
@@ -119,46 +184,97 @@ def default_batch_size(pipe, settings, num_images: int) -> int:
     return max(1, min(num_images, MAX_AUTO_BATCH, BATCH_LATENT_PIXELS // per_image))
 
 
-def output_location(args):
-    """(directory, file stem, whether --out names one file) of the run's PNGs."""
+@dataclass
+class Output:
+    """Where a run's files go: ``directory``/``stem``.png for an explicit one-image --out FILE.png, else
+    ``stem``_NNN.png numbered from ``first_number`` (after every numbered file already in the folder) and a
+    grid ``stem``_grid_FIRST-LAST.png."""
+
+    directory: str
+    stem: str
+    single: bool
+    first_number: int
+
+    def image_path(self, image_index: int) -> str:
+        name = f"{self.stem}.png" if self.single else f"{self.stem}_{self.first_number + image_index:03d}.png"
+        return os.path.join(self.directory, name)
+
+    def grid_path(self, count: int) -> str:
+        last = self.first_number + count - 1
+        return os.path.join(self.directory, f"{self.stem}_grid_{self.first_number:03d}-{last:03d}.png")
+
+
+def next_free_number(directory: str, stem: str) -> int:
+    """1 + the highest number of ``stem``_NNN.png/.npy and of ``stem``_grid_N-NNN.png in ``directory`` (0 if none)."""
+    pattern = re.compile(rf"{re.escape(stem)}_(?:grid_\d+-)?(\d+)\.(?:png|npy)")
+    numbers = [int(m.group(1)) for m in map(pattern.fullmatch, os.listdir(directory)) if m] \
+        if os.path.isdir(directory) else []
+    return max(numbers, default=-1) + 1
+
+
+def plan_output(args, total: int) -> Output:
+    """The run's :class:`Output`, checked before any model is loaded: the folder exists or can be made, is a
+    folder and is writable; an existing --out FILE.png (or its .npy) is replaced only with --overwrite."""
     as_file = args.out.lower().endswith(".png")
-    directory = os.path.dirname(os.path.abspath(args.out)) if as_file else args.out
+    directory = os.path.dirname(os.path.abspath(args.out)) if as_file else os.path.abspath(args.out)
+    if as_file and os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out} is a folder; give a folder without .png, or a free file name")
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(f"error: --out {args.out}: {existing} is a file, where a folder is needed for the images")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out {args.out}: cannot write in {existing} (permission denied)")
     stem = os.path.splitext(os.path.basename(args.out))[0] if as_file else "pangu"
-    return directory, stem, as_file
+    output = Output(directory, stem, single=as_file and total == 1,
+                    first_number=0 if as_file and total == 1 else next_free_number(directory, stem))
+    if output.single and not args.overwrite:
+        path = output.image_path(0)
+        taken = [p for p in (path, path[:-4] + ".npy" if args.save_latents else None) if p and os.path.exists(p)]
+        if taken:
+            raise SystemExit(f"error: --out {taken[0]} exists; pass --overwrite to replace it, or give another name")
+    return output
 
 
-def save_images(args, images, infos, latents, total: int) -> List[str]:
-    """Write the PNGs of one batch (named by their image index in the run) as soon as it is decoded."""
+def write_atomically(path: str, write) -> None:
+    """``write(temporary path)``, then a rename onto ``path``: a reader never sees half a file, an interrupt
+    leaves none behind."""
+    from pangu_draw_ms.io.checkpoint import atomic_output
+
+    with atomic_output(path) as partial:
+        write(partial)
+
+
+def save_images(args, output: Output, images, infos, latents) -> List[str]:
+    """Write the PNGs (and --save-latents .npy files) of one batch as soon as it is decoded."""
+    import numpy as np
     from PIL import PngImagePlugin
 
-    directory, stem, as_file = output_location(args)
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(output.directory, exist_ok=True)
     paths = []
     for image, info, latent in zip(images, infos, latents):
-        name = f"{stem}.png" if as_file and total == 1 else f"{stem}_{info['image_index']:03d}.png"
         meta = PngImagePlugin.PngInfo()
         meta.add_text("prompt", info["prompt"])
         meta.add_text("parameters", json.dumps(info, ensure_ascii=False))
-        path = os.path.join(directory, name)
-        image.save(path, pnginfo=meta)
-        paths.append(path)
+        path = output.image_path(info["image_index"])
         if args.save_latents:
-            import numpy as np
-
-            np.save(os.path.splitext(path)[0] + ".npy", latent)
+            write_atomically(path[:-4] + ".npy", lambda partial: np.save(partial, latent))
+        write_atomically(path, lambda partial: image.save(partial, format="PNG", pnginfo=meta))
+        paths.append(path)
     return paths
 
 
-def save_grid(args, images) -> List[str]:
+def save_grid(output: Output, images) -> List[str]:
     """A grid of every image of the run, when there are several."""
     from pangu_draw_ms.images import image_grid
 
     if len(images) < 2:
         return []
-    directory, stem, _ = output_location(args)
-    grid_path = os.path.join(directory, f"{stem}_grid.png")
-    image_grid(images).save(grid_path)
-    return [grid_path]
+    grid = image_grid(images)
+    path = output.grid_path(len(images))
+    write_atomically(path, lambda partial: grid.save(partial, format="PNG"))
+    return [path]
 
 
 def main(argv: Optional[List[str]] = None) -> List[str]:
@@ -167,7 +283,6 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
 
 def run(args: argparse.Namespace) -> List[str]:
     import mindspore as ms
-    import numpy as np
     from tqdm import tqdm
 
     from pangu_draw_ms.runtime import compile_cache_root, enable_compile_cache
@@ -175,81 +290,71 @@ def run(args: argparse.Namespace) -> List[str]:
     if ms.get_context("device_target") != args.device:  # set once per process; a second set_device fails
         ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    if not args.list_buckets:  # the request and the output location, before any model is loaded
+        prompts, noise, init_image, output = check_request(args)
     pipe, source = build_pipeline(args)
     generate = pipe
     if args.recipe:
         from pangu_draw_ms.config import CoopRecipe, load_config
         from pangu_draw_ms.pipelines.coop import CoopPipeline
 
-        if args.init_image or args.noise:
-            raise SystemExit("error: --init-image and --noise do not combine with --recipe")
         recipe = load_config(args.recipe, CoopRecipe)
         source += f", fused with {', '.join(p.name for p in recipe.partners)} (recipe {args.recipe})"
         generate = CoopPipeline(pipe, recipe)
     if args.list_buckets:
         print(pipe.buckets.describe())
         return []
-    prompts = read_prompts(args)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"error: --steps must be >= 1, got {args.steps}")
     print(f"pangu_draw_ms: {source}", file=sys.stderr)
 
-    styles = dict(pipe.config.sampling.style_scales)
-    for style in styles:
-        value = getattr(args, f"{style}_scale")
-        if value is not None:
-            styles[style] = value
-    noise = None
-    if args.noise:
-        noise = np.load(args.noise).astype(np.float32)
-        noise = noise[None] if noise.ndim == 3 else noise
-        if noise.shape[0] != len(prompts) * args.num_images:
-            raise SystemExit(f"error: --noise holds {noise.shape[0]} images' noise; this run makes "
-                             f"{len(prompts) * args.num_images}")
-    sampler_options = {"eta": args.eta} if args.eta is not None else None
-    settings = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width, ratio=args.ratio,
-                    snap_to_bucket=args.snap, num_inference_steps=args.steps, sampler=args.sampler,
-                    spacing=args.spacing, guidance_scale=args.guidance_scale, style_scales=styles,
-                    guidance_rescale=args.guidance_rescale, t_struct=args.t_struct, switch_rule=args.switch_rule,
-                    single_model=args.single_model, seed=args.seed, sampler_options=sampler_options,
+    settings = request_settings(args)
+    settings.update(style_scales=dict(pipe.config.sampling.style_scales, **settings["style_scales"]),
                     compiled=False if args.host_loop else None)
     # Image i of the run is prompt i // num_images; its noise comes from (seed, i) whatever batch it is in.
     jobs = [prompt for prompt in prompts for _ in range(args.num_images)]
-    if args.batch_size is not None and args.batch_size < 1:
-        raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
     batch_size = args.batch_size or default_batch_size(pipe, settings, len(jobs))
     cache_root = compile_cache_root(args.compile_cache) if args.mode == "graph" else None
     if cache_root is not None:
         enable_compile_cache(cache_root, compile_key(args, len(jobs), batch_size))
     images, paths = [], []
-    for first in range(0, len(jobs), batch_size):
-        batch = jobs[first:first + batch_size]
-        bar = None if args.quiet else tqdm(total=0, desc=f"images {first + 1}-{first + len(batch)}/{len(jobs)}",
-                                            unit="step", file=sys.stderr)
+    try:
+        for first in range(0, len(jobs), batch_size):
+            batch = jobs[first:first + batch_size]
+            bar = None if args.quiet else tqdm(total=0, desc=f"images {first + 1}-{first + len(batch)}/{len(jobs)}",
+                                                unit="step", file=sys.stderr)
 
-        def progress(i, n, t, expert, bar=bar):
-            if bar is not None:
-                bar.total = n
-                bar.set_postfix_str(f"t={t} {expert}")
-                bar.update(1)
+            def progress(i, n, t, expert, bar=bar):
+                if bar is not None:
+                    bar.total = n
+                    bar.set_postfix_str(f"t={t} {expert}")
+                    bar.update(1)
 
-        call = dict(settings, first_image_index=first, progress=progress)
-        if not args.recipe:
-            call.update(noise=None if noise is None else noise[first:first + len(batch)], init_image=args.init_image,
-                        strength=args.strength)
-        out = generate(batch, **call)
-        if bar is not None:
-            bar.close()
-        shared = {k: v for k, v in out.info.items() if k not in ("prompts", "expert_trace", "coop_trace", "seconds")}
-        if "expert_trace" in out.info:
-            shared["experts"] = {name: sum(1 for _, n in out.info["expert_trace"] if n == name)
-                                 for name in ("structure", "texture")}
-        infos = [dict(shared, prompt=prompt, image_index=first + k, source=source) for k, prompt in enumerate(batch)]
-        paths += save_images(args, out.images, infos, out.latents, len(jobs))
-        images += out.images
-    paths += save_grid(args, images)
-    for path in paths:
+            call = dict(settings, first_image_index=first, progress=progress)
+            if not args.recipe:
+                call.update(noise=None if noise is None else noise[first:first + len(batch)], init_image=init_image,
+                            strength=args.strength)
+            try:
+                out = generate(batch, **call)
+            finally:
+                if bar is not None:
+                    bar.close()
+            shared = {k: v for k, v in out.info.items()
+                      if k not in ("prompts", "expert_trace", "coop_trace", "seconds")}
+            if "expert_trace" in out.info:
+                shared["experts"] = {name: sum(1 for _, n in out.info["expert_trace"] if n == name)
+                                     for name in ("structure", "texture")}
+            infos = [dict(shared, prompt=prompt, image_index=first + k, source=source)
+                     for k, prompt in enumerate(batch)]
+            for path in save_images(args, output, out.images, infos, out.latents):
+                print(path, flush=True)
+                paths.append(path)
+            images += out.images
+    except KeyboardInterrupt:
+        saved = "".join(f"\n  {path}" for path in paths)
+        print(f"interrupted: {len(paths)} of {len(jobs)} images were finished and saved{saved}", file=sys.stderr)
+        raise
+    for path in save_grid(output, images):
         print(path)
+        paths.append(path)
     return paths
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 # The demo model shipped inside the package: the default when no weights are given.
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo")
@@ -33,21 +34,42 @@ def add_model_arguments(parser: argparse.ArgumentParser):
     return model
 
 
+# Exit statuses: a usage error (as argparse's), an interrupt (128 + SIGINT, as a shell reports it).
+USAGE_ERROR, INTERRUPTED = 2, 130
+
+
+def exit_with(message: str, status: int) -> SystemExit:
+    """A SystemExit that prints ``message`` to stderr and exits with ``status`` (``SystemExit("...")`` alone
+    exits 1); ``str()`` of it is still the message."""
+    print(message, file=sys.stderr)
+    exit_ = SystemExit(message)
+    exit_.code = status
+    return exit_
+
+
 def run_with_clear_errors(run, args):
     """``run(args)`` with the tools' logging set up (before MindSpore is imported: it reads its log level
-    once) and a user's error - a bad value, bucket, config or weights file, a missing file - as one
-    ``error: ...`` line instead of a traceback."""
+    once) and a user's error - a bad value, bucket, config or weights file, a missing file, latents that
+    overflowed - as one ``error: ...`` line instead of a traceback, exit status 2; Ctrl-C exits 130 (what
+    the tool saved it has said)."""
     from pangu_draw_ms.runtime import configure_logging
 
     configure_logging(args.verbose)
     from pangu_draw_ms.buckets import BucketError
     from pangu_draw_ms.config import ConfigError
+    from pangu_draw_ms.diffusion.samplers import NonFiniteLatentsError
     from pangu_draw_ms.io.state import StateDictError
 
     try:
         return run(args)
-    except (ValueError, BucketError, ConfigError, StateDictError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ValueError, BucketError, ConfigError, StateDictError, FileNotFoundError, NonFiniteLatentsError) as err:
+        raise exit_with(f"error: {err}", USAGE_ERROR) from None
+    except SystemExit as exit_:
+        if isinstance(exit_.code, str):  # a tool's own "error: ..." line
+            raise exit_with(exit_.code, USAGE_ERROR) from None
+        raise
+    except KeyboardInterrupt:
+        raise exit_with("interrupted", INTERRUPTED) from None
 
 
 def uses_demo_model(args) -> bool:

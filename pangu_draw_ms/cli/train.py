@@ -54,8 +54,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--restart-on-stall", type=float, default=0, metavar="SECONDS",
                         help="single process: when no step completes for SECONDS, kill the run and resume it from "
                              "its newest checkpoint (works around rare MindSpore CPU kernel stalls)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a configuration, data or "
+                                                                 "checkpoint error (default: one line, exit 2)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (YAML values)")
     args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError, CheckpointError, StateDictError, data errors
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(args) -> dict:
     if args.restart_on_stall > 0:
         if launched_by_msrun():
             raise SystemExit("error: --restart-on-stall supervises one process; under msrun restart the job instead")
@@ -66,6 +78,10 @@ def main(argv=None) -> dict:
     quiet_mindspore()  # before MindSpore is imported: it reads its log level once
     import mindspore as ms
 
+    from pangu_draw_ms.training.config import load_train_config
+    from pangu_draw_ms.training.trainer import Trainer
+
+    config = load_train_config(args.config, tuple(args.overrides))  # a bad config fails before anything starts
     if args.device:
         ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
@@ -78,12 +94,12 @@ def main(argv=None) -> dict:
             return {}  # msrun's scheduler process coordinates the workers and trains nothing
         rank, world = get_rank(), get_group_size()
     local_workers = int(os.environ.get("MS_LOCAL_WORKER", "0") or 0) or world
-    ms.device_context.cpu.op_tuning.threads_num(args.threads or max(1, (os.cpu_count() or 1) // max(1, local_workers)))
+    try:
+        ms.device_context.cpu.op_tuning.threads_num(args.threads or max(1, (os.cpu_count() or 1) //
+                                                                         max(1, local_workers)))
+    except RuntimeError:  # "can not be set repeatedly": a second run in one process keeps the first's threads
+        pass
 
-    from pangu_draw_ms.training.config import load_train_config
-    from pangu_draw_ms.training.trainer import Trainer
-
-    config = load_train_config(args.config, tuple(args.overrides))
     os.makedirs(config.output_dir, exist_ok=True)
     handlers = [logging.StreamHandler(sys.stdout)]
     if rank == 0:

@@ -23,6 +23,22 @@ Denoise = Callable[[np.ndarray, int], np.ndarray]
 StepCallback = Callable[[int, int, np.ndarray], None]
 
 
+class NonFiniteLatentsError(FloatingPointError):
+    """The latents became NaN or infinite during sampling: every later step and the decoded image would be
+    garbage (black or saturated noise), so the run stops at the step where it happened. ``suspects`` says
+    which settings most likely caused it (the pipeline knows them; the sampler does not)."""
+
+    def __init__(self, step: int, num_steps: int, timestep: int, bad_values: int, suspects: str = ""):
+        self.step, self.num_steps, self.timestep, self.bad_values = step, num_steps, timestep, bad_values
+        super().__init__(f"the latents became non-finite ({bad_values} NaN or infinite values) at step "
+                         f"{step + 1}/{num_steps} (timestep {timestep}); no image was made from them"
+                         + (f"; most likely at fault: {suspects}" if suspects else ""))
+
+    def naming(self, suspects: str) -> "NonFiniteLatentsError":
+        """The same error, naming the settings most likely at fault."""
+        return NonFiniteLatentsError(self.step, self.num_steps, self.timestep, self.bad_values, suspects)
+
+
 class Sampler:
     """Base: ``sample`` runs ``step`` over the timesteps; subclasses implement one step."""
 
@@ -56,7 +72,10 @@ class Sampler:
 
         The one sampling loop of the package: host denoisers and compiled ones alike. A denoiser with an
         ``affine_step(z, t, A, B)`` method is handed the whole step z_next = A z + B eps when this sampler's
-        step is affine (:meth:`linear_coefficients`); other samplers call it as ``denoise(z, t)``."""
+        step is affine (:meth:`linear_coefficients`); other samplers call it as ``denoise(z, t)``.
+
+        The latents are checked after every step (one pass over host memory, which the loop holds anyway):
+        NaN or inf raises :class:`NonFiniteLatentsError` naming the step."""
         if self.stochastic and rng is None:
             raise ValueError(f"sampler {self.name!r} is stochastic: pass a numpy Generator as rng")
         self.reset()
@@ -72,6 +91,8 @@ class Sampler:
                 z = self.step(denoise, z, t, t_next, rng)
             else:
                 z = affine_step(z, t, *coefficients)
+            if not np.isfinite(z).all():
+                raise NonFiniteLatentsError(i, len(timesteps), t, int(np.size(z) - np.count_nonzero(np.isfinite(z))))
             if callback is not None:
                 callback(i, t, z)
         return z

@@ -22,6 +22,7 @@ from ..diffusion.schedule import add_noise
 from ..images import to_pil
 from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback
 from .partners import Partner, build_partner
+from .requests import check_settings
 
 # Seed streams apart from the main image's (seed, k): partner i's latents and the bridge's fresh noise.
 _PARTNER_STREAM, _BRIDGE_STREAM = 1000, 2000
@@ -78,8 +79,7 @@ class CoopPipeline:
         networks' graphs).
         ``control_images``: {ControlNet partner name: image (path, PIL, HxWx3 uint8)} replacing the recipe's
         control images for this call (the ControlNets stay loaded and compiled)."""
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        check_settings(dict(output_type=output_type, compiled=compiled))
         control_images = self._check_control_images(control_images)
         main = self.main
         run = main.plan(prompt, **settings)
@@ -109,8 +109,7 @@ class CoopPipeline:
                 progress(offset + i, len(run.timesteps), t, "+".join(coop.trace[-1][1]))
 
         denoise = step_denoiser(coop, compiled, graphs)
-        state = run.sampler.sample(denoise, coop.pack(z, latents0), timesteps, rng=run.sampler_rng(),
-                                   callback=on_step)
+        state = run.sample(denoise, coop.pack(z, latents0), timesteps, callback=on_step)
         latents, _ = coop.unpack(state)
         main.release_unets(main_model)
         sampled = time.perf_counter()
@@ -163,8 +162,8 @@ class CoopPipeline:
                 progress(i, len(timesteps), t, low.name)
 
         z_low = self._noise(run.seed, _BRIDGE_STREAM, run.first_image_index, low_coop.main_shape)
-        z_low = run.sampler.sample(step_denoiser(low_coop, compiled, graphs), z_low, timesteps[:k],
-                                   rng=run.sampler_rng(), callback=low_step, final_timestep=timesteps[k])
+        z_low = run.sample(step_denoiser(low_coop, compiled, graphs), z_low, timesteps[:k], callback=low_step,
+                           final_timestep=timesteps[k])
         t_low = timesteps[k]
         eps_low = low_denoise(z_low, t_low)
         if bridge_cfg.upsample == "latent_bilinear":

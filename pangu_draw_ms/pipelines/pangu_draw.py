@@ -23,12 +23,14 @@ from ..diffusion.coop import CoopDenoiser
 from ..diffusion.denoiser import Conditioning, ControlInput, UNetEpsModel
 from ..diffusion.experts import STRUCTURE, TEXTURE, SingleModel, TimeDecoupledExperts
 from ..diffusion.guidance import STYLE_PREFIXES, GuidedDenoiser, guidance_branches, guidance_weights
-from ..diffusion.samplers import Sampler, make_sampler
-from ..diffusion.schedule import NoiseSchedule, add_noise
+from ..diffusion.samplers import NonFiniteLatentsError, Sampler, StepCallback, make_sampler
+from ..diffusion.schedule import CLEAN, NoiseSchedule, add_noise
 from ..images import load_image, resize, to_array, to_pil
+from ..models.layers import default_precision
 from ..tokenizers import build_tokenizer
 from .components import ComponentStore
 from .prompt_encoder import PromptEncoder
+from .requests import RequestError, check_noise, check_prompts, check_settings, load_init_image
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +69,31 @@ class Run:
     width: int
     strength: Optional[float]
     latent_shape: tuple
+    precision: str  # the UNets' compute precision (named when the latents overflow)
 
     def sampler_rng(self) -> Optional[np.random.Generator]:
         """The stochastic samplers' noise stream, apart from the initial-noise streams (seed, k)."""
         if not self.sampler.stochastic:
             return None
         return np.random.default_rng([self.seed, self.first_image_index, self.latent_shape[0], 1])
+
+    def sample(self, denoise, z: np.ndarray, timesteps=None, callback: Optional[StepCallback] = None,
+               final_timestep: int = CLEAN) -> np.ndarray:
+        """The run's sampler through ``timesteps`` (default: the run's) with the run's noise stream; latents that
+        become NaN/inf stop the run with an error naming the step and the settings most likely at fault."""
+        try:
+            return self.sampler.sample(denoise, z, self.timesteps if timesteps is None else timesteps,
+                                       rng=self.sampler_rng(), callback=callback, final_timestep=final_timestep)
+        except NonFiniteLatentsError as error:
+            raise error.naming(self.suspects()) from None
+
+    def suspects(self) -> str:
+        """The settings that make latents overflow, with this run's values: a guidance (or style) scale far
+        above the usual 1-15, guidance rescale, a half-precision compute dtype."""
+        styles = "".join(f", {style} scale {scale:g}" for style, scale in self.style_scales.items())
+        precision = f"precision {self.precision}" + (" (try fp32)" if self.precision != "fp32" else "")
+        return (f"guidance_scale {self.guidance_scale:g} (usual: 1-15){styles}, guidance_rescale "
+                f"{self.guidance_rescale:g}, {precision}")
 
     def info(self) -> Dict:
         return {"prompts": self.prompts, "negative_prompt": self.negative_prompt, "height": self.height,
@@ -190,23 +211,18 @@ class PanGuDrawPipeline:
         sampler_options: Optional[dict] = None,
         strength: Optional[float] = None,
     ) -> Run:
-        """Resolve a request against ``config.sampling``'s defaults and check it (see :meth:`__call__`)."""
+        """Resolve a request against ``config.sampling``'s defaults and check it (see :meth:`__call__`): types
+        and ranges first (:mod:`~pangu_draw_ms.pipelines.requests`), then what depends on the model."""
+        # locals() here is exactly the keyword arguments: every one is checked, none can be forgotten.
+        check_settings({name: value for name, value in locals().items() if name not in ("self", "prompt")})
+        prompts = check_prompts(prompt)
         defaults = self.config.sampling
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise ValueError("every prompt must be a non-empty string (the negative prompt may be empty)")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        t_struct = self.config.t_struct if t_struct is None else int(t_struct)
-        if single_model not in (None, STRUCTURE, TEXTURE):
-            raise ValueError(f"single_model must be None, {STRUCTURE!r} or {TEXTURE!r}, got {single_model!r}")
-        if not 0 <= t_struct <= self.config.num_train_timesteps:
-            raise ValueError(f"t_struct must lie in [0, {self.config.num_train_timesteps}], got {t_struct}")
+        t_struct = self.config.t_struct if t_struct is None else t_struct
+        if t_struct > self.config.num_train_timesteps:
+            raise RequestError(f"t_struct must lie in [0, {self.config.num_train_timesteps}], got {t_struct}")
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         styles = dict(defaults.style_scales if style_scales is None else style_scales)
         weights = guidance_weights(guidance_scale, styles)
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
         steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         spacing = spacing or defaults.spacing
         timesteps = self.schedule.timesteps(steps, spacing)
@@ -222,7 +238,8 @@ class PanGuDrawPipeline:
             guidance_rescale=guidance_rescale, t_struct=t_struct, switch_rule=switch_rule or defaults.switch_rule,
             single_model=single_model, seed=seed, num_images_per_prompt=num_images_per_prompt,
             first_image_index=first_image_index, bucket_index=bucket_index, height=h, width=w, strength=strength,
-            latent_shape=(len(prompts) * num_images_per_prompt, self.config.unet.in_channels, h // f, w // f))
+            latent_shape=(len(prompts) * num_images_per_prompt, self.config.unet.in_channels, h // f, w // f),
+            precision=self.components.precision or default_precision())
 
     def initial_noise(self, run: Run, noise: Optional[np.ndarray] = None) -> np.ndarray:
         """The run's initial noise: given, or image k's from the generator seeded (seed, first index + k)."""
@@ -230,9 +247,9 @@ class PanGuDrawPipeline:
             # One generator per image: image k of a run gets the same noise whatever the batch around it.
             noise = np.stack([np.random.default_rng([run.seed, run.first_image_index + k]).standard_normal(
                 run.latent_shape[1:], dtype=np.float32) for k in range(run.latent_shape[0])])
-        noise = np.asarray(noise, dtype=np.float32)
+        noise = check_noise(noise)
         if noise.shape != run.latent_shape:
-            raise ValueError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}")
+            raise RequestError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}")
         return noise
 
     def denoiser(self, run: Run, control: Optional[ControlInput] = None,
@@ -279,10 +296,10 @@ class PanGuDrawPipeline:
         later calls (with ``memory="sequential"``: within the call). None (default): compiled unless guidance
         rescale is on; True: compiled or an error; False: the host loop.
         """
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        check_settings(dict(strength=strength, output_type=output_type, compiled=compiled))
         run = self.plan(prompt, strength=strength if init_image is not None else None, **settings)
         noise = self.initial_noise(run, noise)
+        init_image = None if init_image is None else load_init_image(init_image)
         started = time.perf_counter()
         # Compiled steps are kept for later calls; a sequential run keeps them for itself only, and drops
         # them when it releases a UNet (a kept graph would hold it).
@@ -302,7 +319,7 @@ class PanGuDrawPipeline:
 
         coop = CoopDenoiser(denoiser, run.latent_shape, [], self.schedule)  # Algorithm 1 with no partners
         denoise = step_denoiser(coop, compiled, graphs)
-        latents = run.sampler.sample(denoise, z, run.timesteps, rng=run.sampler_rng(), callback=on_step)
+        latents = run.sample(denoise, z, callback=on_step)
         self.release_unets(model)
         sampled = time.perf_counter()
         images = [] if output_type == "latent" else to_pil(self.decode(latents))

@@ -4,7 +4,8 @@ Each holds every tensor a run needs to continue (trainable weights, optimizer mo
 shadows, loss scale) and its JSON-able run state (step, micro-batch count, batch layout) in the
 safetensors metadata. Files are written atomically by :func:`pangu_draw_ms.io.checkpoint.save_checkpoint`
 (temporary file in the same folder, fsync, rename): a run killed while saving keeps its previous
-checkpoint intact, never a truncated one.
+checkpoint intact, never a truncated one; the next run removes the temporary file it left
+(:meth:`CheckpointFolder.remove_partial_files`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import numpy as np
 from ..io.checkpoint import load_tensors, open_checkpoint, save_checkpoint
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+# What a save killed mid-write leaves: io.checkpoint.atomic_output's ".<name>.<random>.partial.safetensors"
+# (and MindSpore's staging ".tmp" beside it).
+_PARTIAL_FILE = re.compile(r"^\.step_\d+\.safetensors\..+\.partial(\.safetensors|\.tmp)$")
 _STATE_KEY = "training_state"
 
 
@@ -39,6 +43,16 @@ class CheckpointFolder:
     def latest(self) -> Optional[str]:
         steps = self.steps()
         return self.path(steps[-1]) if steps else None
+
+    def remove_partial_files(self) -> List[str]:
+        """Delete what saves killed mid-write left in the folder (each the size of a checkpoint); returns
+        their names."""
+        if not os.path.isdir(self.directory):
+            return []
+        stale = sorted(name for name in os.listdir(self.directory) if _PARTIAL_FILE.match(name))
+        for name in stale:
+            os.remove(os.path.join(self.directory, name))
+        return stale
 
     def save(self, step: int, tensors: Dict[str, np.ndarray], state: dict) -> str:
         os.makedirs(self.directory, exist_ok=True)

@@ -25,7 +25,7 @@ from typing import Literal, Tuple
 
 import yaml
 
-from ..config import PanGuDrawConfig, _check, from_dict, resolve_config_path
+from ..config import PanGuDrawConfig, _check, from_dict, read_yaml, resolve_config_path
 
 Stage = Literal["vae", "structure", "texture", "full_range", "controlnet", "clip"]
 STAGES = ("vae", "structure", "texture", "full_range", "controlnet", "clip")
@@ -253,8 +253,9 @@ def _parse_value(text: str):
 def load_train_config(path: str, overrides: Tuple[str, ...] = ()) -> TrainConfig:
     """A training YAML, with ``key.sub=value`` overrides (values parsed as YAML: ``steps=10``)."""
     path = resolve_config_path(path)
-    with open(path, "r", encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path) or {}
+    _check(isinstance(data, dict), f"{path}: a training config is a mapping of keys (stage, steps, data, ...), "
+                                   f"got {type(data).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         _check(bool(sep) and bool(key), f"override {item!r} is not of the form key=value (e.g. steps=10)")

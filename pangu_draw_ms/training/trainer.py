@@ -73,6 +73,9 @@ class Trainer:
         precision = None if config.precision == "auto" else config.precision
         self.dtype = compute_dtype(precision)
         self.checkpoints = CheckpointFolder(os.path.join(config.output_dir, "checkpoints"), config.keep_checkpoints)
+        if self.is_main:
+            for name in self.checkpoints.remove_partial_files():
+                logger.warning("removed %s, left by a save that was interrupted", name)
         self.step = 0
         self.micro = 0
         ms.set_seed(config.seed)  # identical initial weights on every worker
@@ -208,12 +211,30 @@ class Trainer:
         logger.info("step %d: checkpoint %s", self.step, path)
         return path
 
+    def _newest_loadable_checkpoint(self):
+        """``(path, tensors, state)`` of the newest checkpoint of the output folder that loads, or None. Each
+        newer one that does not (damaged or cut off from outside) is skipped with a warning saying why, and
+        the main worker renames it ``<name>.damaged``: kept for inspection, out of the rotation of kept files."""
+        for step in reversed(self.checkpoints.steps()):
+            path = self.checkpoints.path(step)
+            try:
+                return (path,) + CheckpointFolder.load(path)
+            except (ValueError, OSError) as err:  # CheckpointError, bad metadata, unreadable file
+                if self.is_main and os.path.exists(path):
+                    os.replace(path, path + ".damaged")
+                logger.warning("resume: skipped %s, it does not load (%s); kept as %s.damaged", path, err, path)
+        return None
+
     def resume(self, path: Optional[str] = None) -> bool:
-        """Continue from checkpoint ``path`` (default: the newest in the output folder); False if there is none."""
-        path = path or self.checkpoints.latest()
+        """Continue from checkpoint ``path``, or by default from the newest checkpoint of the output folder that
+        loads (newer damaged ones are skipped, with a warning); False if there is none."""
         if path is None:
-            return False
-        tensors, state = CheckpointFolder.load(path)
+            found = self._newest_loadable_checkpoint()
+            if found is None:
+                return False
+            path, tensors, state = found
+        else:
+            tensors, state = CheckpointFolder.load(path)
         expected = self._run_state()
         for key in ("stage", "global_batch", "batches_per_epoch", "seed", "trainable"):
             if state.get(key) != expected[key]:
