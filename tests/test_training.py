@@ -355,6 +355,41 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, datas
     assert steps == [1, 2, 3, 4]
 
 
+def test_sigkill_mid_run_then_resume_ends_with_the_same_weights_and_no_stray_files(tmp_path, dataset, weights):
+    """tools/train.py killed with SIGKILL while it writes a checkpoint every step (so most kills land in or
+    next to a save), then resumed with --resume, twice: the final checkpoint is bit-identical to an
+    uninterrupted run's and the checkpoint folder holds no temporary file. One thread: bit-identical runs."""
+    import signal
+    import time
+
+    common = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--config", "train/tiny", "--mode", "pynative",
+              "--threads", "1", "steps=6", "save_every=1", "keep_checkpoints=2", f"model={weights['model']}",
+              f"data.manifest={dataset}/square.jsonl", f"init.vae={weights['vae']}", "data.num_workers=1",
+              "data.batch_size=2", "log_every=1"]
+    env = dict(os.environ, GLOG_v="3")
+    subprocess.run(common + [f"output_dir={tmp_path}/straight"], env=env, check=True, capture_output=True, timeout=600)
+    folder = CheckpointFolder(f"{tmp_path}/killed/checkpoints")
+    rng = np.random.default_rng(0)
+    for kill_after_step in (1, 3):
+        run = subprocess.Popen(common + [f"output_dir={tmp_path}/killed"] + (["--resume"] if folder.steps() else []),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while (not folder.steps() or folder.steps()[-1] < kill_after_step) and run.poll() is None:
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        time.sleep(float(rng.uniform(0.0, 0.4)))  # somewhere in the next step or its save
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    subprocess.run(common + [f"output_dir={tmp_path}/killed", "--resume"], env=env, check=True, capture_output=True,
+                   timeout=600)
+    assert folder.steps()[-1] == 6 and not [n for n in os.listdir(folder.directory) if n.startswith(".")]
+    killed, _ = CheckpointFolder.load(folder.latest())
+    straight, _ = CheckpointFolder.load(CheckpointFolder(f"{tmp_path}/straight/checkpoints").latest())
+    assert killed.keys() == straight.keys()
+    for key, value in straight.items():
+        np.testing.assert_array_equal(killed[key], value, err_msg=key)
+
+
 def test_recompute_trains_to_the_same_weights(tmp_path, dataset, weights, graph_mode):
     """Recomputing each UNet block in the backward pass trades compute for memory, not results (in the
     compiled gradient graph, where recompute applies)."""
