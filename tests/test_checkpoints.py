@@ -39,6 +39,7 @@ from helpers import (
     assert_close,
     diffusers_unet,
     randomize_torch_module,
+    torch_state_numpy,
 )
 from released_layout import TINY, open_clip_state, randomize_cell, released_state, tiny_cells
 
@@ -468,6 +469,20 @@ def test_wrong_model_file_is_named(saved_unet, tmp_path):
     with pytest.raises(StateDictError, match=r"\d+ missing key\(s\): .*; \d+ unexpected key\(s\): .*\(\+\d+ more\); "
                                              r"\d+ shape mismatch\(es\): \S+ expected \(\d+.*\) got \("):
         load_component(build_component("unet", SDXL_LIKE), paths[".safetensors"])
+    assert all(np.array_equal(v, cell_state(target)[k]) for k, v in before.items())
+
+
+def test_misfits_of_a_mapped_layout_name_the_files_entry_next_to_ours(tmp_path):
+    """A diffusers-layout file whose conv_in has another shape: the message names our parameter and the
+    file's entry it was mapped from, and nothing is loaded."""
+    state = torch_state_numpy(diffusers_unet(SD15_LIKE))
+    state["conv_in.weight"] = state["conv_in.weight"][:, :3]
+    save_checkpoint(state, str(tmp_path / "diffusers_unet.safetensors"))
+    target = build_component("unet", SD15_LIKE)
+    before = cell_state(target)
+    with pytest.raises(StateDictError, match=r"1 shape mismatch\(es\): input_blocks\.0\.0\.weight \(file entry "
+                                             r"conv_in\.weight\) expected \(32, 4, 3, 3\) got \(32, 3, 3, 3\)"):
+        load_component(target, str(tmp_path / "diffusers_unet.safetensors"))
     assert all(np.array_equal(v, cell_state(target)[k]) for k, v in before.items())
 
 

@@ -299,8 +299,10 @@ def _match(reader: CheckpointReader, component: str, layout: Layout, expected: E
                     report.unexpected.append(key)
             elif tuple(expected[ours][0]) != shape:
                 report.mismatched.append((ours, tuple(expected[ours][0]), shape))
+                report.origins[ours] = key
             elif dtype_kind_error(expected[ours][1], dtype):
                 report.wrong_dtype.append((ours, dtype_kind_error(expected[ours][1], dtype), dtype.name))
+                report.origins[ours] = key
         reads.append((key, route, targets))
     report.missing = sorted(n for n in expected if n not in produced)
     bad = {n for n, _, _ in report.mismatched + report.wrong_dtype}

@@ -27,10 +27,17 @@ class LoadReport:
     unexpected: List[str] = field(default_factory=list)
     mismatched: List[Tuple[str, tuple, tuple]] = field(default_factory=list)  # name, expected, got
     wrong_dtype: List[Tuple[str, str, str]] = field(default_factory=list)  # name, expected kind, got dtype
+    # our name -> the source file's entry it was mapped from, where they differ (named in messages)
+    origins: Dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched or self.wrong_dtype)
+
+    def _named(self, name: str) -> str:
+        """Our parameter name, with the file's entry it came from when that is named otherwise."""
+        origin = self.origins.get(name)
+        return f"{name} (file entry {origin})" if origin and origin != name else name
 
     def describe(self) -> str:
         parts = []
@@ -39,11 +46,12 @@ class LoadReport:
                 more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
                 parts.append(f"{len(items)} {title} key(s): {', '.join(items[:_SHOW])}{more}")
         if self.mismatched:
-            shown = ", ".join(f"{n} expected {tuple(e)} got {tuple(g)}" for n, e, g in self.mismatched[:_SHOW])
+            shown = ", ".join(f"{self._named(n)} expected {tuple(e)} got {tuple(g)}"
+                              for n, e, g in self.mismatched[:_SHOW])
             more = f" (+{len(self.mismatched) - _SHOW} more)" if len(self.mismatched) > _SHOW else ""
             parts.append(f"{len(self.mismatched)} shape mismatch(es): {shown}{more}")
         if self.wrong_dtype:
-            shown = ", ".join(f"{n} expected {e} got {g}" for n, e, g in self.wrong_dtype[:_SHOW])
+            shown = ", ".join(f"{self._named(n)} expected {e} got {g}" for n, e, g in self.wrong_dtype[:_SHOW])
             more = f" (+{len(self.wrong_dtype) - _SHOW} more)" if len(self.wrong_dtype) > _SHOW else ""
             parts.append(f"{len(self.wrong_dtype)} dtype mismatch(es): {shown}{more}")
         return "; ".join(parts) if parts else f"all {len(self.loaded)} parameters loaded"
