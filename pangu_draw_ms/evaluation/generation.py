@@ -2,9 +2,11 @@
 
 Image (seed s, prompt i) is ``<folder>/seed_<s>/<i:05d>.png`` and its noise comes from (s, i) - the
 pipeline's ``first_image_index`` rule - so it is the same image whichever process, batch or restart draws
-it. A run therefore resumes by drawing only the files that are missing (PNGs are written under a temporary
-name and renamed, so a killed run leaves no half-written image), and ``world`` workers each draw one
-contiguous slice of the prompts and together draw exactly the images one process would.
+it (with the deterministic samplers: Euler, the default, DDIM with eta 0, Heun, DPM++(2M); an ancestral
+sampler's per-step noise follows the batch; and up to float rounding where the batch size differs). A run
+therefore resumes by drawing only the files that are missing (PNGs are written under a temporary name and
+renamed, so a killed run leaves no half-written image), and ``world`` workers each draw one contiguous slice
+of the prompts and together draw the images one process would.
 
 ``run.json`` in the folder records the settings that decide the images; a run with other settings into the
 same folder stops with an error instead of mixing two runs' images.
