@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
+from ..io.checkpoint import atomic_output
 from .prompts import EvalPrompt
 
 RUN_FILE = "run.json"
@@ -75,16 +76,15 @@ def batches(jobs: Sequence[ImageJob], batch_size: int) -> Iterator[List[ImageJob
 
 
 def save_png(image, path: str, metadata: Dict[str, str]) -> None:
-    """Write a PNG with text metadata atomically: a temporary file in the same folder, then a rename."""
+    """Write a PNG with text metadata atomically (:func:`~pangu_draw_ms.io.checkpoint.atomic_output`)."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    image.save(partial, format="PNG", pnginfo=info)
-    os.replace(partial, path)
+    with atomic_output(path) as partial:
+        image.save(partial, format="PNG", pnginfo=info)
 
 
 def check_run_settings(folder: str, settings: dict, write: bool) -> None:
@@ -101,10 +101,8 @@ def check_run_settings(folder: str, settings: dict, write: bool) -> None:
         return
     if write:
         os.makedirs(folder, exist_ok=True)
-        partial = path + ".partial"
-        with open(partial, "w", encoding="utf-8") as f:
+        with atomic_output(path) as partial, open(partial, "w", encoding="utf-8") as f:
             json.dump(settings, f, ensure_ascii=False, indent=1)
-        os.replace(partial, path)
 
 
 def draw_missing(draw: Draw, jobs: Sequence[ImageJob], batch_size: int,

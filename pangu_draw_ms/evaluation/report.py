@@ -13,6 +13,8 @@ from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
+from ..io.checkpoint import atomic_output
+
 # metric name -> what the report calls it (the demo measures say what they are: not FID, not CLIP-score)
 METRIC_TITLES = {
     "fid": "FID (Inception-v3 pool features)",
@@ -64,8 +66,6 @@ def write_report(folder: str, report: Mapping) -> Dict[str, str]:
     """Write ``report.json`` and ``report.md`` into ``folder`` (each atomically); returns their paths."""
     paths = {"json": os.path.join(folder, "report.json"), "md": os.path.join(folder, "report.md")}
     for kind, text in (("json", json.dumps(report, ensure_ascii=False, indent=1) + "\n"), ("md", markdown(report))):
-        partial = paths[kind] + ".partial"
-        with open(partial, "w", encoding="utf-8") as f:
+        with atomic_output(paths[kind]) as partial, open(partial, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(partial, paths[kind])
     return paths
