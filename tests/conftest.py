@@ -83,3 +83,52 @@ def ms_mode(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ---- the training tests' data and model (test_training, test_ablation_options) ----------------------------
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """64 tiny demo images (every aspect ratio, 30 % low resolution) and a manifest of the square ones."""
+    import json
+
+    from pangu_draw_ms.demo.shapes import write_dataset
+
+    directory = str(tmp_path_factory.mktemp("data"))
+    write_dataset(directory, 64, seed=0, low_res_fraction=0.3, scale=0.35)
+    with open(os.path.join(directory, "train.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    # One bucket (24x24 structure, 16x16 texture) keeps the number of compiled step graphs at one.
+    with open(os.path.join(directory, "square.jsonl"), "w", encoding="utf-8") as f:
+        for row in rows:
+            if 0.8 < row["height"] / row["width"] < 1.25:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, dataset):
+    """A model directory: the tiny_train architecture with a SentencePiece + jieba tokenizer trained on the
+    captions (an 80-piece vocabulary keeps the text encoders small), seeded random VAE and conditioner."""
+    from pangu_draw_ms.config import PanGuDrawConfig, from_dict, to_dict
+    from pangu_draw_ms.io.model_dir import load_model_config, save_component, write_model_config
+    from pangu_draw_ms.io.state import cell_state
+    from pangu_draw_ms.models.conditioner import Conditioner
+    from pangu_draw_ms.models.vae import AutoencoderKL
+    from pangu_draw_ms.tokenizers import train as train_tokenizer
+    from pangu_draw_ms.training.data import read_manifest
+
+    directory = str(tmp_path_factory.mktemp("model"))
+    samples, _ = read_manifest(os.path.join(dataset, "train.jsonl"))
+    vocab = train_tokenizer([t for s in samples for t in (s.caption_en, s.caption_zh)],
+                            os.path.join(directory, "captions"), 80, jieba=True, model_type="bpe")
+    data = to_dict(load_model_config("tiny_train"))
+    for encoder in data["conditioner"]["encoders"]:
+        encoder.update(vocab_size=80, eot_token_id=3, max_position_embeddings=40,
+                       tokenizer={"kind": "sentencepiece", "vocab": vocab, "max_length": 40, "jieba": True})
+    model = from_dict(PanGuDrawConfig, data)
+    write_model_config(directory, model)
+    ms.set_seed(123)
+    save_component(directory, "vae", cell_state(AutoencoderKL(model.vae)), model)
+    save_component(directory, "conditioner", cell_state(Conditioner(model.conditioner)), model)
+    paths = {name: os.path.join(directory, f"{name}.safetensors") for name in ("vae", "conditioner")}
+    return dict(paths, model=directory)

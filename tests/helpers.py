@@ -76,3 +76,13 @@ def diffusers_unet(config: UNetConfig):
     model = diffusers.UNet2DConditionModel(**diffusers_unet_kwargs(config, addition_time_embed_dim=BUCKET_DIM)).eval()
     randomize_torch_module(model, seed=1)
     return model
+
+
+def tiny_config(tmp_path, dataset, weights, *overrides):
+    """The tiny training config on the ``dataset`` and ``weights`` fixtures' square images (conftest.py)."""
+    from pangu_draw_ms.training.config import load_train_config
+
+    return load_train_config("train/tiny", (
+        f"model={weights['model']}", f"output_dir={tmp_path}/run", f"data.manifest={dataset}/square.jsonl",
+        f"init.vae={weights['vae']}", "data.batch_size=2", "save_every=0", "optim.warmup_steps=0",
+        "log_every=100") + overrides)

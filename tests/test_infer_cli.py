@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -194,6 +195,23 @@ def test_prompts_files_that_hold_no_prompts_are_named(small_config, tmp_path, mo
     seen = _refused(["--config", small_config, "--prompts-file", str(path), "--out", str(tmp_path / "out"),
                      "--quiet"], monkeypatch, tmp_path)
     assert seen.startswith(message.format(path=path))
+
+
+def test_model_dependent_refusals_name_the_flag(small_config, tmp_path):
+    """t_struct's upper bound and the latent shape of --noise depend on the model, so they are checked once it
+    is loaded - still before any step, and named by the flag the user typed, not the API argument."""
+    common = ["--config", small_config, "--prompt", "a cat", "--quiet", "--mode", "pynative", "--height", "96",
+              "--width", "96", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(common + ["--t-struct", "5000"])
+    assert (exit_info.value.code, str(exit_info.value)) == (2, "error: --t-struct must lie in [0, 1000], got 5000")
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.zeros((1, 4, 5, 5), np.float32))
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(common + ["--noise", str(noise)])
+    assert exit_info.value.code == 2
+    assert str(exit_info.value).startswith("error: --noise has shape (1, 4, 5, 5); this run needs (1, 4, ")
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
 def test_bad_inputs_and_output_locations_are_refused_first(small_config, tmp_path, monkeypatch):

@@ -16,15 +16,12 @@ import pytest
 from mindspore import Parameter, Tensor, nn
 
 from pangu_draw_ms.buckets import BucketTable
-from pangu_draw_ms.config import ConfigError, PanGuDrawConfig, from_dict, to_dict
-from pangu_draw_ms.demo.shapes import write_dataset
+from pangu_draw_ms.config import ConfigError, from_dict, to_dict
 from pangu_draw_ms.io.checkpoint import load_tensors, open_checkpoint
 from pangu_draw_ms.io.layouts import load_component
-from pangu_draw_ms.io.model_dir import load_model_config, save_component, write_model_config
+from pangu_draw_ms.io.model_dir import load_model_config, save_component
 from pangu_draw_ms.io.state import cell_state
-from pangu_draw_ms.models.conditioner import Conditioner
 from pangu_draw_ms.models.vae import AutoencoderKL
-from pangu_draw_ms.tokenizers import train as train_tokenizer
 from pangu_draw_ms.training.checkpointing import CheckpointFolder
 from pangu_draw_ms.training.config import LossScaleConfig, OptimConfig, load_train_config
 from pangu_draw_ms.training.data import BatchPlan, BatchStream, assign_buckets, read_manifest
@@ -33,51 +30,9 @@ from pangu_draw_ms.training.optim import WarmupCosine
 from pangu_draw_ms.training.step import TrainStep
 from pangu_draw_ms.training.trainer import Trainer
 
+from helpers import tiny_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# ---- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """64 tiny demo images (every aspect ratio, 30 % low resolution) and a manifest of the square ones."""
-    directory = str(tmp_path_factory.mktemp("data"))
-    write_dataset(directory, 64, seed=0, low_res_fraction=0.3, scale=0.35)
-    with open(os.path.join(directory, "train.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    # One bucket (24x24 structure, 16x16 texture) keeps the number of compiled step graphs at one.
-    with open(os.path.join(directory, "square.jsonl"), "w", encoding="utf-8") as f:
-        for row in rows:
-            if 0.8 < row["height"] / row["width"] < 1.25:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory, dataset):
-    """A model directory: the tiny_train architecture with a SentencePiece + jieba tokenizer trained on the
-    captions (an 80-piece vocabulary keeps the text encoders small), seeded random VAE and conditioner."""
-    directory = str(tmp_path_factory.mktemp("model"))
-    samples, _ = read_manifest(os.path.join(dataset, "train.jsonl"))
-    vocab = train_tokenizer([t for s in samples for t in (s.caption_en, s.caption_zh)],
-                            os.path.join(directory, "captions"), 80, jieba=True, model_type="bpe")
-    data = to_dict(load_model_config("tiny_train"))
-    for encoder in data["conditioner"]["encoders"]:
-        encoder.update(vocab_size=80, eot_token_id=3, max_position_embeddings=40,
-                       tokenizer={"kind": "sentencepiece", "vocab": vocab, "max_length": 40, "jieba": True})
-    model = from_dict(PanGuDrawConfig, data)
-    write_model_config(directory, model)
-    ms.set_seed(123)
-    save_component(directory, "vae", cell_state(AutoencoderKL(model.vae)), model)
-    save_component(directory, "conditioner", cell_state(Conditioner(model.conditioner)), model)
-    paths = {name: os.path.join(directory, f"{name}.safetensors") for name in ("vae", "conditioner")}
-    return dict(paths, model=directory)
-
-
-def tiny_config(tmp_path, dataset, weights, *overrides):
-    return load_train_config("train/tiny", (
-        f"model={weights['model']}", f"output_dir={tmp_path}/run", f"data.manifest={dataset}/square.jsonl",
-        f"init.vae={weights['vae']}", "data.batch_size=2", "save_every=0", "optim.warmup_steps=0",
-        "log_every=100") + overrides)
 
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -639,8 +594,9 @@ def test_msrun_two_workers_end_with_identical_weights(tmp_path, dataset, weights
                    for f in sorted(os.listdir(tmp_path / "logs")) if f.startswith("worker"))
     digests = dict(re.findall(r"rank (\d) of 2: weights sha256 ([0-9a-f]{64})", logs))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], logs[-3000:]
+    [fingerprint] = os.listdir(tmp_path / "cache")  # one subfolder per fingerprint
     with open(f"{dataset}/square.jsonl", encoding="utf-8") as f:
-        assert len(os.listdir(tmp_path / "cache" / "latents")) == sum(1 for line in f if line.strip())
+        assert len(os.listdir(tmp_path / "cache" / fingerprint / "latents")) == sum(1 for line in f if line.strip())
     single = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train.py")] + common +
                             [f"output_dir={tmp_path}/one", "data.batch_size=2"], cwd=REPO, env=env, check=True,
                             timeout=900, capture_output=True, text=True)

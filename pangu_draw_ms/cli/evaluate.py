@@ -18,9 +18,10 @@ Metrics (``--metrics``, comma-separated):
 * ``is``: Inception Score (10 splits) with the same network;
 * ``clip``: CLIP-score with ``--clip-model`` (a transformers CLIPModel folder), English prompts;
 * ``cnclip``: CN-CLIP-score with ``--cn-clip-model`` (a Chinese-CLIP checkpoint), Chinese prompts;
-* ``democlip``, ``fd_democlip``, ``judge``: the demo world's evaluators (the default for the demo model):
-  CLIP-score with the shipped demo CLIP, Fréchet distance in its image features against renders of the
-  prompts' scenes, and the colour/shape judge.
+* ``democlip``, ``fd_democlip``, ``is_democlip``, ``judge``: the demo world's evaluators (the default for the
+  demo model): CLIP-score with the shipped demo CLIP, Fréchet distance in its image features against renders
+  of the prompts' scenes, the IS formula over its zero-shot colour x shape class probabilities, and the
+  colour/shape judge.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from typing import List, Optional
 
 from .model_args import add_model_arguments, build_pipeline, run_with_clear_errors, uses_demo_model
 
-METRICS = ("fid", "is", "clip", "cnclip", "democlip", "fd_democlip", "judge")
-DEMO_METRICS = ("democlip", "fd_democlip", "judge")
+METRICS = ("fid", "is", "clip", "cnclip", "democlip", "fd_democlip", "is_democlip", "judge")
+DEMO_METRICS = ("democlip", "fd_democlip", "is_democlip", "judge")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

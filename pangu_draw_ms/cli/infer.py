@@ -282,6 +282,17 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> List[str]:
+    """Generate as ``args`` say; a request the model refuses (t_struct beyond its schedule, --noise of another
+    latent shape) is named by its flag."""
+    from pangu_draw_ms.pipelines.requests import RequestError
+
+    try:
+        return generate_images(args)
+    except RequestError as error:
+        raise error.named(FLAGS) from None
+
+
+def generate_images(args: argparse.Namespace) -> List[str]:
     import mindspore as ms
     from tqdm import tqdm
 

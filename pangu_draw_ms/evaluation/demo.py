@@ -8,7 +8,9 @@ with ``configs/train/demo_clip.yaml``) stands in for both, under names that say 
   with the demo CLIP, per prompt language (its one text tower reads both languages);
 * FD-demoCLIP: the Fréchet distance (FID's formula) between the demo CLIP's image features of the generated
   images and of renders of the same prompts' scenes - NOT an FID, whose features are Inception-v3's;
-* the judge: the share of images whose colour and shape are the prompt's (:mod:`pangu_draw_ms.demo.judge`).
+* the judge: the share of images whose colour and shape are the prompt's (:mod:`pangu_draw_ms.demo.judge`);
+* IS-demoCLIP: the Inception Score's formula over the demo CLIP's zero-shot class probabilities for the demo
+  world's colour x shape classes (the role Inception-v3's ImageNet classes play in IS) - NOT an IS either.
 
 The demo CLIP sees a whole image squashed to its ``image_size`` square (a centre crop, as CLIP's own
 preprocessing does, would cut off shapes drawn at the left or right of a wide image), in [-1, 1].
@@ -21,7 +23,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from ..config import CLIPConfig, load_config
-from ..demo.shapes import Scene, captions, heldout_combinations, render
+from ..demo.shapes import COLORS, SHAPES, Scene, captions, heldout_combinations, render
 from ..images import load_image, resize, to_array
 from ..io.checkpoint import load_tensors
 from ..io.state import load_state
@@ -104,3 +106,19 @@ def judge_hits(images: Sequence[np.ndarray], prompts: Sequence[EvalPrompt]) -> D
     colour = [c == s.color for c, s in zip(colours, scenes)]
     shape = [h == s.shape for h, s in zip(shapes, scenes)]
     return {"colour": colour, "shape": shape, "both": [a and b for a, b in zip(colour, shape)]}
+
+
+def zero_shot_classes() -> List[str]:
+    """The demo world's colour x shape classes as English phrases ("a red circle"): 24 classes."""
+    return [f"a {COLORS[c][0]} {SHAPES[s][0]}" for c in COLORS for s in SHAPES]
+
+
+def zero_shot_logits(model: DemoCLIP, images) -> np.ndarray:
+    """(N, classes) logits of CLIP's zero-shot classifier over :func:`zero_shot_classes`: exp(logit_scale) x
+    the cosine of each image's and each class phrase's embeddings (Radford et al. 2021, sec. 3.1.2)."""
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    text = unit(model.text_features(zero_shot_classes()).astype(np.float64))
+    image = unit(model.image_features(images).astype(np.float64))
+    return float(np.exp(model.logit_scale.asnumpy())) * image @ text.T

@@ -147,6 +147,13 @@ class RunMeasures:
                 results[group] = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
         return results
 
+    def _is_democlip(self, paths, texts, jobs, languages) -> Groups:
+        """Over all images, one split: a seed's image set is small (tens), and IS splits shrink it further."""
+        from .demo import zero_shot_logits
+        from .inception_score import inception_score_from_logits
+
+        return {"all": inception_score_from_logits(zero_shot_logits(self.demo_clip(), paths), splits=1).mean}
+
     def _judge(self, paths, texts, jobs, languages) -> Groups:
         from ..images import load_image
         from .demo import judge_hits

@@ -23,6 +23,7 @@ METRIC_TITLES = {
     "cnclip": "CN-CLIP-score",
     "democlip": "demo CLIP-score (demo CLIP, not OpenAI CLIP)",
     "fd_democlip": "FD-demoCLIP (Fréchet distance in demo-CLIP image features, not FID)",
+    "is_democlip": "IS-demoCLIP (the IS formula over demo-CLIP zero-shot colour x shape classes, not IS)",
     "judge": "demo judge: colour and shape both right (%)",
 }
 

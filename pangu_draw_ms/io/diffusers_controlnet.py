@@ -15,8 +15,15 @@ from typing import Dict, Mapping
 import numpy as np
 
 from ..config import ControlNetConfig
-from .diffusers_unet import diffusers_unet_kwargs, unet_config_from_diffusers, unet_from_diffusers
+from .config_options import ConfigOptions, UnsupportedOptionError
+from .diffusers_unet import UNET_OPTIONS, diffusers_unet_kwargs, unet_config_from_diffusers, unet_from_diffusers
 
+# A ControlNet's config is its UNet encoder's plus the conditioning embedding (checked below).
+CONTROLNET_OPTIONS = ConfigOptions(
+    "diffusers ControlNet config",
+    read=UNET_OPTIONS.read + ("conditioning_channels", "conditioning_embedding_out_channels",
+                              "controlnet_conditioning_channel_order", "global_pool_conditions"),
+    fixed=UNET_OPTIONS.fixed, inert=UNET_OPTIONS.inert)
 _HINT_BLOCK = re.compile(r"controlnet_cond_embedding\.blocks\.(\d+)\.(weight|bias)")
 
 
@@ -68,10 +75,10 @@ def controlnet_config_from_diffusers(config: Mapping) -> ControlNetConfig:
     """Our :class:`ControlNetConfig` from a diffusers ``ControlNetModel`` config dict (``config.json``)."""
     order = config.get("controlnet_conditioning_channel_order", "rgb")
     if order != "rgb":
-        raise ValueError(f"diffusers ControlNet config: controlnet_conditioning_channel_order {order!r} is not "
-                         "supported (only 'rgb'); flip the control image's channels yourself")
-    if config.get("global_pool_conditions", False):
-        raise ValueError("diffusers ControlNet config: global_pool_conditions=True is not supported")
-    return ControlNetConfig(unet=unet_config_from_diffusers(config),
+        raise UnsupportedOptionError(f"diffusers ControlNet config: controlnet_conditioning_channel_order {order!r} "
+                                     "is not supported (only 'rgb'); flip the control image's channels yourself")
+    if config.get("global_pool_conditions", False) is not False:
+        raise UnsupportedOptionError("diffusers ControlNet config: global_pool_conditions=True is not supported")
+    return ControlNetConfig(unet=unet_config_from_diffusers(config, CONTROLNET_OPTIONS),
                             conditioning_channels=config.get("conditioning_channels", 3),
                             hint_channels=tuple(config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)))

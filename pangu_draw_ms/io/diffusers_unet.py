@@ -12,6 +12,7 @@ from typing import Dict, Mapping
 import numpy as np
 
 from ..config import UNetConfig
+from .config_options import ConfigOptions, UnsupportedOptionError
 
 _RESNET_PARTS = {
     "norm1": "in_layers.0",
@@ -135,14 +136,40 @@ def unet_from_diffusers(state: Mapping[str, np.ndarray], config: UNetConfig) -> 
     return out
 
 
-_SUPPORTED_BLOCKS = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
-# diffusers options that change the architecture away from the sgm UNet, with the value we support.
-_FIXED_OPTIONS = {"class_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
-                  "time_cond_proj_dim": None, "resnet_time_scale_shift": "default", "only_cross_attention": False,
-                  "dual_cross_attention": False, "act_fn": "silu", "center_input_sample": False,
-                  "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "mid_block_scale_factor": 1,
-                  "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_type": "positional",
-                  "attention_type": "default", "reverse_transformer_layers_per_block": None, "norm_eps": 1e-5}
+_DOWN_TO_UP = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+_PIPELINE_SIZE = "the default image size of diffusers pipelines; our resolution buckets size the image"
+UNET_OPTIONS = ConfigOptions(
+    "diffusers UNet config",
+    read=("in_channels", "out_channels", "down_block_types", "up_block_types", "mid_block_type", "block_out_channels",
+          "layers_per_block", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
+          "attention_head_dim", "num_attention_heads", "use_linear_projection", "addition_embed_type",
+          "projection_class_embeddings_input_dim", "dropout", "time_embedding_dim"),
+    # The sgm UNet's computation (a list of only_cross_attention flags is reduced to one first).
+    fixed={"class_embed_type": (None,), "num_class_embeds": (None,), "class_embeddings_concat": (False,),
+           "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "time_cond_proj_dim": (None,),
+           "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
+           "resnet_out_scale_factor": (1.0,), "only_cross_attention": (False,),
+           "mid_block_only_cross_attention": (None, False), "dual_cross_attention": (False,),
+           "cross_attention_norm": (None,), "act_fn": ("silu",), "center_input_sample": (False,),
+           "flip_sin_to_cos": (True,), "freq_shift": (0,), "downsample_padding": (1,), "mid_block_scale_factor": (1,),
+           "conv_in_kernel": (3,), "conv_out_kernel": (3,), "time_embedding_type": ("positional",),
+           "time_embedding_act_fn": (None,), "timestep_post_act": (None,),
+           "attention_type": ("default",), "reverse_transformer_layers_per_block": (None,), "norm_eps": (1e-5,)},
+    inert={"sample_size": _PIPELINE_SIZE,
+           "upcast_attention": "our attention always takes its softmax in float32",
+           "addition_time_embed_dim": "it says how the vector conditioning is built (our conditioner's "
+                                      "bucket_embed_dim); the UNet sees only its width, "
+                                      "projection_class_embeddings_input_dim",
+           "addition_embed_type_num_heads": "used only by addition_embed_type 'text', which is refused"})
+
+
+def _normalised(config: Mapping) -> dict:
+    """``config`` with a list of only_cross_attention flags that are all False reduced to one False."""
+    config = dict(config)
+    flags = config.get("only_cross_attention", False)
+    if isinstance(flags, (list, tuple)) and not any(flags):
+        config["only_cross_attention"] = False
+    return config
 
 
 def _per_level(value, levels: int, what: str) -> list:
@@ -152,31 +179,47 @@ def _per_level(value, levels: int, what: str) -> list:
     return values
 
 
-def unet_config_from_diffusers(config: Mapping) -> UNetConfig:
-    """Our :class:`UNetConfig` from a diffusers ``UNet2DConditionModel`` (or ``ControlNetModel``) config
-    dict (``config.json``). Raises ``ValueError`` naming any option our sgm-layout UNet does not have."""
-    for key, supported in _FIXED_OPTIONS.items():
-        value = config.get(key, supported)
-        if key == "only_cross_attention" and not isinstance(value, bool):
-            value = any(value)
-        if value != supported:
-            raise ValueError(f"diffusers UNet config: {key}={config[key]!r} is not supported (only {supported!r})")
+def unet_config_from_diffusers(config: Mapping, options: ConfigOptions = UNET_OPTIONS) -> UNetConfig:
+    """Our :class:`UNetConfig` from a diffusers ``UNet2DConditionModel`` config dict (``config.json``;
+    ``options`` is the option table, :data:`UNET_OPTIONS` or a ControlNet's). Raises
+    :class:`UnsupportedOptionError` (a ``ValueError``) naming any option our sgm-layout UNet does not honour."""
+    config = _normalised(config)
+    options.check(config)
     down = list(config["down_block_types"])
-    unknown = sorted(set(down) - _SUPPORTED_BLOCKS)
+    unknown = sorted(set(down) - set(_DOWN_TO_UP))
     if unknown:
-        raise ValueError(f"diffusers UNet config: block types {unknown} are not supported; supported: "
-                         f"{sorted(_SUPPORTED_BLOCKS)}")
+        raise UnsupportedOptionError(f"{options.what}: block types {unknown} are not supported; supported: "
+                                     f"{sorted(_DOWN_TO_UP)}")
+    if "up_block_types" in config:
+        mirrored = [_DOWN_TO_UP[kind] for kind in reversed(down)]
+        if list(config["up_block_types"]) != mirrored:
+            raise UnsupportedOptionError(f"{options.what}: up_block_types {list(config['up_block_types'])} do not "
+                                         f"mirror down_block_types (expected {mirrored}), as our UNet's decoder does")
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        raise ValueError(f"diffusers UNet config: mid_block_type {config['mid_block_type']!r} is not supported "
-                         "(only 'UNetMidBlock2DCrossAttn')")
+        raise UnsupportedOptionError(f"{options.what}: mid_block_type {config['mid_block_type']!r} is not supported "
+                                     "(only 'UNetMidBlock2DCrossAttn')")
+    layers_per_block = config.get("layers_per_block", 2)
+    if isinstance(layers_per_block, (list, tuple)):
+        if len(set(layers_per_block)) != 1:
+            raise UnsupportedOptionError(f"{options.what}: layers_per_block {list(layers_per_block)} differs per "
+                                         "level; our UNet has one number of res blocks for every level")
+        layers_per_block = layers_per_block[0]
+    norm_num_groups = config.get("norm_num_groups", 32)
+    if norm_num_groups is None:
+        raise UnsupportedOptionError(f"{options.what}: norm_num_groups=None (no group norms) is not supported; "
+                                     "our UNet normalises with GroupNorm (e.g. 32 groups)")
     levels = len(down)
     channels = list(config["block_out_channels"])
     model_channels = channels[0]
     if any(c % model_channels for c in channels):
-        raise ValueError(f"diffusers UNet config: block_out_channels {channels} are not multiples of the first")
+        raise UnsupportedOptionError(f"{options.what}: block_out_channels {channels} are not multiples of the first")
+    if config.get("time_embedding_dim") not in (None, 4 * model_channels):
+        raise UnsupportedOptionError(f"{options.what}: time_embedding_dim={config['time_embedding_dim']} is not "
+                                     f"supported (only None or 4 x block_out_channels[0] = {4 * model_channels})")
     layers = _per_level(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
     if any(not isinstance(n, int) for n in layers):
-        raise ValueError("diffusers UNet config: per-block lists of transformer_layers_per_block are not supported")
+        raise UnsupportedOptionError(f"{options.what}: per-block lists of transformer_layers_per_block are not "
+                                     "supported")
     depth = tuple(n if kind.startswith("CrossAttn") else 0 for n, kind in zip(layers, down))
     heads = _per_level(config.get("num_attention_heads") or config.get("attention_head_dim", 8), levels,
                        "attention_head_dim")
@@ -187,20 +230,20 @@ def unet_config_from_diffusers(config: Mapping) -> UNetConfig:
     elif len(widths) == 1:
         head_kwargs = dict(num_head_channels=widths.pop(), num_heads=None)
     else:
-        raise ValueError(f"diffusers UNet config: heads {heads} over channels {channels} have neither one count nor "
-                         "one width; our UNet needs one of the two")
+        raise UnsupportedOptionError(f"{options.what}: heads {heads} over channels {channels} have neither one count "
+                                     "nor one width; our UNet needs one of the two")
     addition = config.get("addition_embed_type")
     if addition not in (None, "text_time"):
-        raise ValueError(f"diffusers UNet config: addition_embed_type {addition!r} is not supported "
-                         "(only None or 'text_time')")
+        raise UnsupportedOptionError(f"{options.what}: addition_embed_type {addition!r} is not supported "
+                                     "(only None or 'text_time')")
     context_dim = config.get("cross_attention_dim", 1280)
     if not isinstance(context_dim, int):
-        raise ValueError("diffusers UNet config: a per-block cross_attention_dim is not supported")
+        raise UnsupportedOptionError(f"{options.what}: a per-block cross_attention_dim is not supported")
     return UNetConfig(
         in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
         model_channels=model_channels, channel_mult=tuple(c // model_channels for c in channels),
-        num_res_blocks=config.get("layers_per_block", 2), transformer_depth=depth,
+        num_res_blocks=layers_per_block, transformer_depth=depth,
         transformer_depth_middle=layers[-1], context_dim=context_dim,
         adm_in_channels=config.get("projection_class_embeddings_input_dim") if addition else None,
         use_linear_in_transformer=config.get("use_linear_projection", False),
-        norm_num_groups=config.get("norm_num_groups", 32), **head_kwargs)
+        norm_num_groups=norm_num_groups, dropout=float(config.get("dropout", 0.0)), **head_kwargs)

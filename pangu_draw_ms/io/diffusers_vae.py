@@ -21,6 +21,7 @@ from typing import Dict, Mapping, Optional
 import numpy as np
 
 from ..config import VAEConfig
+from .config_options import ConfigOptions, UnsupportedOptionError
 
 _RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
                  "conv_shortcut": "nin_shortcut"}
@@ -107,16 +108,31 @@ def vae_from_diffusers(state: Mapping[str, np.ndarray], config: Optional[VAEConf
     return converted
 
 
+VAE_OPTIONS = ConfigOptions(
+    "diffusers VAE config",
+    read=("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+          "layers_per_block", "latent_channels", "norm_num_groups", "scaling_factor", "force_upcast"),
+    # shift_factor and latents_mean/std change how latents are normalised around the VAE (SD3, Flux,
+    # Playground); our latent scale is scaling_factor alone.
+    fixed={"act_fn": ("silu",), "mid_block_add_attention": (True,), "use_quant_conv": (True,),
+           "use_post_quant_conv": (True,), "shift_factor": (None,), "latents_mean": (None,), "latents_std": (None,)},
+    inert={"sample_size": "the tile size of diffusers' tiled decoding; our VAE decodes whole latents"})
+
+
 def vae_config_from_diffusers(config: Mapping) -> VAEConfig:
-    """Our :class:`VAEConfig` from a diffusers ``AutoencoderKL`` config dict (``config.json``)."""
+    """Our :class:`VAEConfig` from a diffusers ``AutoencoderKL`` config dict (``config.json``). Raises
+    :class:`UnsupportedOptionError` (a ``ValueError``) naming any option our VAE does not honour."""
+    VAE_OPTIONS.check(config)
     channels = list(config["block_out_channels"])
     base = channels[0]
     if any(c % base for c in channels):
-        raise ValueError(f"diffusers VAE config: block_out_channels {channels} are not multiples of the first")
-    for key, supported in (("act_fn", "silu"), ("mid_block_add_attention", True), ("use_quant_conv", True),
-                           ("use_post_quant_conv", True)):
-        if config.get(key, supported) != supported:
-            raise ValueError(f"diffusers VAE config: {key}={config[key]!r} is not supported (only {supported!r})")
+        raise UnsupportedOptionError(f"diffusers VAE config: block_out_channels {channels} are not multiples of the "
+                                     "first")
+    for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        blocks = list(config.get(key, [kind] * len(channels)))
+        if blocks != [kind] * len(channels):
+            raise UnsupportedOptionError(f"diffusers VAE config: {key} {blocks} is not supported (only {kind!r}, one "
+                                         f"per entry of block_out_channels: {len(channels)})")
     return VAEConfig(in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
                      base_channels=base, channel_mult=tuple(c // base for c in channels),
                      num_res_blocks=config.get("layers_per_block", 1), latent_channels=config.get("latent_channels", 4),

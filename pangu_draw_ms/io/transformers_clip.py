@@ -17,6 +17,7 @@ from typing import Dict, Mapping, Tuple
 import numpy as np
 
 from ..config import TextEncoderConfig, VisionEncoderConfig
+from .config_options import ConfigOptions
 from .state import StateDictError
 
 Tensors = Dict[str, np.ndarray]
@@ -248,6 +249,45 @@ def clip_model_from_transformers(state: Mapping[str, np.ndarray]) -> Tuple[Tenso
             np.asarray(state[LOGIT_SCALE], np.float32))
 
 
+# PretrainedConfig's own options (and older transformers' spellings of them): generation, output and
+# bookkeeping settings that a CLIP tower's computation does not read.
+_GENERIC = ("_name_or_path", "add_cross_attention", "architectures", "bad_words_ids", "begin_suppress_tokens",
+            "bos_token_id", "chunk_size_feed_forward", "cross_attention_hidden_size", "decoder_start_token_id",
+            "diversity_penalty", "do_sample", "dtype", "eos_token_id", "torch_dtype", "early_stopping",
+            "encoder_no_repeat_ngram_size",
+            "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id", "forced_eos_token_id",
+            "id2label", "label2id", "num_labels", "is_decoder", "is_encoder_decoder", "length_penalty", "max_length",
+            "min_length", "model_type", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences",
+            "output_attentions", "output_hidden_states", "output_scores", "pad_token_id", "prefix", "problem_type",
+            "remove_invalid_values", "repetition_penalty", "return_dict", "return_dict_in_generate", "sep_token_id",
+            "suppress_tokens", "task_specific_params", "temperature", "tf_legacy_loss", "tie_encoder_decoder",
+            "tie_word_embeddings", "tokenizer_class", "top_k", "top_p", "torchscript", "transformers_version",
+            "typical_p", "use_bfloat16", "gradient_checkpointing", "use_cache", "output_past", "xla_device")
+_TRAINING_ONLY = "initialisation and dropout: no effect on a loaded model in evaluation"
+_TOWER_INERT = {**{key: "a generic transformers setting the CLIP tower does not read" for key in _GENERIC},
+                "initializer_range": _TRAINING_ONLY, "initializer_factor": _TRAINING_ONLY,
+                "attention_dropout": _TRAINING_ONLY, "dropout": _TRAINING_ONLY}
+_TOWER_INERT.pop("architectures")
+_TOWER_FIXED = {"pruned_heads": ({},)}
+TEXT_OPTIONS = ConfigOptions(
+    "transformers CLIP text config",
+    read=("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+          "num_attention_heads", "max_position_embeddings", "layer_norm_eps", "hidden_act", "eos_token_id",
+          "architectures"),
+    fixed=_TOWER_FIXED, inert={k: v for k, v in _TOWER_INERT.items() if k != "eos_token_id"})
+VISION_OPTIONS = ConfigOptions(
+    "transformers CLIP vision config",
+    read=("image_size", "patch_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+          "num_attention_heads", "layer_norm_eps", "hidden_act"),
+    fixed={**_TOWER_FIXED, "num_channels": (3,)},
+    inert={**_TOWER_INERT, "architectures": "which tower a config.json came with; the image tower always projects"})
+CLIP_OPTIONS = ConfigOptions(
+    "transformers CLIP config",
+    read=("text_config", "vision_config", "text_config_dict", "vision_config_dict", "projection_dim"),
+    fixed=_TOWER_FIXED, inert={**_TOWER_INERT, "architectures": "the class that wrote the file",
+           "logit_scale_init_value": "the file's logit_scale weight is loaded instead"})
+
+
 def text_encoder_config_from_transformers(config: Mapping, output_layer: str = "last") -> TextEncoderConfig:
     """Our :class:`TextEncoderConfig` from a transformers ``CLIPTextConfig`` dict (``config.json`` of a
     ``CLIPTextModel`` or ``CLIPTextModelWithProjection``; a full ``CLIPConfig``'s ``text_config`` works too).
@@ -255,9 +295,11 @@ def text_encoder_config_from_transformers(config: Mapping, output_layer: str = "
     The projection exists when the architecture is ``CLIPTextModelWithProjection``. Pooling follows
     transformers: at the argmax id for the legacy ``eos_token_id == 2``, else at ``eos_token_id``.
     ``output_layer`` is how the features will be used (SDXL-style pipelines use ``penultimate``); the
-    file does not record it.
+    file does not record it. Raises :class:`UnsupportedOptionError` (a ``ValueError``) naming any option
+    our encoder does not honour.
     """
     config = dict(config.get("text_config") or config)
+    TEXT_OPTIONS.check(config)
     with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
     eos = config.get("eos_token_id", 2)
     return TextEncoderConfig(
@@ -273,8 +315,10 @@ def text_encoder_config_from_transformers(config: Mapping, output_layer: str = "
 def vision_encoder_config_from_transformers(config: Mapping) -> VisionEncoderConfig:
     """Our :class:`VisionEncoderConfig` from a transformers ``CLIPVisionConfig`` dict (``config.json`` of a
     ``CLIPVisionModelWithProjection``, e.g. a diffusers image-variation pipeline's ``image_encoder/``; a
-    full ``CLIPConfig``'s ``vision_config`` works too)."""
+    full ``CLIPConfig``'s ``vision_config`` works too). Raises :class:`UnsupportedOptionError` naming any
+    option our encoder does not honour."""
     config = dict(config.get("vision_config") or config)
+    VISION_OPTIONS.check(config)
     return VisionEncoderConfig(
         image_size=config.get("image_size", 224), patch_size=config.get("patch_size", 32),
         hidden_size=config.get("hidden_size", 768), num_layers=config.get("num_hidden_layers", 12),
@@ -287,11 +331,15 @@ def clip_model_configs_from_transformers(config: Mapping) -> Tuple[TextEncoderCo
     """Our text and vision encoder configs from a transformers ``CLIPConfig`` dict (``config.json`` of a
     ``CLIPModel``): both towers project to the top-level ``projection_dim`` (what ``CLIPModel`` builds its
     ``text_projection``/``visual_projection`` with; the sub-configs' own ``projection_dim`` is not used).
+    Files written by older transformers also hold ``text_config_dict``/``vision_config_dict``, which
+    transformers lets override ``text_config``/``vision_config``; so do we.
     """
     if "text_config" not in config or "vision_config" not in config:
         raise ValueError(f"not a transformers CLIPConfig: a CLIPModel's config.json has 'text_config' and "
                          f"'vision_config'; got the keys {sorted(config)}")
+    CLIP_OPTIONS.check(config)
+    towers = {name: {**config[name], **(config.get(f"{name}_dict") or {})} for name in ("text_config", "vision_config")}
     projection_dim = config.get("projection_dim", 512)
-    text = replace(text_encoder_config_from_transformers(config["text_config"]), projection_dim=projection_dim)
-    vision = replace(vision_encoder_config_from_transformers(config["vision_config"]), projection_dim=projection_dim)
+    text = replace(text_encoder_config_from_transformers(towers["text_config"]), projection_dim=projection_dim)
+    vision = replace(vision_encoder_config_from_transformers(towers["vision_config"]), projection_dim=projection_dim)
     return text, vision

@@ -219,7 +219,8 @@ class PanGuDrawPipeline:
         defaults = self.config.sampling
         t_struct = self.config.t_struct if t_struct is None else t_struct
         if t_struct > self.config.num_train_timesteps:
-            raise RequestError(f"t_struct must lie in [0, {self.config.num_train_timesteps}], got {t_struct}")
+            raise RequestError(f"t_struct must lie in [0, {self.config.num_train_timesteps}], got {t_struct}",
+                               argument="t_struct")
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         styles = dict(defaults.style_scales if style_scales is None else style_scales)
         weights = guidance_weights(guidance_scale, styles)
@@ -249,7 +250,7 @@ class PanGuDrawPipeline:
                 run.latent_shape[1:], dtype=np.float32) for k in range(run.latent_shape[0])])
         noise = check_noise(noise)
         if noise.shape != run.latent_shape:
-            raise RequestError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}")
+            raise RequestError(f"noise has shape {noise.shape}; this run needs {run.latent_shape}", argument="noise")
         return noise
 
     def denoiser(self, run: Run, control: Optional[ControlInput] = None,

@@ -28,7 +28,22 @@ Names = Optional[Mapping[str, str]]
 
 
 class RequestError(ValueError):
-    """A generation request with an argument of the wrong type or out of its valid range."""
+    """A generation request with an argument of the wrong type or out of its valid range.
+
+    ``argument``: the API argument a model-dependent check refused, the first word of the message; a caller
+    whose users typed other names (the CLI's flags) re-raises :meth:`named` so that the message uses theirs.
+    """
+
+    def __init__(self, message: str, argument: Optional[str] = None):
+        super().__init__(message)
+        self.argument = argument
+
+    def named(self, names: Names) -> "RequestError":
+        """This error with its argument called as ``names`` says (itself when there is nothing to rename)."""
+        label = _label(self.argument, names) if self.argument else None
+        if label is None or label == self.argument:
+            return self
+        return RequestError(label + str(self)[len(self.argument):], label)
 
 
 def _shown(value) -> str:

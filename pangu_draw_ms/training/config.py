@@ -15,13 +15,18 @@ A training run trains ONE stage of PanGu-Draw's recipe:
   pre-training a Chinese text encoder with a contrastive objective.
 
 ``t_struct``, T and the bucket lists come from the model config; :attr:`TrainConfig.timestep_range`
-turns the stage into its range.
+turns the stage into its range. The paper's ablations (Tables 4-6) are options of these stages:
+``t_struct`` moves the split for both generators (Table 6), ``bucket_list`` trains a generator at the other
+resolution (Table 5: the texture generator at the structure resolution), ``data.upscale_small_images:
+false`` keeps only the images at least as large as their bucket (Table 5: "only high-resolution" data),
+and ``resolution_boost_step`` makes stage ``full_range`` the Resolution Boost baseline (Table 4): the
+low-resolution bucket list first, then the high-resolution one, over the whole timestep range.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Literal, Tuple
+from dataclasses import dataclass, field, replace
+from typing import List, Literal, Optional, Tuple
 
 import yaml
 
@@ -31,6 +36,7 @@ Stage = Literal["vae", "structure", "texture", "full_range", "controlnet", "clip
 STAGES = ("vae", "structure", "texture", "full_range", "controlnet", "clip")
 CONTROLS = ("edges",)
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+BucketList = Literal["default", "structure", "texture"]
 CAPTION_LANGUAGES = ("en", "zh")
 
 
@@ -172,7 +178,13 @@ class TrainConfig:
     autoencoder; ``false`` fine-tunes only the decoder (and post_quant_conv) of ``init.vae``, so the latent
     space and its scaling factor stay those the generators were trained in (the "ft-MSE" decoder
     fine-tune of Stable Diffusion's VAE). ``clip``: stage ``clip``'s architecture, a CLIPConfig YAML or bundled
-    name (``model`` then only gives the bucket list the images are read at)."""
+    name (``model`` then only gives the bucket list the images are read at).
+
+    ``t_struct``: the split point instead of the model config's (the exported ``config.yaml`` records it, so
+    the pipeline switches generators there too). ``bucket_list``: ``default`` trains the texture generator at
+    the texture list and everything else at the structure list; ``structure``/``texture`` choose a list.
+    ``resolution_boost_step`` (stage ``full_range`` only, 0 = off): steps [0, N) train at the texture
+    (low-resolution) list, steps [N, steps) at the structure list - the paper's Resolution Boost."""
 
     model: str = "tiny"
     stage: Stage = "structure"
@@ -190,6 +202,9 @@ class TrainConfig:
     init: InitConfig = field(default_factory=InitConfig)
     controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
     clip: str = "demo_clip"
+    t_struct: Optional[int] = None
+    bucket_list: BucketList = "default"
+    resolution_boost_step: int = 0
     export_dir: str = ""
     export_dtype: Literal["fp32", "fp16"] = "fp32"
     log_every: int = 10
@@ -224,6 +239,21 @@ class TrainConfig:
                    "stage 'clip' trains both of its towers on decoded images and token ids: leave data.cache_dir "
                    "empty and train_text_encoders false (they name the generator's text encoders)")
 
+        if self.t_struct is not None:
+            _check(self.stage in ("structure", "texture", "controlnet"),
+                   f"t_struct splits the timesteps between the generators; stage {self.stage!r} does not use it")
+        if self.resolution_boost_step:
+            _check(self.stage == "full_range", "resolution_boost_step applies to stage 'full_range' (the Resolution "
+                   f"Boost baseline), not to stage {self.stage!r}")
+            _check(0 < self.resolution_boost_step < self.steps,
+                   f"resolution_boost_step must lie in (0, steps={self.steps}), got {self.resolution_boost_step}")
+            _check(self.bucket_list == "default", "resolution_boost_step chooses the bucket lists itself (texture, "
+                   f"then structure); leave bucket_list at 'default' (got {self.bucket_list!r})")
+
+    def model_config(self, model: PanGuDrawConfig) -> PanGuDrawConfig:
+        """The model config this run trains and exports: ``model`` with ``t_struct`` applied."""
+        return model if self.t_struct is None else replace(model, t_struct=self.t_struct)
+
     def timestep_range(self, model: PanGuDrawConfig) -> Tuple[int, int]:
         """[low, high) of the uniformly sampled training timesteps of a diffusion stage (a ControlNet
         trains on its base generator's range)."""
@@ -232,11 +262,21 @@ class TrainConfig:
                 "texture": (0, model.t_struct),
                 "full_range": (0, model.num_train_timesteps)}[stage]
 
-    def buckets(self, model: PanGuDrawConfig) -> Tuple[Tuple[int, ...], ...]:
-        """The (H, W) bucket list this stage trains at: the texture list for ``texture`` (and a ControlNet
-        of the texture generator), else the structure list."""
+    def buckets(self, model: PanGuDrawConfig, step: int = 0) -> Tuple[Tuple[int, ...], ...]:
+        """The (H, W) bucket list this stage trains at from optimizer step ``step`` on: by default the texture
+        list for ``texture`` (and a ControlNet of the texture generator), else the structure list;
+        ``bucket_list`` chooses one; with Resolution Boost the texture list before ``resolution_boost_step``."""
+        if self.resolution_boost_step:
+            return model.texture_buckets if step < self.resolution_boost_step else model.structure_buckets
+        if self.bucket_list != "default":
+            return getattr(model, f"{self.bucket_list}_buckets")
         stage = self.controlnet.base if self.stage == "controlnet" else self.stage
         return model.texture_buckets if stage == "texture" else model.structure_buckets
+
+    def phases(self) -> List[int]:
+        """The first optimizer step of each run of steps with one bucket list: [0], or [0, N] with Resolution
+        Boost."""
+        return [0, self.resolution_boost_step] if self.resolution_boost_step else [0]
 
 
 def _parse_value(text: str):

@@ -176,7 +176,8 @@ def choose_captions(indices: np.ndarray, epoch: int, seed: int, samples: Sequenc
 class FeatureCache:
     """Precomputed VAE posteriors (``latents/<i>.npy``: mean and logvar stacked on channels) and frozen text
     features (``text/<i>.npz``: context and vector per caption choice) for sample ``i``, valid for one
-    ``fingerprint`` (weights, bucket list, config) recorded in ``meta.json``."""
+    ``fingerprint`` (weights, bucket list, which samples, config) recorded in ``meta.json``; the trainer gives
+    each fingerprint its own subfolder of ``data.cache_dir``."""
 
     def __init__(self, directory: str, fingerprint: str):
         self.directory = directory

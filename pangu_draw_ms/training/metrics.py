@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "finite", "samples_per_s", "t_min", "t_max",
-           "bucket")
+           "bucket", "size")
 
 
 METRICS_FILE = "metrics.csv"  # one row per optimizer step

@@ -69,7 +69,6 @@ class TrainingStage:
 
     def __init__(self, config: TrainConfig, model_config: PanGuDrawConfig, dtype, is_main: bool = True):
         self.config, self.model_config, self.dtype, self.is_main = config, model_config, dtype, is_main
-        self.buckets = tuple(tuple(size) for size in config.buckets(model_config))
         self.cells: Dict[str, nn.Cell] = {}
         vae = self._build("vae", model_config.vae, config.init.vae) if self.uses_vae else None
         self._build_networks()

@@ -69,7 +69,7 @@ class Trainer:
         self.config = config
         self.rank, self.world = rank, world
         self.is_main = rank == 0
-        self.model_config = load_model_config(config.model)
+        self.model_config = config.model_config(load_model_config(config.model))
         precision = None if config.precision == "auto" else config.precision
         self.dtype = compute_dtype(precision)
         self.checkpoints = CheckpointFolder(os.path.join(config.output_dir, "checkpoints"), config.keep_checkpoints)
@@ -80,7 +80,8 @@ class Trainer:
         self.micro = 0
         ms.set_seed(config.seed)  # identical initial weights on every worker
         self.stage: TrainingStage = build_stage(config, self.model_config, self.dtype, self.is_main)
-        self._build_data()
+        self.phase = None
+        self._enter_phase_of(0)
         scaling = config.loss_scale if self.dtype == ms.float16 else None
         self.train_step = TrainStep(self.stage.loss_fn(), self.stage.trainable_params(), config.optim, config.steps,
                                     scaling, world)
@@ -96,10 +97,20 @@ class Trainer:
         return self.stage.trainable
 
     # ---- data -----------------------------------------------------------------------------------
-    def _build_data(self) -> None:
+    def _enter_phase_of(self, step: int) -> None:
+        """Read the data at the bucket list of optimizer step ``step`` (a run has one list, or two with
+        Resolution Boost), unless it is already read. The stream of a phase counts micro-batches from the
+        phase's first step, so a resumed run sees the same batches."""
+        phase = max(first for first in self.config.phases() if first <= step)
+        if phase != self.phase:
+            self.phase = phase
+            self.phase_micro = phase * self.config.optim.grad_accumulation
+            self._build_data(self.config.buckets(self.model_config, phase))
+
+    def _build_data(self, sizes) -> None:
         config, data = self.config, self.config.data
         samples, skipped = read_manifest(data.manifest, data.root)
-        table = BucketTable(f"{config.stage} buckets", self.stage.buckets)
+        table = BucketTable(f"{config.stage} buckets", tuple(tuple(size) for size in sizes))
         buckets, left_out = assign_buckets(samples, table, data.upscale_small_images)
         self.skipped = Skipped(skipped + left_out)
         self.samples, self.buckets, self.table = samples, buckets, table
@@ -113,7 +124,10 @@ class Trainer:
         frozen_text = self.stage.frozen_text
         self.cache = None
         if data.cache_dir and self.stage.frozen_vae:
-            self.cache = FeatureCache(data.cache_dir, self._cache_fingerprint(frozen_text))
+            fingerprint = self._cache_fingerprint(frozen_text)
+            # One subfolder per fingerprint: runs of other bucket lists, data or weights (the two phases of
+            # Resolution Boost, the arms of an ablation) share a cache folder without invalidating each other.
+            self.cache = FeatureCache(os.path.join(data.cache_dir, fingerprint[:16]), fingerprint)
             self._fill_cache(frozen_text)
         tokenizers = None
         if self.stage.captioned and not (self.cache is not None and frozen_text):
@@ -130,7 +144,8 @@ class Trainer:
         parts = {"manifest": os.path.abspath(self.config.data.manifest), "samples": len(self.samples),
                  "buckets": [list(s) for s in self.table.sizes], "vae": model["vae"],
                  "vae_weights": _file_digest(self.config.init.vae),
-                 "languages": list(self.config.data.languages), "dtype": str(self.dtype)}
+                 "languages": list(self.config.data.languages), "dtype": str(self.dtype),
+                 "upscale_small_images": self.config.data.upscale_small_images}
         if frozen_text:
             parts["conditioner"] = model["conditioner"]
             parts["conditioner_weights"] = _file_digest(self.config.init.conditioner)
@@ -192,7 +207,7 @@ class Trainer:
 
     def loss_on(self, micro: int) -> float:
         """The loss of this worker's micro-batch ``micro`` (its keyed timesteps and noise) at the current weights."""
-        inputs, _ = self._inputs(self.stream.batch(micro), micro)
+        inputs, _ = self._inputs(self.stream.batch(micro - self.phase_micro), micro)
         return float(self.train_step.loss_fn(*inputs).asnumpy())
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -235,6 +250,8 @@ class Trainer:
             path, tensors, state = found
         else:
             tensors, state = CheckpointFolder.load(path)
+        # The checkpoint after step k was written with the data of step k - 1 (its phase's batch layout).
+        self._enter_phase_of(max(0, int(state.get("step", 0)) - 1))
         expected = self._run_state()
         for key in ("stage", "global_batch", "batches_per_epoch", "seed", "trainable"):
             if state.get(key) != expected[key]:
@@ -261,11 +278,16 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=steps, initial=self.step, desc=config.stage, dynamic_ncols=True)
-        stream = self.stream(self.micro)
+        self._enter_phase_of(self.step)
+        stream = self.stream(self.micro - self.phase_micro)
         t_range = self.stage.t_range
         t_seen = [t_range[1], -1] if t_range else None
         start, first_step, losses = time.time(), self.step, []
         while self.step < steps:
+            if self.step in self.config.phases() and self.step != self.phase:
+                self._enter_phase_of(self.step)
+                stream = self.stream(self.micro - self.phase_micro)
+                logger.info("step %d: now at the buckets %s", self.step, self.table.sizes)
             tick = time.time()
             step_t = []
             for _ in range(config.optim.grad_accumulation):
@@ -276,11 +298,13 @@ class Trainer:
                 step_t.extend(timesteps.tolist())
             self.step += 1
             seconds = time.time() - tick
-            row = {"step": self.step, "epoch": self.plan.position(self.micro - 1)[0], "loss": result["loss"],
+            row = {"step": self.step, "epoch": self.plan.position(self.micro - 1 - self.phase_micro)[0],
+                   "loss": result["loss"],
                    "lr": result["lr"], "grad_norm": result["grad_norm"], "loss_scale": self.train_step.loss_scale,
                    "finite": int(result["finite"]),
                    "samples_per_s": self.global_batch * config.optim.grad_accumulation / seconds,
-                   "bucket": int(batch["bucket_index"][0])}
+                   "bucket": int(batch["bucket_index"][0]),
+                   "size": "x".join(map(str, self.table.sizes[int(batch["bucket_index"][0])]))}
             if t_range:
                 row.update(t_min=min(step_t), t_max=max(step_t))
                 t_seen = [min(t_seen[0], row["t_min"]), max(t_seen[1], row["t_max"])]
