@@ -643,14 +643,18 @@ class PartnerConfig:
 
 @dataclass(frozen=True)
 class ResolutionBridgeConfig:
-    """Sub-module 2: ``partner`` (a low-resolution model) denoises from T down to ``t_low``; its x0 is
-    decoded, upsampled in pixel space (``upsample``), encoded by the main VAE and re-noised with fresh
-    noise; the main model continues. ``latent_bilinear`` is the paper's Fig. 3 baseline (bilinear
-    upsampling of the noisy latent; same latent space only)."""
+    """Sub-module 2: one model denoises from T down to the switch timestep ``t_low``; its x0 is decoded,
+    resized in pixel space (``upsample``: the resize mode), encoded by the other model's VAE and re-noised
+    with fresh noise; the other model continues to 0. ``order``: ``partner_first`` (the paper's default: a
+    low-resolution ``partner`` first, then the main model at the requested size) or ``main_first`` (the
+    paper's "vice versa": the main model first, then ``partner``, whose VAE decodes the image at its own
+    size). ``latent_bilinear`` is the paper's Fig. 3 baseline (bilinear resizing of the noisy latent; one
+    latent space only)."""
 
     partner: str
     t_low: int = 500
     upsample: Literal["bicubic", "bilinear", "nearest", "area", "latent_bilinear"] = "bicubic"
+    order: Literal["partner_first", "main_first"] = "partner_first"
 
     def __post_init__(self):
         _check(0 < self.t_low < 1000, f"resolution_bridge.t_low must lie in (0, 1000), got {self.t_low}")

@@ -155,6 +155,42 @@ def test_low_to_high_resolution_generation(main, models):
     assert low == timesteps[:k]
 
 
+def test_high_to_low_resolution_generation(main, models):
+    """Sub-module 2 "and vice versa": the main model at 64x64 from T to the switch timestep, then the SD-style
+    partner at 32x32 (its own latent space) to 0; the partner's VAE decodes the image at its size."""
+    steps = 6
+    coop = CoopPipeline(main, recipe(partners=[{"name": "sd15", "kind": "diffusers", "path": models["sd15"],
+                                                "height": 32, "width": 32}],
+                                     resolution_bridge={"partner": "sd15", "t_low": 600, "upsample": "bicubic",
+                                                        "order": "main_first"}))
+    out = coop(PROMPT, height=64, width=64, num_inference_steps=steps, seed=1)
+    assert out.images[0].size == (32, 32) and out.latents.shape == (1, 4, 16, 16)
+    timesteps = out.info["timesteps"]
+    k = next(i for i, t in enumerate(timesteps) if t <= 600)
+    assert [t for t, names in out.info["coop_trace"] if names == ["main"]] == timesteps[:k]
+    assert [t for t, names in out.info["coop_trace"] if names == ["sd15"]] == timesteps[k:]
+    assert out.info["unet_evaluations"] == {"main": k, "sd15": steps - k}
+    # The partner's part starts from the main x0, carried and re-noised: another main model changes the result.
+    other = CoopPipeline(main, coop.recipe)(PROMPT, height=64, width=64, num_inference_steps=steps, seed=2,
+                                            output_type="latent")
+    assert not np.allclose(other.latents, out.latents)
+
+
+def test_partners_start_from_the_main_noise_where_the_shapes_agree(main, models):
+    """Algorithm 1: z'_T = z_T. A partner in another latent space whose latents have the main latents' shape
+    (SD-style VAE, factor 2, at 16x16 pixels: 4x8x8, as the main 64x64 at factor 8) starts from the main
+    noise; a partner of another latent shape draws its own."""
+    run = main.plan(PROMPT, **RUN)
+    z = main.initial_noise(run)
+    timesteps = [int(t) for t in run.timesteps]
+    for size, shared in ((16, True), (32, False)):
+        coop = CoopPipeline(main, recipe(partners=[{"name": "sd15", "kind": "diffusers", "path": models["sd15"],
+                                                    "height": size, "width": size}]))
+        partners = coop.partners((64, 64))
+        _, (start,) = coop._fuse_partners(run, partners, lambda config: None, None, z, None, timesteps)
+        assert (start.shape == z.shape and np.array_equal(start, z)) == shared
+
+
 def test_latent_bilinear_baseline_needs_one_latent_space(main, models):
     pangu_low = {"name": "low", "kind": "pangu", "path": "main", "height": 64, "width": 64}
     coop = CoopPipeline(main, recipe(partners=[pangu_low],

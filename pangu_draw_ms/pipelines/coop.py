@@ -1,11 +1,13 @@
 """Coop-Diffusion runs: the PanGu-Draw main model (model A) with partner models (Algorithm 1, sub-module 1)
-and/or a low-resolution model for the first part of the schedule (sub-module 2).
+and/or another model for one part of the schedule (sub-module 2).
 
 A run: plan the main request (bucket, steps, guidance); build every partner's guided denoiser; if the
-recipe has a resolution bridge, the low-resolution partner samples from T down to T_low, its x0 is
-carried to the main space in pixel space and re-noised with fresh noise; then the main latent and the
-fused partners' latents, packed into one state, are denoised together by the sampler; the main VAE
-decodes. ``info["coop_trace"]`` lists which models ran at every timestep.
+recipe has a resolution bridge with ``order: partner_first``, that partner samples from T down to the
+switch timestep, its x0 is carried to the main space in pixel space and re-noised with fresh noise; then
+the main latent and the fused partners' latents, packed into one state, are denoised together by the
+sampler (down to 0, or with ``order: main_first`` down to the switch timestep, where the main x0 is carried
+to the bridge partner, which finishes alone); the last model's VAE decodes. ``info["coop_trace"]`` lists
+which models ran at every timestep.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from ..config import CoopRecipe
 from ..diffusion.compiled import step_denoiser
 from ..diffusion.coop import CoopDenoiser, CoopPartner, LatentBridge, resolution_bridge
 from ..diffusion.denoiser import give_unique_names
-from ..diffusion.schedule import add_noise
+from ..diffusion.schedule import CLEAN, add_noise
 from ..images import to_pil
-from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback
+from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, decode_each
 from .partners import Partner, build_partner
 from .requests import check_settings
 
@@ -99,30 +101,42 @@ class CoopPipeline:
                                                       control_image=control_images[config.name])
             return partners[config.name].denoiser(prompts, run.num_images_per_prompt)
 
-        z, z0_main, timesteps, low_trace = self._low_resolution_stage(run, partners, partner_denoiser, compiled,
-                                                                      graphs, progress)
+        bridge_cfg = self.recipe.resolution_bridge
+        main_first = bridge_cfg is not None and bridge_cfg.order == "main_first"
+        if main_first:
+            k = self._switch_index(run.timesteps)
+            z, z0_main, timesteps, first_trace = main.initial_noise(run), None, [int(t) for t in run.timesteps][:k], []
+        else:
+            z, z0_main, timesteps, first_trace = self._partner_first_stage(run, partners, partner_denoiser, compiled,
+                                                                           graphs, progress)
         coop, latents0 = self._fuse_partners(run, partners, partner_denoiser, main_denoise, z, z0_main, timesteps)
-        offset = len(run.timesteps) - len(timesteps)
+        offset = 0 if main_first else len(run.timesteps) - len(timesteps)
 
         def on_step(i, t, _state):
             if progress is not None:
                 progress(offset + i, len(run.timesteps), t, "+".join(coop.trace[-1][1]))
 
         denoise = step_denoiser(coop, compiled, graphs)
-        state = run.sample(denoise, coop.pack(z, latents0), timesteps, callback=on_step)
+        switch = int(run.timesteps[len(timesteps)]) if main_first else CLEAN
+        state = run.sample(denoise, coop.pack(z, latents0), timesteps, callback=on_step, final_timestep=switch)
         latents, _ = coop.unpack(state)
+        last_trace, decode = [], main.decode
+        if main_first:
+            latents, last_trace, decode = self._partner_last_stage(run, partners, partner_denoiser, main_denoise,
+                                                                   latents, len(timesteps), compiled, graphs,
+                                                                   progress)
         main.release_unets(main_model)
         sampled = time.perf_counter()
-        images = [] if output_type == "latent" else to_pil(main.decode(latents))
+        images = [] if output_type == "latent" else to_pil(decode(latents))
         info = main.run_info(run, main_model, denoise, {"encode": encoded - started, "sample": sampled - encoded,
                                                         "decode": time.perf_counter() - sampled})
-        bridge_cfg = self.recipe.resolution_bridge
-        info.update(coop_trace=low_trace + [(t, list(names)) for t, names in coop.trace],
+        trace = first_trace + [(t, list(names)) for t, names in coop.trace] + last_trace
+        info.update(coop_trace=trace,
                     recipe={"partners": [p.name for p in self.recipe.partners],
                             "resolution_bridge": None if bridge_cfg is None else
                             {"partner": bridge_cfg.partner, "t_low": bridge_cfg.t_low,
-                             "upsample": bridge_cfg.upsample}},
-                    unet_evaluations={name: sum(name in names for _, names in low_trace + coop.trace)
+                             "upsample": bridge_cfg.upsample, "order": bridge_cfg.order}},
+                    unet_evaluations={name: sum(name in names for _, names in trace)
                                       for name in ["main"] + [p.name for p in self.recipe.partners]})
         return PipelineOutput(images=images, latents=latents, info=info)
 
@@ -135,27 +149,47 @@ class CoopPipeline:
                              f"its ControlNet partners: {controlled}")
         return control_images
 
-    def _low_resolution_stage(self, run, partners, partner_denoiser, compiled, graphs, progress):
-        """Sub-module 2: the low-resolution partner from T to T_low (the first timestep <= t_low), its x0
-        carried to the main space and re-noised. Returns (main latents at the first main timestep, the main
-        space's x0 at T_low or None, the main model's timesteps, the low-resolution trace); without a
-        resolution bridge: (initial noise, None, every timestep, [])."""
+    def _switch_index(self, timesteps) -> int:
+        """The index of the switch timestep (the first <= t_low); the first model runs the timesteps before it."""
+        t_low = self.recipe.resolution_bridge.t_low
+        k = next((i for i, t in enumerate(timesteps) if t <= t_low), None)
+        if not k:
+            raise ValueError(f"resolution_bridge.t_low {t_low} leaves the first model no step in "
+                             f"{[int(t) for t in timesteps[:3]]}...; pick a t_low below the first timestep")
+        return k
+
+    def _carry(self, run, z, eps, t, source_vae, target_vae, target_size, target_shape):
+        """Sub-module 2 at the switch timestep t: (the next model's z_t, its x0), from the first model's z_t
+        and eps - by the pixel-space bridge and fresh noise, or the recipe's latent_bilinear baseline."""
+        mode = self.recipe.resolution_bridge.upsample
+        if mode == "latent_bilinear":
+            if source_vae is not target_vae:
+                raise ValueError("latent_bilinear upsampling needs one latent space, but the two models of the "
+                                 "resolution bridge have their own VAEs; use a pixel-space upsample (bicubic, ...)")
+            return resolution_bridge(z, eps, t, self.main.schedule, None, None, latent_upsample=target_shape[2:])
+        fresh = self._noise(run.seed, _BRIDGE_STREAM + 1, run.first_image_index, target_shape)
+        return resolution_bridge(z, eps, t, self.main.schedule, self._bridge(source_vae, target_vae, target_size, mode),
+                                 fresh)
+
+    def _bridge_partner(self, partners, partner_denoiser, run):
+        """(the resolution bridge's partner, its guided denoiser, its CoopDenoiser alone)."""
+        partner = partners[self.recipe.resolution_bridge.partner]
+        denoise = partner_denoiser(next(p for p in self.recipe.partners if p.name == partner.name))
+        alone = CoopDenoiser(denoise, partner.latent_shape(run.latent_shape[0]), [], self.main.schedule,
+                             main_name=partner.name)
+        return partner, denoise, alone
+
+    def _partner_first_stage(self, run, partners, partner_denoiser, compiled, graphs, progress):
+        """Sub-module 2, partner first: the bridge partner from T to the switch timestep, its x0 carried to the
+        main space and re-noised. Returns (main latents at the first main timestep, the main space's x0 there
+        or None, the main model's timesteps, the partner's trace); without a resolution bridge: (initial noise,
+        None, every timestep, [])."""
         timesteps = [int(t) for t in run.timesteps]
         z = self.main.initial_noise(run)
-        bridge_cfg = self.recipe.resolution_bridge
-        if bridge_cfg is None:
+        if self.recipe.resolution_bridge is None:
             return z, None, timesteps, []
-        schedule, main_vae = self.main.schedule, self.main.components.get("vae")
-        low = partners[bridge_cfg.partner]
-        if bridge_cfg.upsample == "latent_bilinear" and low.vae is not main_vae:
-            raise ValueError(f"latent_bilinear upsampling needs one latent space, but the low-resolution partner "
-                             f"{low.name!r} has its own VAE; use a pixel-space upsample (bicubic, ...)")
-        k = next((i for i, t in enumerate(timesteps) if t <= bridge_cfg.t_low), None)
-        if not k:
-            raise ValueError(f"resolution_bridge.t_low {bridge_cfg.t_low} leaves no low-resolution step in "
-                             f"{timesteps[:3]}...; pick a t_low below the first timestep")
-        low_denoise = partner_denoiser(next(p for p in self.recipe.partners if p.name == low.name))
-        low_coop = CoopDenoiser(low_denoise, low.latent_shape(run.latent_shape[0]), [], schedule, main_name=low.name)
+        k = self._switch_index(timesteps)
+        low, low_denoise, low_coop = self._bridge_partner(partners, partner_denoiser, run)
 
         def low_step(i, t, _z):
             if progress is not None:
@@ -165,15 +199,25 @@ class CoopPipeline:
         z_low = run.sample(step_denoiser(low_coop, compiled, graphs), z_low, timesteps[:k], callback=low_step,
                            final_timestep=timesteps[k])
         t_low = timesteps[k]
-        eps_low = low_denoise(z_low, t_low)
-        if bridge_cfg.upsample == "latent_bilinear":
-            z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, None, z,
-                                           latent_upsample=run.latent_shape[2:])
-        else:
-            bridge = self._bridge(low.vae, main_vae, (run.height, run.width), bridge_cfg.upsample)
-            fresh = self._noise(run.seed, _BRIDGE_STREAM + 1, run.first_image_index, run.latent_shape)
-            z, z0_main = resolution_bridge(z_low, eps_low, t_low, schedule, bridge, fresh)
-        return z, z0_main, timesteps[k:], low_coop.trace
+        z, z0_main = self._carry(run, z_low, low_denoise(z_low, t_low), t_low, low.vae,
+                                 self.main.components.get("vae"), (run.height, run.width), run.latent_shape)
+        return z, z0_main, timesteps[k:], [(t, list(names)) for t, names in low_coop.trace]
+
+    def _partner_last_stage(self, run, partners, partner_denoiser, main_denoise, z, k, compiled, graphs, progress):
+        """Sub-module 2, main first ("and vice versa"): the main latents at timestep k carried to the bridge
+        partner's space, which denoises alone to 0. Returns (its clean latents, its trace, its decoder)."""
+        timesteps = [int(t) for t in run.timesteps]
+        partner, _, alone = self._bridge_partner(partners, partner_denoiser, run)
+        t = timesteps[k]
+        z_partner, _ = self._carry(run, z, main_denoise(z, t), t, self.main.components.get("vae"), partner.vae,
+                                   partner.pixel_size, alone.main_shape)
+
+        def step(i, t, _z):
+            if progress is not None:
+                progress(k + i, len(timesteps), t, partner.name)
+
+        latents = run.sample(step_denoiser(alone, compiled, graphs), z_partner, timesteps[k:], callback=step)
+        return latents, [(t, list(names)) for t, names in alone.trace], lambda x: decode_each(partner.vae, x)
 
     def _fuse_partners(self, run, partners, partner_denoiser, main_denoise, z, z0_main, timesteps):
         """Sub-module 1: the CoopDenoiser of the main model and every partner but the low-resolution one, and
@@ -191,7 +235,9 @@ class CoopPipeline:
             shape = partner.latent_shape(batch)
             noise = self._noise(run.seed, _PARTNER_STREAM + i, run.first_image_index, shape)
             if z0_main is None:
-                latents0.append(noise if from_main is not None else z.copy())
+                # Algorithm 1 starts every partner from the main model's z_T (z'_T = z_T) - possible wherever the
+                # partner's latents have the main latents' shape, even in another latent space.
+                latents0.append(z.copy() if shape == tuple(z.shape) else noise)
             else:
                 a = schedule.alpha_bar(timesteps[0])
                 start = z0_main if from_main is None else from_main.numpy(z0_main)

@@ -106,6 +106,13 @@ class Run:
                 "strength": self.strength}
 
 
+def decode_each(vae, latents: np.ndarray) -> np.ndarray:
+    """Latents -> images in [-1, 1] by ``vae`` (``decode_latents``), one image at a time (the VAE's
+    activations dominate memory)."""
+    return np.concatenate([vae.decode_latents(ms.Tensor(latents[i:i + 1].astype(np.float32))).asnumpy()
+                           for i in range(latents.shape[0])])
+
+
 class PanGuDrawPipeline:
     """PanGu-Draw text-to-image / image-to-image.
 
@@ -174,10 +181,8 @@ class PanGuDrawPipeline:
                                     on_release=release)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> images in [-1, 1], one image at a time (the VAE's activations dominate memory)."""
-        vae = self.components.get("vae")
-        images = np.concatenate([vae.decode_latents(ms.Tensor(latents[i:i + 1].astype(np.float32))).asnumpy()
-                                 for i in range(latents.shape[0])])
+        """Latents -> images in [-1, 1] with this pipeline's VAE (see :func:`decode_each`)."""
+        images = decode_each(self.components.get("vae"), latents)
         self.components.done_with("vae")
         return images
 
