@@ -601,7 +601,9 @@ class PartnerConfig:
     ``weight`` is d_i; the partner is fused for ``t_min <= t <= t_max``. ``height``/``width``: its native
     pixel size (default: the main image's size for ``pangu`` and ControlNets on ``main``, else 512).
     ``prompt``: its own prompt (default: the main prompt). ``resize_mode``: pixel resampling between the
-    two latent spaces when their sizes differ.
+    two latent spaces when their sizes differ. ``bucket_list`` (``pangu``): the bucket list its size is one
+    of - ``texture`` runs a PanGu model at its lower-resolution list (the same bucket conditioning, index-
+    aligned by aspect ratio), e.g. as the low-resolution model of a resolution bridge.
     """
 
     name: str
@@ -622,6 +624,7 @@ class PartnerConfig:
     guess_mode: bool = False
     image: str = ""
     resize_mode: Literal["bicubic", "bilinear", "nearest", "area"] = "bicubic"
+    bucket_list: Literal["structure", "texture"] = "structure"
 
     def __post_init__(self):
         where = f"partner {self.name!r}"

@@ -191,6 +191,21 @@ def test_partners_start_from_the_main_noise_where_the_shapes_agree(main, models)
         assert (start.shape == z.shape and np.array_equal(start, z)) == shared
 
 
+def test_a_pangu_model_at_its_texture_bucket_list(main):
+    """bucket_list="texture": the lower-resolution list, index-aligned with the structure list (the same bucket
+    conditioning); a partner size outside the list it names is refused naming that list."""
+    h, w = main.config.texture_buckets[0]
+    run = main.plan(PROMPT, height=h, width=w, bucket_list="texture")
+    assert (run.bucket_index, run.height, run.width) == (0, h, w)
+    assert run.latent_shape == (1, 4, h // 8, w // 8)
+    with pytest.raises(Exception, match="bucket_list must be one of"):
+        main.plan(PROMPT, bucket_list="medium")
+    coop = CoopPipeline(main, recipe(partners=[{"name": "low", "kind": "pangu", "path": "main", "height": 40,
+                                                "width": 40, "bucket_list": "texture"}]))
+    with pytest.raises(ValueError, match="40x40 is not a bucket of its model's texture list"):
+        coop(PROMPT, output_type="latent", **RUN)
+
+
 def test_latent_bilinear_baseline_needs_one_latent_space(main, models):
     pangu_low = {"name": "low", "kind": "pangu", "path": "main", "height": 64, "width": 64}
     coop = CoopPipeline(main, recipe(partners=[pangu_low],

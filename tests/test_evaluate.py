@@ -183,6 +183,20 @@ def test_the_demo_evaluation_runs_end_to_end_and_a_killed_run_resumes_to_the_sam
         evaluate.main(DEMO_RUN[:-3] + ["--steps", "4", "--quiet", "--out", str(out)])
 
 
+def test_a_coop_recipe_is_evaluated_like_a_model(tmp_path):
+    """--recipe: the images are drawn by Coop-Diffusion (here the demo's resolution bridge, the demo model at its
+    32x32 texture bucket first); the recipe is part of the run's settings, so another recipe is another run."""
+    from pangu_draw_ms.cli import evaluate
+
+    run = ["--prompt-seed", "1", "--num-prompts", "2", "--seeds", "0", "--steps", "3", "--mode", "pynative",
+           "--quiet", "--metrics", "judge", "--out", str(tmp_path / "eval")]
+    recipes = os.path.join(REPO, "configs", "recipes")
+    report = evaluate.main(run + ["--recipe", os.path.join(recipes, "demo_resolution_bridge.yaml")])
+    assert "fused with low (recipe" in report["model"] and report["images"] == 2
+    with pytest.raises(SystemExit, match="recipe differ"):
+        evaluate.main(run + ["--recipe", os.path.join(recipes, "demo_resolution_bridge_latent.yaml")])
+
+
 def test_msrun_workers_draw_the_same_images_as_one_process(tmp_path):
     """Two msrun workers, each its contiguous slice of the prompts, draw exactly the single process's images."""
     import socket

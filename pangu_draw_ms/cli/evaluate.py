@@ -31,7 +31,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .model_args import add_model_arguments, build_pipeline, run_with_clear_errors, uses_demo_model
+from .model_args import add_model_arguments, build_pipeline, run_with_clear_errors, uses_demo_model, with_recipe
 
 METRICS = ("fid", "is", "clip", "cnclip", "democlip", "fd_democlip", "is_democlip", "judge")
 DEMO_METRICS = ("democlip", "fd_democlip", "is_democlip", "judge")
@@ -94,7 +94,18 @@ def run_settings(args, prompts) -> dict:
             "prompts": args.prompts or "demo held-out captions", "lang": args.lang, "num_prompts": len(prompts),
             "prompt_seed": args.prompt_seed, "steps": args.steps, "sampler": args.sampler,
             "guidance_scale": args.guidance_scale, "height": args.height, "width": args.width,
-            "precision": args.precision, "prompt_keys_digest": _digest([p.key + p.text for p in prompts])}
+            "precision": args.precision, "recipe": _recipe_record(args.recipe),
+            "prompt_keys_digest": _digest([p.key + p.text for p in prompts])}
+
+
+def _recipe_record(path: Optional[str]) -> Optional[str]:
+    """The recipe as run.json records it: its file's contents (another recipe in the same file draws other images)."""
+    if not path:
+        return None
+    from pangu_draw_ms.config import resolve_config_path
+
+    with open(resolve_config_path(path), encoding="utf-8") as f:
+        return f.read()
 
 
 def _digest(items) -> str:
@@ -163,6 +174,7 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     jobs = image_jobs(prompts, args.seeds, args.out)
     mine = shard(jobs, rank, world)
     pipe, source = build_pipeline(args)
+    generate, source = with_recipe(args, pipe, source)
     if rank == 0:
         print(f"pangu_draw_ms: evaluating {source}: {len(prompts)} prompts x {len(args.seeds)} seeds", file=sys.stderr)
 
@@ -171,7 +183,7 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     plan = pipe.plan(prompts[0].text, **request)  # the config's defaults filled in, for the report
 
     def draw(texts, seed, first):
-        return pipe(texts, seed=seed, first_image_index=first, **request).images
+        return generate(texts, seed=seed, first_image_index=first, **request).images
 
     bar = None if args.quiet else tqdm(total=len(mine), desc=f"rank {rank} images", unit="img", file=sys.stderr,
                                        initial=sum(os.path.isfile(job.path) for job in mine))

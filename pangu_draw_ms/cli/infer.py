@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .model_args import add_model_arguments, build_pipeline, run_with_clear_errors
+from .model_args import add_model_arguments, build_pipeline, run_with_clear_errors, with_recipe
 
 # Default batch: images per UNet call such that the batched guidance branches hold at most this many latent
 # pixels - one 1024 x 1024 image (128 x 128 latents) with classifier-free guidance.
@@ -62,9 +62,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     sampling.add_argument("--single-model", choices=["structure", "texture"],
                           help="one UNet for every timestep (baseline for the time split)")
 
-    model = add_model_arguments(p)
-    model.add_argument("--recipe", help="a Coop-Diffusion recipe YAML: partner models fused with the main model "
-                                        "(and/or a low-resolution model up to T_low); see configs/recipes/")
+    add_model_arguments(p)
 
     out = p.add_argument_group("output")
     out.add_argument("--out", default="outputs",
@@ -304,14 +302,7 @@ def generate_images(args: argparse.Namespace) -> List[str]:
     if not args.list_buckets:  # the request and the output location, before any model is loaded
         prompts, noise, init_image, output = check_request(args)
     pipe, source = build_pipeline(args)
-    generate = pipe
-    if args.recipe:
-        from pangu_draw_ms.config import CoopRecipe, load_config
-        from pangu_draw_ms.pipelines.coop import CoopPipeline
-
-        recipe = load_config(args.recipe, CoopRecipe)
-        source += f", fused with {', '.join(p.name for p in recipe.partners)} (recipe {args.recipe})"
-        generate = CoopPipeline(pipe, recipe)
+    generate, source = with_recipe(args, pipe, source)
     if args.list_buckets:
         print(pipe.buckets.describe())
         return []

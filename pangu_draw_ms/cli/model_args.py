@@ -31,7 +31,21 @@ def add_model_arguments(parser: argparse.ArgumentParser):
                        help="sequential: only the active network in memory (two 5B UNets need it on 32 GB)")
     model.add_argument("--device", choices=["CPU", "Ascend"], default="CPU")
     model.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    model.add_argument("--recipe", help="a Coop-Diffusion recipe YAML: partner models fused with the main model "
+                                        "(and/or another model for part of the schedule); see configs/recipes/")
     return model
+
+
+def with_recipe(args, pipe, source: str):
+    """(what generates: ``pipe``, or a CoopPipeline of ``--recipe`` around it; the source's description)."""
+    if not args.recipe:
+        return pipe, source
+    from pangu_draw_ms.config import CoopRecipe, load_config
+    from pangu_draw_ms.pipelines.coop import CoopPipeline
+
+    recipe = load_config(args.recipe, CoopRecipe)
+    return CoopPipeline(pipe, recipe), f"{source}, fused with {', '.join(p.name for p in recipe.partners)} " \
+                                       f"(recipe {args.recipe})"
 
 
 # Exit statuses: a usage error (as argparse's), an interrupt (128 + SIGINT, as a shell reports it).

@@ -126,6 +126,7 @@ class PanGuDrawPipeline:
         self.config: PanGuDrawConfig = components.config
         self.schedule = NoiseSchedule(self.config.num_train_timesteps)
         self.buckets = BucketTable(f"{self.config.name} structure buckets", tuple(self.config.structure_buckets))
+        self.texture_buckets = BucketTable(f"{self.config.name} texture buckets", tuple(self.config.texture_buckets))
         self._tokenizers = None
         self._step_graphs: Dict[tuple, object] = {}  # compiled sampling steps, reused by later runs
 
@@ -215,6 +216,7 @@ class PanGuDrawPipeline:
         first_image_index: int = 0,
         sampler_options: Optional[dict] = None,
         strength: Optional[float] = None,
+        bucket_list: str = "structure",
     ) -> Run:
         """Resolve a request against ``config.sampling``'s defaults and check it (see :meth:`__call__`): types
         and ranges first (:mod:`~pangu_draw_ms.pipelines.requests`), then what depends on the model."""
@@ -234,7 +236,9 @@ class PanGuDrawPipeline:
         timesteps = self.schedule.timesteps(steps, spacing)
         if strength is not None:
             timesteps = self.schedule.strength_timesteps(timesteps, strength)
-        bucket_index, (h, w) = self.buckets.select(height, width, ratio, snap=snap_to_bucket)
+        # The texture list is index-aligned with the structure list: its bucket index conditions the same way.
+        table = self.buckets if bucket_list == "structure" else self.texture_buckets
+        bucket_index, (h, w) = table.select(height, width, ratio, snap=snap_to_bucket)
         f = self.config.vae.downsample_factor
         return Run(
             prompts=prompts, negative_prompt=defaults.negative_prompt if negative_prompt is None else negative_prompt,
@@ -286,7 +290,8 @@ class PanGuDrawPipeline:
         """Generate ``num_images_per_prompt`` images for each prompt.
 
         Settings (defaults from ``config.sampling``): ``negative_prompt``, ``height``/``width`` (a bucket of
-        the structure table unless ``snap_to_bucket``) or ``ratio`` ("W:H", nearest bucket),
+        the structure table unless ``snap_to_bucket``; ``bucket_list="texture"``: of the lower-resolution
+        texture table, index-aligned, so the same bucket conditioning) or ``ratio`` ("W:H", nearest bucket),
         ``num_inference_steps``, ``sampler`` (+ ``sampler_options``), ``spacing``, ``guidance_scale``,
         ``style_scales`` ({aesthetic, anime, photography}), ``guidance_rescale``, ``t_struct``,
         ``switch_rule``, ``single_model`` ("structure"/"texture": that UNet for every t, the baseline of

@@ -94,10 +94,11 @@ class PanGuPartner(Partner):
         run = self.pipeline.plan(list(prompts), negative_prompt=self.config.negative_prompt,
                                  height=self.pixel_size[0], width=self.pixel_size[1], snap_to_bucket=True,
                                  guidance_scale=self.config.guidance_scale, style_scales={}, switch_rule="exact",
-                                 num_images_per_prompt=num_images)
+                                 num_images_per_prompt=num_images, bucket_list=self.config.bucket_list)
         if run.height != self.pixel_size[0] or run.width != self.pixel_size[1]:
+            table = self.pipeline.buckets if self.config.bucket_list == "structure" else self.pipeline.texture_buckets
             raise ValueError(f"partner {self.name!r}: {self.pixel_size[0]}x{self.pixel_size[1]} is not a bucket of "
-                             f"its model; valid sizes: {self.pipeline.buckets.describe()}")
+                             f"its model's {self.config.bucket_list} list; valid sizes: {table.describe()}")
         denoise, _ = self.pipeline.denoiser(run, control=control)
         return denoise
 

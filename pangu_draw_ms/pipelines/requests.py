@@ -147,6 +147,7 @@ _CHECKS: Dict[str, Callable] = {
     "strength": _number(0.0, 1.0, low_open=True),
     "output_type": _choice(("pil", "latent")),
     "compiled": _flag,
+    "bucket_list": _choice(("structure", "texture")),
 }
 _OPTIONAL = {"negative_prompt", "height", "width", "ratio", "num_inference_steps", "sampler", "spacing",
              "guidance_scale", "style_scales", "t_struct", "switch_rule", "single_model", "sampler_options",
