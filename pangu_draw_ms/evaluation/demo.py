@@ -121,4 +121,4 @@ def zero_shot_logits(model: DemoCLIP, images) -> np.ndarray:
 
     text = unit(model.text_features(zero_shot_classes()).astype(np.float64))
     image = unit(model.image_features(images).astype(np.float64))
-    return float(np.exp(model.logit_scale.asnumpy())) * image @ text.T
+    return np.exp(model.logit_scale.asnumpy()).item() * image @ text.T
