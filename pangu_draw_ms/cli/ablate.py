@@ -129,8 +129,10 @@ def train_arm(config, arm, model: str, args) -> None:
         output = os.path.join(work, "runs", arm.name, run.stage)
         summary = os.path.join(output, "summary.json")
         steps = next((int(o.split("=", 1)[1]) for o in run.overrides if o.startswith("steps=")), config.steps)
-        if os.path.isfile(summary) and json.load(open(summary, encoding="utf-8")).get("steps") == steps:
-            continue
+        if os.path.isfile(summary):
+            with open(summary, encoding="utf-8") as f:
+                if json.load(f).get("steps") == steps:
+                    continue  # finished: rerunning the ablation keeps it
         overrides = [f"model={model}", f"stage={run.stage}", f"output_dir={output}", f"export_dir={target}",
                      f"steps={config.steps}", f"seed={config.seed}", f"data.manifest={config.manifest}",
                      f"data.batch_size={config.batch_size}", f"optim.learning_rate={config.learning_rate}",
