@@ -31,7 +31,7 @@ setup(
     entry_points={"console_scripts": [
         f"pangu-draw-{name.replace('_', '-')}=pangu_draw_ms.cli.{name}:main"
         for name in ("infer", "evaluate", "train", "convert", "eval_demo", "eval_controlnet", "make_demo_data",
-                     "train_tokenizer", "ablate")
+                     "train_tokenizer", "ablate", "export")
     ]},
     extras_require={
         # torch 2.13.0 is the CPU wheel on the machine's local disk; never let pip pull another torch.
