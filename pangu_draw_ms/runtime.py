@@ -96,6 +96,19 @@ def launched_by_msrun() -> bool:
     return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
 
 
+def msrun_rank_and_world():
+    """(rank, world) of this msrun worker (communication initialised), (0, 1) outside msrun, and
+    (None, 1) in msrun's scheduler process, which coordinates the workers and does no work of its own."""
+    if not launched_by_msrun():
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        return None, 1
+    return get_rank(), get_group_size()
+
+
 def quiet_mindspore(verbose: bool = False) -> None:
     """MindSpore's C++/Python log level for a command-line run (``GLOG_v``: 3 = errors only, 1 = info with
     ``verbose``) unless the user set it; MindSpore reads it once, at import, so call this before."""

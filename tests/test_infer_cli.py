@@ -296,3 +296,66 @@ def test_overflowing_latents_stop_the_run_without_an_image(small_config, tmp_pat
     assert str(exit_info.value).startswith("error: the latents became non-finite (")
     assert "at step 1/2 (timestep 999)" in str(exit_info.value) and "guidance_scale 3e+38" in str(exit_info.value)
     assert not os.path.exists(tmp_path / "o")
+
+
+# ---- batch generation (--skip-existing, msrun) -----------------------------------------------------
+
+def test_worker_slices_and_consecutive_batches():
+    for total in (0, 1, 5, 7):
+        for world in (1, 2, 3):
+            covered = [i for rank in range(world) for i in infer.worker_slice(total, rank, world)]
+            assert covered == list(range(total))
+    assert infer.consecutive_batches([0, 1, 2, 4, 5, 9], 2) == [range(0, 2), range(2, 3), range(4, 6), range(9, 10)]
+
+
+DEMO_BATCH = ["--steps", "3", "--mode", "pynative", "--batch-size", "1", "--quiet", "--skip-existing"]
+
+
+def _prompts_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a big red circle in the center\n一个蓝色的正方形\na small green triangle\n", encoding="utf-8")
+    return str(path)
+
+
+def test_skip_existing_resumes_a_stopped_run_and_writes_an_index(tmp_path):
+    out = tmp_path / "generated"
+    args = ["--prompts-file", _prompts_file(tmp_path), "--out", str(out)] + DEMO_BATCH
+    infer.main(args)
+    names = sorted(os.listdir(out))
+    assert names == ["index.jsonl", "pangu_000.png", "pangu_001.png", "pangu_002.png"]
+    first = {n: (out / n).read_bytes() for n in names}
+    (out / "pangu_001.png").unlink()  # as if the run had stopped before it
+    stamps = {n: os.stat(out / n).st_mtime_ns for n in ("pangu_000.png", "pangu_002.png")}
+    drawn = infer.main(args)
+    assert [os.path.basename(p) for p in drawn] == ["pangu_001.png", "index.jsonl"]
+    assert {n: (out / n).read_bytes() for n in names} == first
+    assert {n: os.stat(out / n).st_mtime_ns for n in stamps} == stamps  # the others were not drawn again
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["file"], r["prompt"], r["image_index"], r["seed"]) for r in rows] == [
+        ("pangu_000.png", "a big red circle in the center", 0, 0), ("pangu_001.png", "一个蓝色的正方形", 1, 0),
+        ("pangu_002.png", "a small green triangle", 2, 0)]
+    assert rows[0]["settings"]["num_inference_steps"] == 3
+
+
+def test_msrun_workers_draw_the_single_process_images(tmp_path):
+    """Two msrun workers, each its contiguous slice of the images: the single process's PNGs, byte for byte,
+    and its index."""
+    import socket
+    import subprocess
+
+    prompts = _prompts_file(tmp_path)
+    infer.main(["--prompts-file", prompts, "--out", str(tmp_path / "one")] + DEMO_BATCH)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               OMP_NUM_THREADS="1", GLOG_v="3")
+    subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", "--join=True",
+                    f"--log_dir={tmp_path}/logs", os.path.join(repo, "tools", "infer.py"), "--prompts-file", prompts,
+                    "--out", str(tmp_path / "two")] + DEMO_BATCH, cwd=repo, env=env, check=True, timeout=900,
+                   capture_output=True)
+    one, two = (sorted(os.listdir(tmp_path / name)) for name in ("one", "two"))
+    assert one == two == ["index.jsonl", "pangu_000.png", "pangu_001.png", "pangu_002.png"]
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

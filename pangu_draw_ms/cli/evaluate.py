@@ -128,20 +128,6 @@ def load_run_prompts(args):
     return sample_prompts(prompts, args.num_prompts, args.prompt_seed)
 
 
-def distributed():
-    """(rank, world) under msrun, else (0, 1); msrun's scheduler process gets rank None."""
-    from pangu_draw_ms.runtime import launched_by_msrun
-
-    if not launched_by_msrun():
-        return 0, 1
-    from mindspore.communication import get_group_size, get_rank, init
-
-    init()
-    if os.environ.get("MS_ROLE") == "MS_SCHED":
-        return None, 1
-    return get_rank(), get_group_size()
-
-
 def main(argv: Optional[List[str]] = None) -> Optional[dict]:
     return run_with_clear_errors(run, parse_args(argv))
 
@@ -165,7 +151,9 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     if ms.get_context("device_target") != args.device:
         ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-    rank, world = distributed()
+    from pangu_draw_ms.runtime import msrun_rank_and_world
+
+    rank, world = msrun_rank_and_world()
     if rank is None:
         return None  # msrun's scheduler coordinates the workers and draws nothing
     started = time.time()

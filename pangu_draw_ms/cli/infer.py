@@ -9,6 +9,14 @@ Every image is saved as a PNG whose text metadata holds the prompt and all setti
 is decoded; several images also give a grid. The request and the output location are checked before any
 model is loaded; numbered names continue after the files of earlier runs in the folder. Defaults (steps,
 sampler, guidance, style scales, switch rule) come from the model config's ``sampling`` section.
+
+Batch generation (``--skip-existing``, and always under msrun): image i of the run is ``<stem>_<i>.png``
+whatever ran before; images already in the folder are kept and not drawn again (a stopped run resumes), the
+workers of an msrun job each draw one contiguous slice of the images, and when all are done the first writes
+``index.jsonl`` (file, prompt, seed, image index and settings of every image):
+
+    msrun --worker_num=8 --local_worker_num=8 --master_port=8121 --join=True tools/infer.py \
+        --model-dir pangu_v3/ --device Ascend --prompts-file prompts.txt --num-images 4 --out generated/
 """
 from __future__ import annotations
 
@@ -72,6 +80,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     out.add_argument("--overwrite", action="store_true", help="replace an existing --out FILE.png")
     out.add_argument("--save-latents", action="store_true", help="also save the final latents as .npy")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
+    out.add_argument("--skip-existing", action="store_true",
+                     help="batch generation: image i is <stem>_<i>.png, images already there are not drawn again, "
+                          "index.jsonl lists every image (always on under msrun)")
     out.add_argument("--verbose", action="store_true", help="MindSpore's and our info logs")
 
     speed = p.add_argument_group("speed")
@@ -225,8 +236,9 @@ def plan_output(args, total: int) -> Output:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SystemExit(f"error: --out {args.out}: cannot write in {existing} (permission denied)")
     stem = os.path.splitext(os.path.basename(args.out))[0] if as_file else "pangu"
-    output = Output(directory, stem, single=as_file and total == 1,
-                    first_number=0 if as_file and total == 1 else next_free_number(directory, stem))
+    single = as_file and total == 1 and not args.skip_existing
+    output = Output(directory, stem, single=single,
+                    first_number=0 if single or args.skip_existing else next_free_number(directory, stem))
     if output.single and not args.overwrite:
         path = output.image_path(0)
         taken = [p for p in (path, path[:-4] + ".npy" if args.save_latents else None) if p and os.path.exists(p)]
@@ -290,15 +302,54 @@ def run(args: argparse.Namespace) -> List[str]:
         raise error.named(FLAGS) from None
 
 
+def worker_slice(total: int, rank: int, world: int) -> range:
+    """The image indices worker ``rank`` of ``world`` draws: one contiguous slice, the slices covering every
+    index once."""
+    return range(total * rank // world, total * (rank + 1) // world)
+
+
+def consecutive_batches(indices, size: int) -> List[range]:
+    """``indices`` (ascending) as batches of at most ``size`` consecutive indices (a pipeline call draws
+    consecutive images: image i's noise comes from (seed, i))."""
+    batches: List[range] = []
+    for i in indices:
+        last = batches[-1] if batches else None
+        if last is not None and i == last.stop and len(last) < size:
+            batches[-1] = range(last.start, i + 1)
+        else:
+            batches.append(range(i, i + 1))
+    return batches
+
+
+def write_index(args, output: "Output", jobs: List[str], settings: dict) -> str:
+    """``index.jsonl`` of a batch-generation run: a line per image (file, prompt, image index, seed, settings)."""
+    path = os.path.join(output.directory, "index.jsonl")
+    shown = {k: v for k, v in settings.items() if k not in ("compiled",)}
+    lines = [json.dumps({"file": os.path.basename(output.image_path(i)), "prompt": prompt, "image_index": i,
+                         "seed": args.seed, "settings": shown}, ensure_ascii=False) for i, prompt in enumerate(jobs)]
+
+    def write(partial):
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    write_atomically(path, write)
+    return path
+
+
 def generate_images(args: argparse.Namespace) -> List[str]:
     import mindspore as ms
     from tqdm import tqdm
 
-    from pangu_draw_ms.runtime import compile_cache_root, enable_compile_cache
+    from pangu_draw_ms.runtime import compile_cache_root, enable_compile_cache, msrun_rank_and_world
+    from pangu_draw_ms.training.trainer import barrier
 
     if ms.get_context("device_target") != args.device:  # set once per process; a second set_device fails
         ms.set_device(args.device)
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    rank, world = msrun_rank_and_world()
+    if rank is None:
+        return []  # msrun's scheduler process coordinates the workers and draws nothing
+    args.skip_existing = args.skip_existing or world > 1
     if not args.list_buckets:  # the request and the output location, before any model is loaded
         prompts, noise, init_image, output = check_request(args)
     pipe, source = build_pipeline(args)
@@ -314,13 +365,18 @@ def generate_images(args: argparse.Namespace) -> List[str]:
     # Image i of the run is prompt i // num_images; its noise comes from (seed, i) whatever batch it is in.
     jobs = [prompt for prompt in prompts for _ in range(args.num_images)]
     batch_size = args.batch_size or default_batch_size(pipe, settings, len(jobs))
-    cache_root = compile_cache_root(args.compile_cache) if args.mode == "graph" else None
+    # Workers of one job would share a cache folder whose graphs are named by compile order: one each is none.
+    cache_root = compile_cache_root(args.compile_cache) if args.mode == "graph" and world == 1 else None
     if cache_root is not None:
         enable_compile_cache(cache_root, compile_key(args, len(jobs), batch_size))
+    todo = worker_slice(len(jobs), rank, world)
+    if args.skip_existing:
+        todo = [i for i in todo if not os.path.isfile(output.image_path(i))]
     images, paths = [], []
     try:
-        for first in range(0, len(jobs), batch_size):
-            batch = jobs[first:first + batch_size]
+        for indices in consecutive_batches(todo, batch_size):
+            first = indices.start
+            batch = jobs[first:indices.stop]
             bar = None if args.quiet else tqdm(total=0, desc=f"images {first + 1}-{first + len(batch)}/{len(jobs)}",
                                                 unit="step", file=sys.stderr)
 
@@ -354,6 +410,12 @@ def generate_images(args: argparse.Namespace) -> List[str]:
         saved = "".join(f"\n  {path}" for path in paths)
         print(f"interrupted: {len(paths)} of {len(jobs)} images were finished and saved{saved}", file=sys.stderr)
         raise
+    if args.skip_existing:  # batch generation: the index instead of a grid, once every worker is done
+        barrier(world)
+        if rank == 0:
+            paths.append(write_index(args, output, jobs, settings))
+            print(paths[-1])
+        return paths
     for path in save_grid(output, images):
         print(path)
         paths.append(path)
