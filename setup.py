@@ -36,8 +36,9 @@ setup(
     extras_require={
         # torch 2.13.0 is the CPU wheel on the machine's local disk; never let pip pull another torch.
         # The metrics' reference implementations: pytorch-fid (its Inception needs torchvision), torchmetrics,
-        # and cn_clip, which the README's test command installs without its training dependencies.
+        # and cn_clip, which the README's test command installs without its training dependencies; peft for the
+        # LoRA parity test (diffusers' adapters).
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "torchvision==0.28.0", "diffusers", "transformers==4.57.1",
-                 "pytorch-fid==0.3.0", "torchmetrics==1.9.0", "six", "ruff==0.17.6"],
+                 "pytorch-fid==0.3.0", "torchmetrics==1.9.0", "six", "ruff==0.17.6", "peft==0.21.2"],
     },
 )

@@ -45,7 +45,9 @@ def _resnet(rest: str) -> str:
     return f"{_RESNET_PARTS[part]}.{tail}" if tail else _RESNET_PARTS[part]
 
 
-def _map_module(module: str, config: UNetConfig) -> str:
+def map_module(module: str, config: UNetConfig) -> str:
+    """Our module path for a diffusers UNet module path (``down_blocks.1.attentions.0.proj_in`` ->
+    ``input_blocks.4.1.proj_in``); :class:`UnmappedKeyError` when it has none."""
     n = config.num_res_blocks
     levels = len(config.channel_mult)
     if module in _TOP_LEVEL:
@@ -123,7 +125,7 @@ def unet_from_diffusers(state: Mapping[str, np.ndarray], config: UNetConfig) -> 
     for key, value in state.items():
         module, _, leaf = key.rpartition(".")
         try:
-            target = _map_module(module, config)
+            target = map_module(module, config)
         except UnmappedKeyError:
             unmapped.append(key)
             continue

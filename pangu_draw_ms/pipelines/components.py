@@ -16,7 +16,7 @@ import gc
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 from mindspore import nn
@@ -54,6 +54,8 @@ class ComponentStore:
     show_progress: bool = False
     on_build: Optional[Callable[[str], None]] = None
     _cells: Dict[str, nn.Cell] = field(default_factory=dict, init=False, repr=False)
+    _loras: Dict[str, List[Tuple[str, float]]] = field(default_factory=dict, init=False, repr=False)
+    _merged: Dict[str, object] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if self.memory not in MEMORY_MODES:
@@ -113,12 +115,41 @@ class ComponentStore:
             raise ValueError(f"unknown component {name!r}; valid: {list(COMPONENTS)}")
         if name not in self._cells:
             self._cells[name] = self._build(name)
+            self._merge_loras(name)
         return self._cells[name]
+
+    def add_lora(self, path: str, scale: float, components: Sequence[str]) -> None:
+        """Merge the UNet LoRA ``path`` at ``scale`` into the UNet ``components`` (``structure_unet`` and/or
+        ``texture_unet``) - now where they are built, and whenever they are built again (sequential mode)."""
+        for name in components:
+            if name not in ("structure_unet", "texture_unet"):
+                raise ValueError(f"a LoRA applies to structure_unet or texture_unet, not {name!r}")
+            self._loras.setdefault(name, []).append((path, float(scale)))
+            if name in self._cells:
+                self._merge_loras(name)
+
+    def remove_loras(self) -> None:
+        """Take every LoRA out of the UNets (their original weights back, bit for bit)."""
+        for merged in self._merged.values():
+            merged.unmerge()
+        self._merged.clear()
+        self._loras.clear()
+
+    def _merge_loras(self, name: str) -> None:
+        from ..io.lora import MergedLoRAs, read_lora
+
+        if name in self._merged:  # merge all again from the original weights
+            self._merged.pop(name).unmerge()
+        if self._loras.get(name):
+            cell = self._cells[name]
+            self._merged[name] = MergedLoRAs(cell, [(read_lora(path, cell), scale)
+                                                    for path, scale in self._loras[name]])
 
     def done_with(self, name: str) -> None:
         """The run no longer needs ``name``: released in ``sequential`` mode, kept in ``resident`` mode."""
         if self.memory == "sequential" and name in self._cells:
             del self._cells[name]
+            self._merged.pop(name, None)  # a rebuilt network gets its LoRAs merged again
             gc.collect()
 
     @property

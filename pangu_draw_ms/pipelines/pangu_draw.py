@@ -181,6 +181,18 @@ class PanGuDrawPipeline:
         return TimeDecoupledExperts(structure, texture, t_struct=t_struct, rule=switch_rule, sequential=sequential,
                                     on_release=release)
 
+    def load_lora(self, path: str, scale: float = 1.0, generators: Sequence[str] = ("structure", "texture")) -> None:
+        """Merge a UNet LoRA file (diffusers/PEFT or kohya layout, :mod:`pangu_draw_ms.io.lora`) at ``scale``
+        into the ``generators`` ("structure", "texture" or both: a LoRA can follow the time split too).
+        Several LoRAs add up; :meth:`unload_loras` restores the original weights exactly."""
+        unknown = sorted(set(generators) - {"structure", "texture"})
+        if unknown or not generators:
+            raise ValueError(f"generators must name 'structure' and/or 'texture', got {list(generators)}")
+        self.components.add_lora(path, scale, [f"{g}_unet" for g in generators])
+
+    def unload_loras(self) -> None:
+        self.components.remove_loras()
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents -> images in [-1, 1] with this pipeline's VAE (see :func:`decode_each`)."""
         images = decode_each(self.components.get("vae"), latents)
