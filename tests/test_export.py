@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pangu_draw_ms.demo import DEMO_MODEL_DIR
-from pangu_draw_ms.io.mindir import ConditionerGraph, DecoderGraph, MindIRPipeline, export_pipeline
+from pangu_draw_ms.pipelines.mindir import ConditionerGraph, DecoderGraph, MindIRPipeline, export_pipeline
 from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
 PROMPT = "a big red circle in the center on a white background"

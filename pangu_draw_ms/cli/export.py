@@ -6,8 +6,8 @@
 Writes conditioner.mindir (both text encoders + the bucket embedding), step_structure.mindir and
 step_texture.mindir (one Euler step of each generator with every guidance branch batched), vae_decoder.mindir,
 the tokenizer files and manifest.json (shapes, dtypes, the bucket, the schedule and each step's expert and
-coefficients, how the guidance rows are built); see pangu_draw_ms/io/mindir.py. ``python -c "from
-pangu_draw_ms.io.mindir import MindIRPipeline"`` runs an export with its graphs alone.
+coefficients, how the guidance rows are built); see pangu_draw_ms/pipelines/mindir.py. ``python -c "from
+pangu_draw_ms.pipelines.mindir import MindIRPipeline"`` runs an export with its graphs alone.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 def run(args) -> dict:
     import mindspore as ms
 
-    from pangu_draw_ms.io.mindir import export_pipeline
+    from pangu_draw_ms.pipelines.mindir import export_pipeline
 
     if args.recipe:
         raise ValueError("--recipe: Coop-Diffusion runs are not exported (their steps hold every partner's networks "
