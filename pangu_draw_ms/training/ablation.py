@@ -152,7 +152,7 @@ def resolution_boost_steps(base: PanGuDrawConfig, config: AblationConfig) -> Tup
 
 def agreement(ours_better: float, spread: float) -> str:
     """How a measured difference (positive: the paper's preferred arm is better) compares with the seed spread."""
-    if ours_better == 0:
+    if abs(ours_better) < 1e-9:  # equal up to float rounding (e.g. the same judge hit rate)
         return "no difference"
     if spread <= 0 or math.isnan(spread):
         return "agrees" if ours_better > 0 else "disagrees"
