@@ -78,3 +78,17 @@ def test_export_cli_writes_the_graphs_and_refuses_what_it_cannot_export(tmp_path
     with pytest.raises(SystemExit):
         export.main(["--out", str(tmp_path / "x"), "--recipe", "configs/recipes/demo_controlnet.yaml"])
     assert "Coop-Diffusion runs are not exported" in capsys.readouterr().err
+
+
+def test_the_release_switch_rule_is_exported_step_by_step(exported, graph_mode, tmp_path):
+    """With the released code's switch rule (one step behind t_struct) each manifest step names the generator
+    the pipeline runs it with, and the image from the graphs is still the pipeline's."""
+    pipe = exported[0]
+    manifest = export_pipeline(pipe, str(tmp_path), num_prompts=1, height=64, width=64, num_inference_steps=10,
+                               switch_rule="release")
+    out = pipe(PROMPT, noise=np.zeros((1, 4, 16, 16), np.float32) + 0.5, height=64, width=64,
+               num_inference_steps=10, switch_rule="release", output_type="latent")
+    assert [[s["t"], s["expert"]] for s in manifest["steps"]] == [list(e) for e in out.info["expert_trace"]]
+    assert any(s["t"] < manifest["t_struct"] and s["expert"] == "structure" for s in manifest["steps"])
+    images = MindIRPipeline(str(tmp_path))([PROMPT], np.zeros((1, 4, 16, 16), np.float32) + 0.5)
+    np.testing.assert_allclose(images, pipe.decode(out.latents), rtol=0, atol=1e-5)

@@ -7,7 +7,7 @@ the guidance weights, the timesteps and the step coefficients stay inputs. Files
 
 * ``conditioner.mindir``: (bucket index per text row, token ids of each text encoder) -> (context, vector)
   for the texts of one call: the prompts, the negative prompt, then each style's prefix + the prompts;
-* ``step_structure.mindir``, ``step_texture.mindir``: one sampling step of each generator as the pipeline
+* ``step_structure.mindir``, ``step_texture.mindir``: one sampling step of each generator the run uses, as the pipeline
   compiles it (:class:`~pangu_draw_ms.diffusion.compiled.StepGraph`): every guidance branch in one batched
   UNet call, the guidance combination and the Euler update. Inputs: z, (alpha_bar, A, B), the branch
   weights, then the UNet's rows (timestep, context, vector) - branch after branch, B rows each;
@@ -35,7 +35,6 @@ from ..diffusion.schedule import CLEAN
 from ..tokenizers import build_tokenizer
 
 MANIFEST = "manifest.json"
-EXPERTS = ("structure", "texture")
 
 
 class ConditionerGraph(nn.Cell):
@@ -107,8 +106,10 @@ def export_pipeline(pipe, directory: str, num_prompts: int = 1, **settings) -> d
     z = ms.Tensor(np.zeros(run.latent_shape, np.float32))
     scalars = ms.Tensor(np.zeros((3,), np.float32))
     t_struct = run.t_struct
-    for expert, t in (("structure", t_struct), ("texture", 0)):  # the pipeline's rule: structure for t >= t_struct
-        cell, inputs = denoiser.graph(t)
+    # Each step's expert as the pipeline's router picks it (its switch rule: "release" lags a step behind t_struct).
+    experts = {int(t): name for t, name in model.plan(run.timesteps).items()}
+    for expert in dict.fromkeys(experts[int(t)] for t in run.timesteps):
+        cell, inputs = denoiser.graph(next(t for t in experts if experts[t] == expert))
         step = StepGraph(cell, [], [], [], [], len(inputs), [])
         outputs = _export(step, [z, scalars] + list(inputs), os.path.join(directory, f"step_{expert}.mindir"))
         graphs[f"step_{expert}"] = {
@@ -127,7 +128,7 @@ def export_pipeline(pipe, directory: str, num_prompts: int = 1, **settings) -> d
     for i, t in enumerate(timesteps):
         t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
         a, b = run.sampler.linear_coefficients(t, t_next)
-        steps.append({"t": t, "expert": "structure" if t >= t_struct else "texture",
+        steps.append({"t": t, "expert": experts[t],
                       "alpha_bar": float(pipe.schedule.alpha_bar(t)), "a": float(a), "b": float(b)})
     manifest = {
         "model": config.name, "format": "MINDIR", "mindspore": ms.__version__,
@@ -139,7 +140,7 @@ def export_pipeline(pipe, directory: str, num_prompts: int = 1, **settings) -> d
         # repeated for every prompt, a style its prefixed prompts' rows.
         "branches": [{"name": name, "weight": float(weight)} for name, weight in run.guidance_weights.items()],
         "guidance_scale": run.guidance_scale, "t_struct": t_struct,
-        "expert_rule": "structure for t >= t_struct, texture below",
+        "switch_rule": run.switch_rule, "experts": "each step names the generator whose step graph runs it",
         "initial_noise": "standard normal of latent_shape (the pipeline draws image k from numpy "
                          "default_rng([seed, k]))",
         "sampler": "euler", "steps": steps, "tokenizers": tokenizer_entries, "graphs": graphs,
