@@ -4,6 +4,7 @@ import os
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MINDFORMERS = "mindformers==1.9.0"  # MindSpore's LLM library (built for mindspore 2.9)
 
 
 def read_requirements():
@@ -24,14 +25,17 @@ setup(
     package_data={
         "pangu_draw_ms.configs": ["*.yaml", "*/*.yaml"],
         "pangu_draw_ms.tokenizers": ["data/*"],
-        # The demo model trained with tools/train.py: the default of tools/infer.py; clip/ is its evaluator.
-        "pangu_draw_ms.demo": ["config.yaml", "*.safetensors", "*.model", "*.png", "clip/*"],
+        # The demo model trained with tools/train.py: the default of tools/infer.py; clip/ is its evaluator;
+        # lora_star/ the demo LoRA (stage lora) that teaches it stars.
+        "pangu_draw_ms.demo": ["config.yaml", "*.safetensors", "*.model", "*.png", "clip/*", "enhancer/*",
+                               "aesthetic/*", "lora_star/*"],
     },
     install_requires=read_requirements(),
     entry_points={"console_scripts": [
         f"pangu-draw-{name.replace('_', '-')}=pangu_draw_ms.cli.{name}:main"
         for name in ("infer", "evaluate", "train", "convert", "eval_demo", "eval_controlnet", "make_demo_data",
-                     "train_tokenizer", "ablate", "export")
+                     "train_tokenizer", "ablate", "export", "make_prompt_pairs",
+                     "train_demo_aesthetic", "eval_enhancer")
     ]},
     extras_require={
         # torch 2.13.0 is the CPU wheel on the machine's local disk; never let pip pull another torch.
@@ -39,6 +43,8 @@ setup(
         # and cn_clip, which the README's test command installs without its training dependencies; peft for the
         # LoRA parity test (diffusers' adapters).
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "torchvision==0.28.0", "diffusers", "transformers==4.57.1",
-                 "pytorch-fid==0.3.0", "torchmetrics==1.9.0", "six", "ruff==0.17.6", "peft==0.21.2"],
+                 "pytorch-fid==0.3.0", "torchmetrics==1.9.0", "six", "ruff==0.17.6", "peft==0.21.2", MINDFORMERS],
+        # The prompt enhancer (--enhance-prompt, stages prompt_sft/prompt_raft): mindformers' LLaMA.
+        "prompt": [MINDFORMERS],
     },
 )

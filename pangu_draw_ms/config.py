@@ -369,6 +369,16 @@ class ConditionerConfig:
         return self.encoders[self.pooled_from].projection_dim + self.bucket_embed_dim
 
 
+# Dense layers of the UNet's transformer blocks a LoRA adapter (models/lora.py) can go on, by group, named as in
+# diffusers/sgm: the attention projections (LoRA's paper adapts W_q and W_v; SDXL LoRAs adapt all four), the
+# feed-forward (GEGLU in, out) and the linear proj_in/out around each transformer.
+LORA_TARGETS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "feed_forward": ("ff.net.0.proj", "ff.net.2"),
+    "projection": ("proj_in", "proj_out"),
+}
+
+
 # The samplers of diffusion/samplers.py by name (configs name them; the registry there must hold exactly these).
 SamplerName = Literal["euler", "heun", "euler_ancestral", "ddim", "dpmpp_2m"]
 SAMPLER_NAMES: Tuple[str, ...] = typing.get_args(SamplerName)

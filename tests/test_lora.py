@@ -1,7 +1,9 @@
 """UNet LoRAs: a PEFT LoRA on a diffusers SDXL-layout UNet, saved as diffusers writes it and in kohya's two
 naming schemes, merged into our UNet gives diffusers' output with the adapter active; unmerging restores the
-weights bit for bit; several LoRAs add; bad files are refused by name; the pipeline and the CLI take them."""
+weights bit for bit; several LoRAs add; bad files are refused by name; the pipeline and the CLI take them. The
+files we write (diffusers and kohya layouts) load in diffusers' own SDXL loader and give our output."""
 import os
+import re
 
 import mindspore as ms
 import numpy as np
@@ -169,3 +171,60 @@ def test_pipeline_and_cli_merge_loras_into_the_generators_they_name(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         infer.main(common + ["--out", str(tmp_path / "x.png"), "--lora", str(tmp_path / "missing.safetensors")])
     assert os.path.isfile(with_lora[0])
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_our_lora_files_load_in_diffusers_and_back(lora_unet, layout):
+    """A LoRA we write (random factors on attention, feed-forward and proj_in/out, alpha != rank) is read by
+    diffusers' own SDXL loader into a diffusers UNet with the same base weights: its output equals ours with the
+    LoRA merged (1e-4); read back by us it gives the same update."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from pangu_draw_ms.io.lora import LoRALayer, write_lora
+    from pangu_draw_ms.models.lora import target_suffixes
+
+    _, base, _, folder = lora_unet
+    unet = _ours(base)
+    rng = np.random.default_rng(3)
+    suffixes = target_suffixes(["attention", "feed_forward", "projection"])
+    names = [n for n, c in unet.cells_and_names() if type(c).__name__ == "Dense" and n.endswith(tuple(suffixes))]
+    layers = {}
+    for name in names:
+        out_features, in_features = cell_state(unet)[f"{name}.weight"].shape
+        layers[name] = LoRALayer((rng.standard_normal((RANK, in_features)) * 0.1).astype(np.float32),
+                                 (rng.standard_normal((out_features, RANK)) * 0.1).astype(np.float32), ALPHA)
+    path = write_lora(str(folder / f"ours_{layout}.safetensors"), layers, SDXL_LIKE, layout)
+
+    reference = diffusers_unet(SDXL_LIKE)
+    state_dict, alphas = StableDiffusionXLPipeline.lora_state_dict(str(folder), weight_name=os.path.basename(path),
+                                                                   unet_config=reference.config)
+    reference.load_lora_adapter(state_dict, network_alphas=alphas, prefix="unet", adapter_name="ours")
+    x, t, context, y, added = _inputs()
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(context),
+                             added_cond_kwargs=added).sample.numpy()
+    read = read_lora(path, unet)
+    assert set(read) == set(layers)
+    for name, layer in layers.items():
+        np.testing.assert_allclose(read[name].delta(), layer.delta(), rtol=1e-5, atol=1e-7)
+    merged = MergedLoRAs(unet, [(read, 1.0)])
+    out = unet(ms.Tensor(x), ms.Tensor(t), ms.Tensor(context), ms.Tensor(y)).asnumpy()
+    merged.unmerge()
+    base_out = unet(ms.Tensor(x), ms.Tensor(t), ms.Tensor(context), ms.Tensor(y)).asnumpy()
+    assert np.abs(out - base_out).max() > 1e-2 * np.abs(base_out).max()  # the LoRA does change the output
+    assert_close(out, expected, rel=1e-4, what=f"our {layout} LoRA in diffusers")
+
+
+def test_attention_module_names_map_back_to_diffusers(lora_unet):
+    from pangu_draw_ms.io.diffusers_unet import diffusers_attention_module
+
+    reference, base, _, _ = lora_unet
+    in_transformer = re.compile(r"(input_blocks\.\d+|output_blocks\.\d+|middle_block)\.1\.")
+    ours = {name for name, cell in build_component("unet", SDXL_LIKE).cells_and_names()
+            if type(cell).__name__ == "Dense" and in_transformer.match(name)}
+    # 17 transformer blocks (2x1 + 2x2 down, 2 middle, 3x2 + 3x1 up) of 10 dense layers, 11 proj_in/proj_out pairs
+    assert len(ours) == 17 * 10 + 11 * 2
+    diffusers_modules = {name for name, _ in reference.named_modules()}
+    for name in ours:
+        module = diffusers_attention_module(name, SDXL_LIKE)
+        assert map_module(module, SDXL_LIKE) == name and module in diffusers_modules, (name, module)

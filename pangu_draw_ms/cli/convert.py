@@ -18,6 +18,16 @@ The FID Inception-v3 weights (pytorch-fid's file) -> a .safetensors that tools/e
 
     python tools/convert.py inception pt_inception-2015-12-05-6726825d.pth --out weights/
 
+A transformers LLaMA folder (config.json, model.safetensors) and its SentencePiece tokenizer -> a prompt enhancer
+directory (config.yaml, enhancer.safetensors in mindformers names, tokenizer.model) for --enhancer-dir:
+
+    python tools/convert.py llama my-llama/ --tokenizer my-llama/tokenizer.model --out enhancer/
+
+LAION's improved aesthetic predictor (an MLP on CLIP ViT-L/14 image embeddings) -> a scorer folder (config.yaml,
+aesthetic.safetensors) for RAFT's reward:
+
+    python tools/convert.py aesthetic sac+logos+ava1-l14-linearMSE.pth --out aesthetic/
+
 Every output is written atomically (an existing file survives a failed run) and the run ends with a
 summary: tensors, parameters, bytes, and the entries left out.
 """
@@ -175,6 +185,40 @@ def run_inception(args) -> None:
           f"{_size(summary.bytes)} (from {os.path.basename(args.source)})")
 
 
+def run_llama(args) -> None:
+    from pangu_draw_ms.io.transformers_llama import read_transformers_llama
+    from pangu_draw_ms.prompting.config import ENHANCER_WEIGHTS, enhancer_config_from_transformers
+    from pangu_draw_ms.prompting.enhancer import save_enhancer
+    from pangu_draw_ms.tokenizers import SentencePieceTokenizer
+
+    check_output(args, [args.source, args.tokenizer], [os.path.join(args.out, ENHANCER_WEIGHTS)])
+    hf_config, state = read_transformers_llama(args.source)
+    config = enhancer_config_from_transformers(hf_config, os.path.abspath(args.tokenizer), args.max_length,
+                                               jieba=not args.no_jieba)
+    pieces = SentencePieceTokenizer(config.tokenizer.vocab).vocab_size
+    if pieces != config.vocab_size:
+        raise ValueError(f"--tokenizer {args.tokenizer} has {pieces} pieces but the LM's vocab_size is "
+                         f"{config.vocab_size}: give the tokenizer the checkpoint was trained with")
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    written = save_enhancer(args.out, config, state, args.dtype or "fp32")
+    print(f"\nconverted:\n  {written['weights']}: {len(state)} tensors, "
+          f"{sum(v.size for v in state.values()):,} parameters (from {args.source}, transformers LLaMA layout)\n"
+          f"  {written['config']}, {written['tokenizer']}")
+
+
+def run_aesthetic(args) -> None:
+    from pangu_draw_ms.evaluation.aesthetic import AESTHETIC_WEIGHTS, aesthetic_from_torch, save_aesthetic
+    from pangu_draw_ms.io.checkpoint import load_tensors
+
+    check_output(args, [args.source], [os.path.join(args.out, AESTHETIC_WEIGHTS)])
+    config, state = aesthetic_from_torch(load_tensors(resolve_checkpoint_path(args.source)))
+    written = save_aesthetic(args.out, config, state)
+    print(f"\nconverted:\n  {written['weights']}: {len(state)} tensors, {sum(v.size for v in state.values()):,} "
+          f"parameters (from {os.path.basename(args.source)}, LAION aesthetic predictor on {config.embed_dim}-d "
+          f"CLIP embeddings)\n  {written['config']}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -194,7 +238,14 @@ def main(argv=None) -> int:
                            help="text encoders: which hidden states the converted config uses")
     inception = commands.add_parser("inception", help="the FID Inception-v3 weights of pytorch-fid (for FID and IS)")
     inception.add_argument("source", help="pt_inception-2015-12-05-6726825d.pth")
-    for command in (released, diffusers, inception):
+    llama = commands.add_parser("llama", help="a transformers LLaMA causal LM -> a prompt enhancer directory")
+    llama.add_argument("source", help="folder with config.json and model.safetensors")
+    llama.add_argument("--tokenizer", required=True, help="the SentencePiece .model its ids come from")
+    llama.add_argument("--max-length", type=int, help="context window (default: max_position_embeddings)")
+    llama.add_argument("--no-jieba", action="store_true", help="the tokenizer was trained without jieba segmentation")
+    aesthetic = commands.add_parser("aesthetic", help="LAION's improved aesthetic predictor (.pth) -> a scorer folder")
+    aesthetic.add_argument("source", help="e.g. sac+logos+ava1-l14-linearMSE.pth")
+    for command in (released, diffusers, inception, llama, aesthetic):
         command.add_argument("--out", required=True, help="output folder")
         command.add_argument("--allow-inside-source", action="store_true",
                              help="allow an output folder inside the input folder (input files are never overwritten)")
@@ -204,7 +255,8 @@ def main(argv=None) -> int:
     if args.command == "released" and not (args.structure or args.texture):
         parser.error("released: give --structure, --texture or both")
     try:
-        {"released": run_released, "diffusers": run_diffusers, "inception": run_inception}[args.command](args)
+        {"released": run_released, "diffusers": run_diffusers, "inception": run_inception,
+         "llama": run_llama, "aesthetic": run_aesthetic}[args.command](args)
     except (ValueError, KeyError) as err:  # CheckpointError, StateDictError, ConfigError, swapped files
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,12 +21,19 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from pangu_draw_ms.cli.model_args import add_lora_arguments
+from pangu_draw_ms.demo.shapes import NEW_SHAPES
 
-def load_pipeline(model_dir: str):
-    """``generate(prompts, seed, height, width, steps, guidance) -> uint8 (N, H, W, 3)`` over a model directory."""
+
+def load_pipeline(model_dir: str, args=None):
+    """``generate(prompts, seed, height, width, steps, guidance) -> uint8 (N, H, W, 3)`` over a model directory
+    (with the LoRAs of ``args``' --lora flags merged in)."""
+    from pangu_draw_ms.cli.model_args import with_loras
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
     pipe = PanGuDrawPipeline.from_pretrained(model_dir)
+    if args is not None:
+        with_loras(args, pipe)
 
     def generate(prompts, seed, height, width, steps, guidance):
         out = pipe(list(prompts), negative_prompt="", height=height, width=width, num_inference_steps=steps,
@@ -77,6 +84,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--out", required=True, help="output folder for results.json and samples.png")
+    parser.add_argument("--recognise-shapes", nargs="+", default=[], choices=sorted(NEW_SHAPES),
+                        help="shapes the judge also tells apart besides the world's and the prompts' (e.g. star, to "
+                             "see whether a LoRA that teaches it draws it where it was not asked for)")
+    add_lora_arguments(parser)
     args = parser.parse_args(argv)
 
     from pangu_draw_ms.runtime import quiet_mindspore
@@ -86,16 +97,20 @@ def main(argv=None):
 
     ms.set_context(mode=ms.GRAPH_MODE)
     from pangu_draw_ms.demo.judge import ShapeClassifier, write_report
+    from pangu_draw_ms.demo.shapes import SHAPES
 
     with open(args.heldout, "r", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     start = time.time()
-    classifier = ShapeClassifier.trained_on_renders()
-    generate = load_pipeline(args.model)
+    # The world's shapes and any other a row asks for (the demo LoRA's star), so that it can be recognised.
+    shapes = tuple(SHAPES) + tuple(sorted(({row["shape"] for row in rows} | set(args.recognise_shapes)) - set(SHAPES)))
+    classifier = ShapeClassifier.trained_on_renders(shapes=shapes)
+    generate = load_pipeline(args.model, args)
     results = evaluate(generate, rows, args.seeds, args.height, args.width, args.steps, args.guidance, classifier)
     os.makedirs(args.out, exist_ok=True)
     save_grid(os.path.join(args.out, "samples.png"), results, rows, args.seeds)
-    report = {"model": args.model, "prompts": len(rows), "seeds": args.seeds, "height": args.height,
+    report = {"model": args.model, "loras": args.lora + args.lora_structure + args.lora_texture,
+              "judged_shapes": list(shapes), "prompts": len(rows), "seeds": args.seeds, "height": args.height,
               "width": args.width, "steps": args.steps, "guidance": args.guidance,
               "seconds": round(time.time() - start, 1), **results["per_language"]}
     return write_report(args.out, report)

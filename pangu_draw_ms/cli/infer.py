@@ -28,7 +28,8 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .model_args import add_model_arguments, build_pipeline, run_with_clear_errors, with_recipe
+from .model_args import add_model_arguments, build_pipeline, run_with_clear_errors, uses_demo_model, with_recipe
+from .prompt_enhancement import add_enhancer_arguments, check_enhancer_arguments, enhance_prompts
 
 # Default batch: images per UNet call such that the batched guidance branches hold at most this many latent
 # pixels - one 1024 x 1024 image (128 x 128 latents) with classifier-free guidance.
@@ -71,6 +72,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                           help="one UNet for every timestep (baseline for the time split)")
 
     add_model_arguments(p)
+    add_enhancer_arguments(p)
 
     out = p.add_argument_group("output")
     out.add_argument("--out", default="outputs",
@@ -158,7 +160,8 @@ def check_request(args):
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
     if args.recipe and (args.init_image or args.noise):
         raise SystemExit("error: --init-image and --noise do not combine with --recipe")
-    total = len(prompts) * args.num_images
+    check_enhancer_arguments(args, uses_demo_model(args))
+    total = len(prompts) * args.num_images * (args.enhance_candidates if args.enhance_prompt else 1)
     noise = None
     if args.noise:
         noise = check_noise_file(args.noise, FLAGS)
@@ -266,6 +269,8 @@ def save_images(args, output: Output, images, infos, latents) -> List[str]:
     for image, info, latent in zip(images, infos, latents):
         meta = PngImagePlugin.PngInfo()
         meta.add_text("prompt", info["prompt"])
+        if "original_prompt" in info:
+            meta.add_text("original_prompt", info["original_prompt"])
         meta.add_text("parameters", json.dumps(info, ensure_ascii=False))
         path = output.image_path(info["image_index"])
         if args.save_latents:
@@ -352,6 +357,7 @@ def generate_images(args: argparse.Namespace) -> List[str]:
     args.skip_existing = args.skip_existing or world > 1
     if not args.list_buckets:  # the request and the output location, before any model is loaded
         prompts, noise, init_image, output = check_request(args)
+        prompts, originals = enhance_prompts(args, prompts)
     pipe, source = build_pipeline(args)
     generate, source = with_recipe(args, pipe, source)
     if args.list_buckets:
@@ -364,6 +370,7 @@ def generate_images(args: argparse.Namespace) -> List[str]:
                     compiled=False if args.host_loop else None)
     # Image i of the run is prompt i // num_images; its noise comes from (seed, i) whatever batch it is in.
     jobs = [prompt for prompt in prompts for _ in range(args.num_images)]
+    job_originals = [original for original in originals for _ in range(args.num_images)]
     batch_size = args.batch_size or default_batch_size(pipe, settings, len(jobs))
     # Workers of one job would share a cache folder whose graphs are named by compile order: one each is none.
     cache_root = compile_cache_root(args.compile_cache) if args.mode == "graph" and world == 1 else None
@@ -400,7 +407,8 @@ def generate_images(args: argparse.Namespace) -> List[str]:
             if "expert_trace" in out.info:
                 shared["experts"] = {name: sum(1 for _, n in out.info["expert_trace"] if n == name)
                                      for name in ("structure", "texture")}
-            infos = [dict(shared, prompt=prompt, image_index=first + k, source=source)
+            infos = [dict(shared, prompt=prompt, image_index=first + k, source=source,
+                          **({"original_prompt": job_originals[first + k]} if args.enhance_prompt else {}))
                      for k, prompt in enumerate(batch)]
             for path in save_images(args, output, out.images, infos, out.latents):
                 print(path, flush=True)

@@ -31,15 +31,21 @@ def add_model_arguments(parser: argparse.ArgumentParser):
                        help="sequential: only the active network in memory (two 5B UNets need it on 32 GB)")
     model.add_argument("--device", choices=["CPU", "Ascend"], default="CPU")
     model.add_argument("--mode", choices=["graph", "pynative"], default="graph")
-    model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                       help="a UNet LoRA (diffusers/PEFT or kohya safetensors) merged into both generators; repeatable")
-    model.add_argument("--lora-structure", action="append", default=[], metavar="FILE[:SCALE]",
-                       help="a LoRA for the structure generator only (t >= t_struct)")
-    model.add_argument("--lora-texture", action="append", default=[], metavar="FILE[:SCALE]",
-                       help="a LoRA for the texture generator only")
+    add_lora_arguments(model)
     model.add_argument("--recipe", help="a Coop-Diffusion recipe YAML: partner models fused with the main model "
                                         "(and/or another model for part of the schedule); see configs/recipes/")
     return model
+
+
+def add_lora_arguments(group) -> None:
+    """--lora, --lora-structure, --lora-texture (read by :func:`with_loras`)."""
+    group.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="a UNet LoRA (diffusers/PEFT or kohya safetensors) merged into both generators, or a "
+                            "folder of <generator>_lora.safetensors (stage lora), each into its own; repeatable")
+    group.add_argument("--lora-structure", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="a LoRA for the structure generator only (t >= t_struct)")
+    group.add_argument("--lora-texture", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="a LoRA for the texture generator only")
 
 
 def with_recipe(args, pipe, source: str):
@@ -133,18 +139,18 @@ def build_pipeline(args):
 def with_loras(args, pipe) -> str:
     """Merge the --lora, --lora-structure and --lora-texture files into the pipeline's generators (each file
     checked now, before any image is drawn); the words the tools add to the model's description."""
-    from pangu_draw_ms.io.lora import parse_lora_argument
+    from pangu_draw_ms.io.lora import lora_files, parse_lora_argument
 
     added = []
     for flag, generators in (("lora", ("structure", "texture")), ("lora_structure", ("structure",)),
                              ("lora_texture", ("texture",))):
         for text in getattr(args, flag):
             path, scale = parse_lora_argument(text)
-            if not os.path.isfile(path):
-                raise SystemExit(f"error: --{flag.replace('_', '-')} {path}: no such file")
+            if not os.path.exists(path):
+                raise SystemExit(f"error: --{flag.replace('_', '-')} {path}: no such file or folder")
             pipe.load_lora(path, scale, generators)
-            for generator in generators:  # read and merged now: a bad file fails before any image is drawn
-                pipe.components.get(f"{generator}_unet")
+            for generator, file in lora_files(path, generators).items():
+                pipe.components.get(f"{generator}_unet")  # read and merged now: a bad file fails before any image
                 pipe.components.done_with(f"{generator}_unet")
-            added.append(f"{os.path.basename(path)} x {scale:g} ({'+'.join(generators)})")
+                added.append(f"{os.path.basename(file)} x {scale:g} ({generator})")
     return f", with LoRA {', '.join(added)}" if added else ""

@@ -4,7 +4,8 @@
   ``FOREGROUND_DISTANCE`` from it (RGB distance).
 * Colour: the median foreground colour, named by the nearest palette colour of :data:`shapes.COLORS`.
 * Shape: a softmax-regression classifier over the foreground mask cropped to its bounding box and
-  resized to ``MASK_SIZE`` squared, trained on masks of images rendered by the dataset generator.
+  resized to ``MASK_SIZE`` squared, trained on masks of images rendered by the dataset generator (the world's
+  shapes, or those and the shapes a caller adds, e.g. the demo LoRA's star).
 
 An image with (almost) no foreground has neither colour nor shape (``None``), which counts as a miss.
 """
@@ -20,7 +21,6 @@ FOREGROUND_DISTANCE = 60.0
 MIN_FOREGROUND = 0.01  # fraction of the pixels
 MASK_SIZE = 20
 _PALETTE = np.array([rgb for _, _, rgb in COLORS.values()], np.float64)
-_SHAPE_NAMES = list(SHAPES)
 
 
 def foreground(image: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -64,47 +64,57 @@ def mask_features(mask: np.ndarray) -> Optional[np.ndarray]:
 
 
 class ShapeClassifier:
-    """Softmax regression on :func:`mask_features` (weights (features + 1, shapes))."""
+    """Softmax regression on :func:`mask_features` (weights (features + 1, shapes)) over the shape ``names``."""
 
-    def __init__(self, weights: np.ndarray):
+    def __init__(self, weights: np.ndarray, names: Sequence[str] = tuple(SHAPES)):
         self.weights = weights
+        self.names = list(names)
 
     @staticmethod
     def _design(features: np.ndarray) -> np.ndarray:
         return np.concatenate([features, np.ones((len(features), 1))], axis=1)
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray, steps: int = 400, lr: float = 0.5,
-            l2: float = 1e-4) -> "ShapeClassifier":
+    def fit(cls, features: np.ndarray, labels: np.ndarray, names: Sequence[str] = tuple(SHAPES), steps: int = 400,
+            lr: float = 0.5, l2: float = 1e-4) -> "ShapeClassifier":
         x = cls._design(features)
-        onehot = np.eye(len(_SHAPE_NAMES))[labels]
-        w = np.zeros((x.shape[1], len(_SHAPE_NAMES)))
+        onehot = np.eye(len(names))[labels]
+        w = np.zeros((x.shape[1], len(names)))
         for _ in range(steps):  # full-batch gradient descent on the (convex) cross-entropy
             logits = x @ w
             p = np.exp(logits - logits.max(axis=1, keepdims=True))
             p /= p.sum(axis=1, keepdims=True)
             w -= lr * (x.T @ (p - onehot) / len(x) + l2 * w)
-        return cls(w)
+        return cls(w, names)
 
     @classmethod
-    def trained_on_renders(cls, num_images: int = 1200, seed: int = 0) -> "ShapeClassifier":
-        """Fit on masks of ``num_images`` scenes drawn by the dataset generator (every attribute combination)."""
+    def trained_on_renders(cls, num_images: int = 1200, seed: int = 0,
+                           shapes: Sequence[str] = tuple(SHAPES)) -> "ShapeClassifier":
+        """Fit on masks of ``num_images`` scenes drawn by the dataset generator (every attribute combination of
+        ``shapes``: the world's, plus e.g. the demo LoRA's new shape)."""
         rng = np.random.default_rng([seed, 11])
-        combos = all_combinations()
+        combos = all_combinations(shapes)
         features, labels = [], []
         while len(features) < num_images:
             scene = random_scene(rng, combos)
             vector = mask_features(foreground(render(scene))[0])
             if vector is not None:
                 features.append(vector)
-                labels.append(_SHAPE_NAMES.index(scene.shape))
-        return cls.fit(np.stack(features), np.array(labels))
+                labels.append(list(shapes).index(scene.shape))
+        return cls.fit(np.stack(features), np.array(labels), shapes)
 
-    def predict(self, image: np.ndarray) -> Optional[str]:
+    def probabilities(self, image: np.ndarray) -> Optional[np.ndarray]:
+        """The softmax over :attr:`names` for an image's foreground mask; None without a foreground."""
         vector = mask_features(foreground(image)[0])
         if vector is None:
             return None
-        return _SHAPE_NAMES[int(np.argmax(self._design(vector[None]) @ self.weights))]
+        logits = (self._design(vector[None]) @ self.weights)[0]
+        p = np.exp(logits - logits.max())
+        return p / p.sum()
+
+    def predict(self, image: np.ndarray) -> Optional[str]:
+        p = self.probabilities(image)
+        return None if p is None else self.names[int(np.argmax(p))]
 
 
 def judge(images: Sequence[np.ndarray], classifier: ShapeClassifier) -> Tuple[list, list]:

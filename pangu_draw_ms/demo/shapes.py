@@ -34,6 +34,13 @@ SHAPES: Dict[str, Tuple[str, str]] = {
     "triangle": ("triangle", "三角形"),
     "cross": ("cross", "十字形"),
 }
+# Shapes outside the world the demo model was trained on: the demo LoRA teaches "star" / "星形" (the demo
+# tokenizer has no piece for 星, so the Chinese word reaches the text encoders as <unk> + 形). (A new colour cannot
+# be taught by a UNet LoRA here: the demo VAE decodes every colour as one of its six.)
+NEW_SHAPES: Dict[str, Tuple[str, str]] = {
+    "star": ("star", "星形"),
+}
+ALL_SHAPES = {**SHAPES, **NEW_SHAPES}
 SIZES: Dict[str, Tuple[str, str, float]] = {  # name: (English, Chinese, extent / shorter image side)
     "small": ("small", "小", 0.34),
     "big": ("big", "大", 0.6),
@@ -74,12 +81,15 @@ def _polygon(shape: str, cy: float, cx: float, r: float) -> List[Tuple[float, fl
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
         return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    if shape == "star":  # five points, inner radius 0.45 of the outer
+        return [(cx + (r if i % 2 == 0 else 0.45 * r) * np.cos(-np.pi / 2 + i * np.pi / 5),
+                 cy + (r if i % 2 == 0 else 0.45 * r) * np.sin(-np.pi / 2 + i * np.pi / 5)) for i in range(10)]
     if shape == "cross":
         a = r * 0.34
         return [(cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a), (cx + r, cy + a),
                 (cx + a, cy + a), (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a),
                 (cx - r, cy - a), (cx - a, cy - a)]
-    raise ValueError(f"unknown shape {shape!r}; valid: {sorted(SHAPES)}")
+    raise ValueError(f"unknown shape {shape!r}; valid: {sorted(ALL_SHAPES)}")
 
 
 def render(scene: Scene, supersample: int = 4) -> np.ndarray:
@@ -108,7 +118,7 @@ def captions(scene: Scene, mention: Sequence[bool] = (True, True, True)) -> Tupl
     """(English, Chinese) caption; ``mention`` says whether size, position and background are named."""
     say_size, say_position, say_background = mention
     color_en, color_zh, _ = COLORS[scene.color]
-    shape_en, shape_zh = SHAPES[scene.shape]
+    shape_en, shape_zh = ALL_SHAPES[scene.shape]
     size_en, size_zh, _ = SIZES[scene.size]
     position_en, position_zh, _ = POSITIONS[scene.position]
     background_en, background_zh, _ = BACKGROUNDS[scene.background]
@@ -125,21 +135,25 @@ def captions(scene: Scene, mention: Sequence[bool] = (True, True, True)) -> Tupl
     return english, chinese
 
 
-def all_combinations() -> List[Tuple[str, str, str, str, str]]:
-    """Every (colour, shape, size, position, background)."""
-    return [(c, s, z, p, b) for c in COLORS for s in SHAPES for z in SIZES for p in POSITIONS for b in BACKGROUNDS]
+def all_combinations(shapes: Sequence[str] = tuple(SHAPES)) -> List[Tuple[str, str, str, str, str]]:
+    """Every (colour, shape, size, position, background) of ``shapes`` (default: the world's)."""
+    return [(c, s, z, p, b) for c in COLORS for s in shapes for z in SIZES for p in POSITIONS for b in BACKGROUNDS]
 
 
-def heldout_combinations(seed: int) -> List[Tuple[str, str, str, str, str]]:
-    """One combination per (colour, shape) pair, its other attributes drawn at random: these full
-    combinations never appear in the training images, so their full captions are unseen sentences."""
+def heldout_combinations(seed: int, shapes: Sequence[str] = tuple(SHAPES),
+                         per_pair: int = 1) -> List[Tuple[str, str, str, str, str]]:
+    """``per_pair`` combinations per (colour, shape) pair of ``shapes``, their other attributes drawn at random:
+    these full combinations never appear in the training images, so their full captions are unseen sentences."""
     rng = np.random.default_rng([seed, 7])
     held = []
     for color in COLORS:
-        for shape in SHAPES:
-            held.append((color, shape, list(SIZES)[rng.integers(len(SIZES))],
+        for shape in shapes:
+            while sum(1 for c in held if c[:2] == (color, shape)) < per_pair:
+                combo = (color, shape, list(SIZES)[rng.integers(len(SIZES))],
                          list(POSITIONS)[rng.integers(len(POSITIONS))],
-                         list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]))
+                         list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))])
+                if combo not in held:
+                    held.append(combo)
     return held
 
 
@@ -164,21 +178,30 @@ def scene_record(scene: Scene) -> dict:
 
 
 def write_dataset(directory: str, num_images: int, seed: int = 0, low_res_fraction: float = 0.3,
-                  scale: float = 1.0) -> Dict[str, int]:
+                  scale: float = 1.0, new_shapes: Sequence[str] = (), new_share: float = 0.0) -> Dict[str, int]:
     """Render ``num_images`` training scenes into ``directory/images`` with ``train.jsonl`` (columns image,
     caption_en, caption_zh, height, width and the scene attributes) and ``heldout.jsonl`` (the full
-    captions of :func:`heldout_combinations`, which no training image shows). Deterministic in ``seed``."""
+    captions of :func:`heldout_combinations`, which no training image shows). Deterministic in ``seed``.
+
+    With ``new_shapes`` (names in :data:`NEW_SHAPES`), each image shows one of them with probability
+    ``new_share`` and the world's shapes otherwise (data for teaching a new word while keeping the old ones),
+    and ``heldout.jsonl`` holds the new shapes' held-out captions (two per colour)."""
     import json
     import os
 
     from PIL import Image
 
+    unknown = [shape for shape in new_shapes if shape not in NEW_SHAPES]
+    if unknown:
+        raise ValueError(f"new shapes {unknown} are not defined; valid: {sorted(NEW_SHAPES)}")
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)
-    held = heldout_combinations(seed)
-    combos = [c for c in all_combinations() if c not in set(held)]
+    held = heldout_combinations(seed, new_shapes, per_pair=2) if new_shapes else heldout_combinations(seed)
+    base = [c for c in all_combinations() if c not in set(held)]
+    new = [c for c in all_combinations(new_shapes) if c not in set(held)]
     rng = np.random.default_rng(seed)
     with open(os.path.join(directory, "train.jsonl"), "w", encoding="utf-8") as f:
         for i in range(num_images):
+            combos = new if new and rng.random() < new_share else base
             scene = random_scene(rng, combos, low_res_fraction, scale)
             english, chinese = captions(scene, tuple(bool(v) for v in rng.random(3) < 0.5))
             name = f"images/{i:06d}.png"

@@ -80,6 +80,25 @@ def map_module(module: str, config: UNetConfig) -> str:
     raise UnmappedKeyError(module)
 
 
+def diffusers_attention_module(module: str, config: UNetConfig) -> str:
+    """The diffusers path of a module inside one of our transformer blocks (``input_blocks.4.1.proj_in`` ->
+    ``down_blocks.1.attentions.0.proj_in``): the inverse of :func:`map_module` there (what LoRA files name);
+    :class:`UnmappedKeyError` for a module outside the attention blocks."""
+    n = config.num_res_blocks
+    m = re.fullmatch(r"input_blocks\.(\d+)\.1\.(.+)", module)
+    if m and int(m[1]) >= 1:
+        level, index = divmod(int(m[1]) - 1, n + 1)
+        return f"down_blocks.{level}.attentions.{index}.{m[2]}"
+    m = re.fullmatch(r"middle_block\.1\.(.+)", module)
+    if m:
+        return f"mid_block.attentions.0.{m[1]}"
+    m = re.fullmatch(r"output_blocks\.(\d+)\.1\.(.+)", module)
+    if m:
+        up, index = divmod(int(m[1]), n + 1)
+        return f"up_blocks.{up}.attentions.{index}.{m[2]}"
+    raise UnmappedKeyError(module)
+
+
 def diffusers_unet_kwargs(config: UNetConfig, addition_time_embed_dim: int = 256) -> dict:
     """``UNet2DConditionModel(**kwargs)`` arguments describing the same architecture as ``config``.
 

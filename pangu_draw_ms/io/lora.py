@@ -13,9 +13,14 @@ Module names are carried into ours by the UNet converter's mapping (:mod:`pangu_
 kohya's underscored names are matched against our dense layers' names with '.' read as '_'. Only dense
 layers take LoRAs here (attention q/k/v/out, feed-forward, linear proj_in/out); convolution LoRAs (LoCon)
 are refused.
+
+Written (:func:`write_lora`, what training exports): the diffusers layout (``unet.<diffusers module>.lora_A``
+/ ``lora_B``, alpha / r folded into B: diffusers and PEFT read a file without alphas at scale 1) or kohya's
+(sgm module names, ``alpha`` stored), both loadable by diffusers' ``load_lora_weights`` and by us.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple
@@ -25,8 +30,8 @@ from mindspore import Tensor, nn
 
 from ..config import UNetConfig
 from ..models import layers as L
-from .checkpoint import load_tensors
-from .diffusers_unet import UnmappedKeyError, map_module
+from .checkpoint import load_tensors, save_checkpoint
+from .diffusers_unet import UnmappedKeyError, diffusers_attention_module, map_module
 
 
 class LoRAError(ValueError):
@@ -164,6 +169,21 @@ class MergedLoRAs:
         self.original = {}
 
 
+def lora_files(path: str, generators: Sequence[str]) -> Dict[str, str]:
+    """``{generator: file}`` of a LoRA given as ``path``: a file goes into every generator named; a folder (what
+    training stage ``lora`` exports) holds ``<generator>_lora.safetensors`` per generator, each for its own."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise LoRAError(f"{path}: no such LoRA file or folder")
+        return {generator: path for generator in generators}
+    found = {g: os.path.join(path, f"{g}_lora.safetensors") for g in generators}
+    found = {g: f for g, f in found.items() if os.path.isfile(f)}
+    if not found:
+        raise LoRAError(f"{path} is a folder without {' or '.join(f'{g}_lora.safetensors' for g in generators)} "
+                        "(the files training stage 'lora' writes); give a LoRA file or such a folder")
+    return found
+
+
 def parse_lora_argument(text: str) -> Tuple[str, float]:
     """``FILE`` or ``FILE:SCALE`` (a command-line LoRA) -> (file, scale)."""
     path, sep, scale = text.rpartition(":")
@@ -176,3 +196,28 @@ def lora_summary(layers: Mapping[str, LoRALayer]) -> str:
     ranks = sorted({layer.rank for layer in layers.values()})
     return f"{len(layers)} dense layers, rank {'/'.join(map(str, ranks))}"
 
+
+
+#: The layouts :func:`write_lora` writes.
+LORA_FILE_LAYOUTS = ("diffusers", "kohya")
+
+
+def write_lora(path: str, layers: Mapping[str, LoRALayer], config: UNetConfig, layout: str = "diffusers",
+               metadata: Optional[Mapping[str, str]] = None) -> str:
+    """Write ``layers`` (``{our dense layer name: LoRALayer}``) of a UNet of ``config`` to ``path`` (safetensors,
+    atomically) in ``layout`` (see the module docstring); returns ``path``."""
+    if layout not in LORA_FILE_LAYOUTS:
+        raise ValueError(f"LoRA layout {layout!r} is not written; choose one of {list(LORA_FILE_LAYOUTS)}")
+    tensors = {}
+    for name, layer in layers.items():
+        if layout == "diffusers":
+            key = "unet." + diffusers_attention_module(name, config)
+            tensors[f"{key}.lora_A.weight"] = layer.down
+            tensors[f"{key}.lora_B.weight"] = (layer.up * (layer.alpha / layer.rank)).astype(np.float32)
+        else:
+            key = "lora_unet_" + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = layer.down
+            tensors[f"{key}.lora_up.weight"] = layer.up
+            tensors[f"{key}.alpha"] = np.array(layer.alpha, np.float32)
+    save_checkpoint(tensors, path, metadata=dict(metadata or {}))
+    return path

@@ -7,7 +7,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn
+from mindspore import Parameter, nn
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,12 @@ def load_state(cell: nn.Cell, state: Mapping[str, np.ndarray], strict: bool = Tr
     lists the first few of each kind and the counts, before any parameter is touched. Non-strict: the
     matching entries are loaded and the rest is reported as a warning.
     """
-    params = {p.name: p for p in cell.get_parameters()}
+    return load_parameters({p.name: p for p in cell.get_parameters()}, state, strict, what, type(cell).__name__)
+
+
+def load_parameters(params: Mapping[str, Parameter], state: Mapping[str, np.ndarray], strict: bool = True,
+                    what: str = "checkpoint", owner: str = "the parameters") -> LoadReport:
+    """:func:`load_state` for a set of parameters by name (part of a cell: e.g. its LoRA adapters)."""
     report = LoadReport()
     report.missing = sorted(n for n in params if n not in state)
     report.unexpected = sorted(n for n in state if n not in params)
@@ -105,7 +110,7 @@ def load_state(cell: nn.Cell, state: Mapping[str, np.ndarray], strict: bool = Tr
             report.wrong_dtype.append((name, dtype_kind_error(params[name].dtype, np.asarray(value).dtype),
                                        str(np.asarray(value).dtype)))
     if not report.ok:
-        message = f"{what} does not fit {type(cell).__name__}: {report.describe()}"
+        message = f"{what} does not fit {owner}: {report.describe()}"
         if strict:
             raise StateDictError(message)
         logger.warning(message)

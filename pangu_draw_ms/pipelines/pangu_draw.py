@@ -26,6 +26,7 @@ from ..diffusion.guidance import STYLE_PREFIXES, GuidedDenoiser, guidance_branch
 from ..diffusion.samplers import NonFiniteLatentsError, Sampler, StepCallback, make_sampler
 from ..diffusion.schedule import CLEAN, NoiseSchedule, add_noise
 from ..images import load_image, resize, to_array, to_pil
+from ..io.lora import lora_files
 from ..models.layers import default_precision
 from ..tokenizers import build_tokenizer
 from .components import ComponentStore
@@ -183,12 +184,14 @@ class PanGuDrawPipeline:
 
     def load_lora(self, path: str, scale: float = 1.0, generators: Sequence[str] = ("structure", "texture")) -> None:
         """Merge a UNet LoRA file (diffusers/PEFT or kohya layout, :mod:`pangu_draw_ms.io.lora`) at ``scale``
-        into the ``generators`` ("structure", "texture" or both: a LoRA can follow the time split too).
-        Several LoRAs add up; :meth:`unload_loras` restores the original weights exactly."""
+        into the ``generators`` ("structure", "texture" or both: a LoRA can follow the time split too), or a
+        folder of ``<generator>_lora.safetensors`` files (what training stage ``lora`` exports), each into its
+        own generator. Several LoRAs add up; :meth:`unload_loras` restores the original weights exactly."""
         unknown = sorted(set(generators) - {"structure", "texture"})
         if unknown or not generators:
             raise ValueError(f"generators must name 'structure' and/or 'texture', got {list(generators)}")
-        self.components.add_lora(path, scale, [f"{g}_unet" for g in generators])
+        for generator, file in lora_files(path, generators).items():
+            self.components.add_lora(file, scale, [f"{generator}_unet"])
 
     def unload_loras(self) -> None:
         self.components.remove_loras()

@@ -10,9 +10,14 @@ A training run trains ONE stage of PanGu-Draw's recipe:
 * ``full_range``: the single-model baseline, t uniform in [0, T), the structure bucket list;
 * ``controlnet``: a ControlNet for a frozen trained generator (``controlnet.base``), on that generator's
   timestep range and bucket list, the control image made from each training image (``controlnet.control``).
+* ``lora``: LoRA adapters on one frozen trained generator (``lora.generator``), on that generator's timestep
+  range and bucket list: the time split applies to adapters too; only the adapters train and are saved.
 * ``clip``: a CLIP (the :class:`~pangu_draw_ms.config.CLIPConfig` named by ``clip``) trained contrastively on
   the image-caption pairs: the demo world's evaluator, and in miniature the paper's sec. 5 step of
   pre-training a Chinese text encoder with a contrastive objective.
+* ``prompt_sft``: the prompt enhancer's LLM (``prompt``, :class:`~pangu_draw_ms.prompting.config.PromptTrainConfig`)
+  fine-tuned on (short -> enriched) prompt pairs, the paper supplement's first step; ``prompt_raft``: then refined
+  by RAFT rounds (expansions drawn by the image model, scored by an aesthetic scorer and a CLIP, the best kept).
 
 ``t_struct``, T and the bucket lists come from the model config; :attr:`TrainConfig.timestep_range`
 turns the stage into its range. The paper's ablations (Tables 4-6) are options of these stages:
@@ -30,10 +35,11 @@ from typing import List, Literal, Optional, Tuple
 
 import yaml
 
-from ..config import PanGuDrawConfig, _check, from_dict, read_yaml, resolve_config_path
+from ..config import LORA_TARGETS, PanGuDrawConfig, _check, from_dict, read_yaml, resolve_config_path
+from ..prompting.config import PromptTrainConfig
 
-Stage = Literal["vae", "structure", "texture", "full_range", "controlnet", "clip"]
-STAGES = ("vae", "structure", "texture", "full_range", "controlnet", "clip")
+Stage = Literal["vae", "structure", "texture", "full_range", "controlnet", "lora", "clip", "prompt_sft", "prompt_raft"]
+STAGES = ("vae", "structure", "texture", "full_range", "controlnet", "lora", "clip", "prompt_sft", "prompt_raft")
 CONTROLS = ("edges",)
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 BucketList = Literal["default", "structure", "texture"]
@@ -156,6 +162,34 @@ class ControlNetTrainConfig:
 
 
 @dataclass(frozen=True)
+class LoRATrainConfig:
+    """Stage ``lora``: low-rank adapters (Hu et al. 2021) on the dense layers ``targets`` (groups of
+    :data:`pangu_draw_ms.config.LORA_TARGETS`: attention, feed_forward, projection) of the frozen
+    ``generator`` (``init.unet``: its weights), trained on that generator's timestep range and bucket list; the
+    update is (``alpha`` / ``rank``) B A, with dropout ``dropout`` on its input. The export writes
+    ``<generator>_lora.safetensors`` in ``layout`` (``diffusers`` or ``kohya``), which ``tools/infer.py
+    --lora-<generator>`` (or ``--lora DIR`` for a folder of both) and diffusers' ``load_lora_weights`` read."""
+
+    generator: Literal["structure", "texture"] = "structure"
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    targets: Tuple[str, ...] = ("attention",)
+    layout: Literal["diffusers", "kohya"] = "diffusers"
+
+    def __post_init__(self):
+        _check(self.generator in ("structure", "texture"),
+               f"lora.generator must be 'structure' or 'texture', got {self.generator!r}")
+        _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(len(self.targets) >= 1 and all(t in LORA_TARGETS for t in self.targets),
+               f"lora.targets {list(self.targets)} must be a non-empty list of {list(LORA_TARGETS)}")
+        _check(self.layout in ("diffusers", "kohya"),
+               f"lora.layout must be 'diffusers' or 'kohya', got {self.layout!r}")
+
+
+@dataclass(frozen=True)
 class InitConfig:
     """Weights to start from (safetensors with our parameter names, as in a model directory). Frozen
     components must be given: the diffusion stages need ``vae``, and ``conditioner`` unless the text
@@ -201,7 +235,9 @@ class TrainConfig:
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
     init: InitConfig = field(default_factory=InitConfig)
     controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
+    lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
     clip: str = "demo_clip"
+    prompt: PromptTrainConfig = field(default_factory=PromptTrainConfig)
     t_struct: Optional[int] = None
     bucket_list: BucketList = "default"
     resolution_boost_step: int = 0
@@ -232,15 +268,24 @@ class TrainConfig:
                    "set train_text_encoders: false")
             _check(not self.data.cache_dir, "stage 'controlnet' makes its control images from the decoded "
                    "training images every step: leave data.cache_dir empty")
+        if self.stage == "lora":
+            _check(bool(self.init.unet) and bool(self.init.conditioner) and bool(self.init.vae),
+                   f"stage 'lora' adapts a trained generator: set init.unet (its {self.lora.generator}_unet"
+                   ".safetensors), init.conditioner and init.vae")
+            _check(not self.train_text_encoders, "stage 'lora' trains adapters on the UNet only; the text encoders "
+                   "stay frozen: set train_text_encoders: false")
         if self.stage == "clip":
             _check(self.data.uncond_prob == 0, "stage 'clip' learns image-caption pairs; an empty caption pairs "
                    f"with nothing: set data.uncond_prob: 0 (got {self.data.uncond_prob})")
             _check(not self.data.cache_dir and not self.train_text_encoders,
                    "stage 'clip' trains both of its towers on decoded images and token ids: leave data.cache_dir "
                    "empty and train_text_encoders false (they name the generator's text encoders)")
+        if self.stage == "prompt_raft":
+            _check(self.steps >= self.prompt.rounds, f"stage 'prompt_raft' runs prompt.rounds={self.prompt.rounds} "
+                   f"rounds of steps / rounds optimizer steps each: steps must be >= the rounds, got {self.steps}")
 
         if self.t_struct is not None:
-            _check(self.stage in ("structure", "texture", "controlnet"),
+            _check(self.stage in ("structure", "texture", "controlnet", "lora"),
                    f"t_struct splits the timesteps between the generators; stage {self.stage!r} does not use it")
         if self.resolution_boost_step:
             _check(self.stage == "full_range", "resolution_boost_step applies to stage 'full_range' (the Resolution "
@@ -254,28 +299,34 @@ class TrainConfig:
         """The model config this run trains and exports: ``model`` with ``t_struct`` applied."""
         return model if self.t_struct is None else replace(model, t_struct=self.t_struct)
 
+    @property
+    def generator_role(self) -> str:
+        """Whose timestep range and buckets the stage trains on: the stage's own, or for a ControlNet or LoRA
+        the generator it steers or adapts."""
+        return {"controlnet": self.controlnet.base, "lora": self.lora.generator}.get(self.stage, self.stage)
+
     def timestep_range(self, model: PanGuDrawConfig) -> Tuple[int, int]:
-        """[low, high) of the uniformly sampled training timesteps of a diffusion stage (a ControlNet
-        trains on its base generator's range)."""
-        stage = self.controlnet.base if self.stage == "controlnet" else self.stage
+        """[low, high) of the uniformly sampled training timesteps of a diffusion stage (a ControlNet or LoRA
+        trains on its generator's range)."""
         return {"structure": (model.t_struct, model.num_train_timesteps),
                 "texture": (0, model.t_struct),
-                "full_range": (0, model.num_train_timesteps)}[stage]
+                "full_range": (0, model.num_train_timesteps)}[self.generator_role]
 
     def buckets(self, model: PanGuDrawConfig, step: int = 0) -> Tuple[Tuple[int, ...], ...]:
         """The (H, W) bucket list this stage trains at from optimizer step ``step`` on: by default the texture
-        list for ``texture`` (and a ControlNet of the texture generator), else the structure list;
+        list for ``texture`` (and a ControlNet or LoRA of the texture generator), else the structure list;
         ``bucket_list`` chooses one; with Resolution Boost the texture list before ``resolution_boost_step``."""
         if self.resolution_boost_step:
             return model.texture_buckets if step < self.resolution_boost_step else model.structure_buckets
         if self.bucket_list != "default":
             return getattr(model, f"{self.bucket_list}_buckets")
-        stage = self.controlnet.base if self.stage == "controlnet" else self.stage
-        return model.texture_buckets if stage == "texture" else model.structure_buckets
+        return model.texture_buckets if self.generator_role == "texture" else model.structure_buckets
 
     def phases(self) -> List[int]:
         """The first optimizer step of each run of steps with one bucket list: [0], or [0, N] with Resolution
-        Boost."""
+        Boost; for ``prompt_raft`` the first step of each RAFT round (each round reads the pairs it generated)."""
+        if self.stage == "prompt_raft":
+            return [r * self.steps // self.prompt.rounds for r in range(self.prompt.rounds)]
         return [0, self.resolution_boost_step] if self.resolution_boost_step else [0]
 
 

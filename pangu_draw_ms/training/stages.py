@@ -18,6 +18,7 @@ optimise, and a stage object owns exactly that:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -32,9 +33,11 @@ from ..diffusion.schedule import NoiseSchedule
 from ..images import edge_map, to_pil
 from ..io.checkpoint import save_checkpoint
 from ..io.layouts import build_component, load_component
+from ..io.lora import LoRALayer, write_lora
 from ..io.model_dir import COMPONENT_FILES, save_component, with_scaling_factor, write_config, write_model_config
-from ..io.state import load_state
+from ..io.state import load_parameters, load_state
 from ..models.controlnet import ControlNet
+from ..models.lora import add_lora_adapters, lora_parameters
 from ..models.unet import UNetModel
 from .config import TrainConfig
 from .losses import clip_contrastive_loss, diffusion_loss, vae_loss
@@ -64,8 +67,10 @@ class TrainingStage:
     captioned = False
     #: The VAE is frozen, so an image's posterior never changes and ``data.cache_dir`` may hold it.
     frozen_vae = False
-    #: The stage trains the VAE or in its latent space (every stage but ``clip``).
+    #: The stage trains the VAE or in its latent space (every stage but ``clip`` and the prompt stages).
     uses_vae = True
+    #: The stage reads text pairs (:meth:`prompt_pairs`, :meth:`pair_stream`) instead of images.
+    reads_prompt_pairs = False
 
     def __init__(self, config: TrainConfig, model_config: PanGuDrawConfig, dtype, is_main: bool = True):
         self.config, self.model_config, self.dtype, self.is_main = config, model_config, dtype, is_main
@@ -116,6 +121,18 @@ class TrainingStage:
 
     def trainable_params(self) -> List[Parameter]:
         return [p for name in self.trainable for p in self.cells[name].trainable_params()]
+
+    def _saved_parameters(self, name: str) -> Dict[str, Parameter]:
+        """The parameters of trained network ``name`` a training checkpoint holds: all of them."""
+        return {p.name: p for p in self.cells[name].get_parameters()}
+
+    def checkpoint_state(self, name: str) -> Dict[str, np.ndarray]:
+        """What a training checkpoint holds of trained network ``name`` (copies)."""
+        return {key: p.asnumpy().copy() for key, p in self._saved_parameters(name).items()}
+
+    def load_checkpoint_state(self, name: str, state: Mapping[str, np.ndarray], what: str) -> None:
+        """Put :meth:`checkpoint_state`'s tensors back (strict: every saved parameter, nothing else)."""
+        load_parameters(self._saved_parameters(name), state, what=what, owner=f"network {name!r}")
 
     def _latent_shape(self, batch: Mapping[str, np.ndarray]) -> Tuple[int, ...]:
         """(C, h, w) of a sample's latent: from the batch's pixels, or from its cached posteriors."""
@@ -348,6 +365,54 @@ class ControlNetStage(GeneratorStage):
         return [f"{self.config.controlnet.base}_controlnet"]
 
 
+class LoRAStage(GeneratorStage):
+    """Stage ``lora``: low-rank adapters (Hu et al. 2021) on the frozen ``lora.generator`` (``init.unet``),
+    trained with eq. (2) on that generator's timestep range and bucket list - the paper's time split applies to
+    adapters as to whole generators. Only the adapters train: the optimizer, its moments, the EMA and the
+    checkpoints hold them alone. Exports ``<generator>_lora.safetensors`` in ``lora.layout``."""
+
+    def __init__(self, config: TrainConfig, model_config: PanGuDrawConfig, dtype, is_main: bool = True):
+        super().__init__(config, model_config, dtype, is_main)
+        adapters = {id(p) for p in lora_parameters(self.adapters)}
+        for param in self.cells["unet"].get_parameters():
+            param.requires_grad = id(param) in adapters
+        if is_main:
+            total = sum(int(np.prod(p.shape)) for p in self.cells["unet"].get_parameters())
+            logger.info("lora: %d adapted layers, %d trainable parameters (%.3f %% of the UNet's %d)",
+                        len(self.adapters), self.num_trainable, 100.0 * self.num_trainable / total, total)
+
+    def _build_networks(self) -> None:
+        super()._build_networks()
+        settings = self.config.lora
+        self.adapters = add_lora_adapters(self.cells["unet"], settings.targets, settings.rank, settings.alpha,
+                                          settings.dropout)
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in lora_parameters(self.adapters))
+
+    def _saved_parameters(self, name: str) -> Dict[str, Parameter]:
+        return {p.name: p for p in lora_parameters(self.adapters)}
+
+    def lora_layers(self, state: Mapping[str, np.ndarray]) -> Dict[str, LoRALayer]:
+        """``{adapted layer: LoRALayer}`` of the adapter tensors in ``state`` (e.g. the EMA weights)."""
+        return {name: LoRALayer(np.asarray(state[f"{name}.lora_down"], np.float32),
+                                np.asarray(state[f"{name}.lora_up"], np.float32), adapter.alpha)
+                for name, adapter in self.adapters.items()}
+
+    def export(self, directory: str, states: Mapping[str, Mapping[str, np.ndarray]],
+               latent_std: Callable[[], float]) -> Dict[str, object]:
+        """``<generator>_lora.safetensors`` (the adapters' EMA weights when EMA is on) in ``lora.layout``, into
+        ``directory``: a LoRA folder, which ``--lora DIR`` reads (each file into its generator)."""
+        settings = self.config.lora
+        path = os.path.join(directory, f"{settings.generator}_lora.safetensors")
+        metadata = {"generator": settings.generator, "rank": str(settings.rank), "alpha": str(settings.alpha),
+                    "targets": ",".join(settings.targets), "t_range": json.dumps(list(self.t_range)),
+                    "base_model": os.path.abspath(self.config.init.unet)}
+        write_lora(path, self.lora_layers(states["unet"]), self.model_config.unet, settings.layout, metadata)
+        return {"lora": path, "trainable_parameters": self.num_trainable}
+
+
 class CLIPStage(TrainingStage):
     """Stage ``clip``: a CLIP (the :class:`~pangu_draw_ms.config.CLIPConfig` named by ``config.clip``) trained
     with CLIP's contrastive objective on the image-caption pairs, each sample captioned in one of
@@ -410,9 +475,121 @@ class CLIPStage(TrainingStage):
         return {"clip": weights_path, "config": config_path}
 
 
+class PromptSFTStage(TrainingStage):
+    """Stage ``prompt_sft``: the prompt enhancer's LLM (mindformers' LLaMA, :mod:`pangu_draw_ms.prompting`)
+    fine-tuned on (short -> enriched) prompt pairs with the next-token loss on the enriched half (the paper
+    supplement's supervised step on human-annotated pairs). ``prompt.enhancer`` is the directory it starts from
+    or the architecture of a new one; the pairs are ``data.manifest``. Exports an enhancer directory
+    (config.yaml, enhancer.safetensors, tokenizer.model) that ``tools/infer.py --enhancer-dir`` reads."""
+
+    uses_vae = False
+    reads_prompt_pairs = True
+
+    def _build_networks(self) -> None:
+        from ..prompting.enhancer import build_enhancer
+
+        self.enhancer = build_enhancer(self.config.prompt.enhancer)
+        self.cells["enhancer"] = self.enhancer.model
+
+    def _trained_networks(self) -> List[str]:
+        return ["enhancer"]
+
+    def prompt_pairs(self, phase: int, rank: int, world: int) -> List[Dict[str, str]]:
+        """The pairs the steps from ``phase`` on train on: the manifest's, in ``data.languages``."""
+        return self._read_pairs(self.config.data.manifest)
+
+    def _read_pairs(self, path: str) -> List[Dict[str, str]]:
+        """The pairs of ``path`` in ``data.languages`` that fit the enhancer's context (the others are left out,
+        with a warning)."""
+        from ..prompting.data import fitting_pairs, read_pairs
+
+        pairs, dropped = fitting_pairs(read_pairs(path, self.config.data.languages), self.enhancer.tokenizer,
+                                       self.enhancer.config.max_length)
+        if dropped and self.is_main:
+            logger.warning("%s: %d pair(s) longer than the enhancer's %d tokens left out", path, dropped,
+                           self.enhancer.config.max_length)
+        return pairs
+
+    def pair_stream(self, pairs: Sequence[Dict[str, str]], plan, rank: int, batch_size: int):
+        """This worker's micro-batches of ``pairs`` (tokenised rows and loss masks) in ``plan``'s order."""
+        from ..prompting.data import PairStream
+
+        return PairStream(pairs, self.enhancer.tokenizer, self.enhancer.config.max_length, plan, rank, batch_size)
+
+    def inputs(self, batch: Mapping[str, np.ndarray], rngs: Sequence[np.random.Generator]) -> StepInputs:
+        return (Tensor(batch["ids"]), Tensor(batch["loss_mask"])), np.zeros(0, np.int64)
+
+    def loss_fn(self) -> Callable:
+        model = self.cells["enhancer"]
+
+        def loss(ids, loss_mask):
+            return model(ids, loss_mask=loss_mask).reshape(())  # mindformers returns shape (1,)
+
+        return loss
+
+    def export(self, directory: str, states: Mapping[str, Mapping[str, np.ndarray]],
+               latent_std: Callable[[], float]) -> Dict[str, object]:
+        from ..prompting.enhancer import save_enhancer
+
+        return save_enhancer(directory, self.enhancer.config, states["enhancer"], self.config.export_dtype)
+
+
+class PromptRAFTStage(PromptSFTStage):
+    """Stage ``prompt_raft``: the enhancer refined by RAFT (reward-ranked fine-tuning, Dong et al. 2023), the paper
+    supplement's second step. Each round (:meth:`TrainConfig.phases`) first expands ``prompt.prompts_per_round``
+    short prompts of the manifest ``prompt.candidates`` times, draws every expansion with the image model
+    ``model``, scores it (aesthetic + CLIP-score against the short prompt, :class:`~pangu_draw_ms.prompting.raft.
+    ImageReward`) and keeps each prompt's best expansion; the round's steps train on those pairs. Under msrun each
+    worker expands and draws one slice of the prompts. The rounds' files (``output_dir/raft/round_R.jsonl``: the
+    kept pairs with every candidate and reward) make a resumed run train on the same pairs."""
+
+    def prompt_pairs(self, phase: int, rank: int, world: int) -> List[Dict[str, str]]:
+        from ..prompting import raft
+        from ..prompting.data import read_pairs
+        from .trainer import barrier
+
+        settings, directory = self.config.prompt, os.path.join(self.config.output_dir, "raft")
+        round_index = self.config.phases().index(phase)
+        mine, merged = raft.round_files(directory, round_index, rank)
+        if not os.path.isfile(merged):
+            prompts = raft.round_prompts(read_pairs(self.config.data.manifest, self.config.data.languages),
+                                         settings.prompts_per_round, self.config.seed, round_index)
+            first, last = len(prompts) * rank // world, len(prompts) * (rank + 1) // world
+            if not os.path.isfile(mine):
+                model = self.cells["enhancer"]
+                model.set_train(False)
+                candidates, rewards = raft.score_candidates(self.enhancer, prompts[first:last], first, settings,
+                                                            self.config.seed, self._reward())
+                model.set_train(True)
+                raft.write_jsonl(mine, raft.best_pairs(prompts[first:last], candidates, rewards))
+            barrier(world)
+            if rank == 0:
+                rows = [row for w in range(world) for row in raft.read_jsonl(raft.round_files(directory, round_index,
+                                                                                              w)[0])]
+                raft.write_jsonl(merged, rows)
+                logger.info("RAFT round %d: %d prompts, mean reward of the kept expansions %.3f (of all %.3f)",
+                            round_index, len(rows), np.mean([r["reward"] for r in rows]),
+                            np.mean([x for r in rows for x in r["rewards"]]))
+            barrier(world)
+        return self._read_pairs(merged)
+
+    def _build_networks(self) -> None:
+        super()._build_networks()
+        self.image_reward = None  # built by the first round that draws (a resumed run may need none)
+
+    def _reward(self):
+        """The reward of drawn expansions (built once): the image model, the CLIP and the aesthetic scorer."""
+        if self.image_reward is None:
+            from ..prompting.raft import ImageReward
+
+            self.image_reward = ImageReward.for_model(self.config.model, self.config.prompt, self.config.seed)
+        return self.image_reward
+
+
 #: ``config.stage`` -> the class that trains it.
 STAGE_CLASSES = {"vae": VAEStage, "structure": GeneratorStage, "texture": GeneratorStage,
-                 "full_range": GeneratorStage, "controlnet": ControlNetStage, "clip": CLIPStage}
+                 "full_range": GeneratorStage, "controlnet": ControlNetStage, "lora": LoRAStage, "clip": CLIPStage,
+                 "prompt_sft": PromptSFTStage, "prompt_raft": PromptRAFTStage}
 
 
 def build_stage(config: TrainConfig, model_config: PanGuDrawConfig, dtype, is_main: bool = True) -> TrainingStage:

@@ -25,7 +25,7 @@ from mindspore import Tensor, nn, ops
 from ..buckets import BucketTable
 from ..config import to_dict
 from ..io.model_dir import load_model_config
-from ..io.state import cell_state, load_state
+from ..io.state import cell_state
 from ..models.layers import compute_dtype
 from ..tokenizers import build_tokenizer
 from .checkpointing import CheckpointFolder
@@ -108,6 +108,9 @@ class Trainer:
             self._build_data(self.config.buckets(self.model_config, phase))
 
     def _build_data(self, sizes) -> None:
+        if self.stage.reads_prompt_pairs:
+            self._build_pair_data()
+            return
         config, data = self.config, self.config.data
         samples, skipped = read_manifest(data.manifest, data.root)
         table = BucketTable(f"{config.stage} buckets", tuple(tuple(size) for size in sizes))
@@ -138,6 +141,21 @@ class Trainer:
                                   batch_size=data.batch_size, seed=config.seed, languages=data.languages,
                                   uncond_prob=data.uncond_prob, tokenizers=tokenizers, cache=self.cache,
                                   cache_text=frozen_text, num_workers=data.num_workers)
+
+    def _build_pair_data(self) -> None:
+        """The text pairs of a prompt stage (the stage reads them), batched like images of one bucket: a row
+        of ``max_length + 1`` tokens (the table's one size, 1 x tokens)."""
+        pairs = self.stage.prompt_pairs(self.phase, self.rank, self.world)
+        self.skipped = Skipped()
+        self.buckets = np.zeros(len(pairs), np.int64)
+        self.table = BucketTable("prompt pairs", ((1, self.stage.enhancer.config.max_length + 1),))
+        self.global_batch = self.config.data.batch_size * self.world
+        self.plan = BatchPlan(self.buckets, self.global_batch, self.config.seed)
+        self.cache = None
+        self.stream = self.stage.pair_stream(pairs, self.plan, self.rank, self.config.data.batch_size)
+        if self.is_main:
+            logger.info("data: %d prompt pairs; %d global batches of %d per epoch", len(pairs),
+                        self.plan.batches_per_epoch, self.global_batch)
 
     def _cache_fingerprint(self, frozen_text: bool) -> str:
         model = to_dict(self.model_config)
@@ -199,8 +217,7 @@ class Trainer:
     def _inputs(self, batch: Dict[str, np.ndarray], micro: int) -> StepInputs:
         """The step's input tensors for a micro-batch, and the timesteps it uses (empty for the VAE). The
         sample at global batch position p draws from ``default_rng([seed, micro, p])``."""
-        images = batch.get("pixels")
-        size = batch["latents"].shape[0] if images is None else images.shape[0]
+        size = len(batch["bucket_index"])
         positions = self.rank * size + np.arange(size)
         rngs = [np.random.default_rng([self.config.seed, micro, int(p)]) for p in positions]
         return self.stage.inputs(batch, rngs)
@@ -220,7 +237,8 @@ class Trainer:
         """Write a checkpoint of the run (main worker only)."""
         if not self.is_main:
             return None
-        tensors = {f"model/{name}/{k}": v for name in self.trainable for k, v in cell_state(self.cells[name]).items()}
+        tensors = {f"model/{name}/{k}": v for name in self.trainable
+                   for k, v in self.stage.checkpoint_state(name).items()}
         tensors.update(self.train_step.state())
         path = self.checkpoints.save(self.step, tensors, self._run_state())
         logger.info("step %d: checkpoint %s", self.step, path)
@@ -259,8 +277,8 @@ class Trainer:
                                  f"{key}={expected[key]!r}; an exact resume needs the same data and batch layout")
         for name in self.trainable:
             prefix = f"model/{name}/"
-            load_state(self.cells[name], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                       what=f"{path} ({name})")
+            self.stage.load_checkpoint_state(name, {k[len(prefix):]: v for k, v in tensors.items()
+                                                    if k.startswith(prefix)}, what=f"{path} ({name})")
         self.train_step.load_state(tensors)
         self.step, self.micro = int(state["step"]), int(state["micro"])
         if self.is_main:
