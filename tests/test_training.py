@@ -67,6 +67,7 @@ def test_train_cli_errors_are_one_line_with_exit_code_2(tmp_path, dataset, weigh
         (["--config", str(malformed)], f"{malformed}: line 4: expected ',' or ']'"),
         (["--config", str(tmp_path / "absent.yaml")], "absent.yaml: no such file"),
         (common + ["--resume", str(garbage)], "step_00000009.safetensors"),
+        (common + ["--resume", "steps=-2"], "steps must be >= 1, got -2"),  # an override after a bare --resume
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:

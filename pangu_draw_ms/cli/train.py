@@ -58,6 +58,10 @@ def main(argv=None) -> dict:
                                                                  "checkpoint error (default: one line, exit 2)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (YAML values)")
     args = parser.parse_args(argv)
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        # "--resume steps=10": argparse gave --resume the override that followed it; it was meant as one.
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as err:  # ConfigError, CheckpointError, StateDictError, data errors
