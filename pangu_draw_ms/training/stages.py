@@ -408,7 +408,7 @@ class LoRAStage(GeneratorStage):
         path = os.path.join(directory, f"{settings.generator}_lora.safetensors")
         metadata = {"generator": settings.generator, "rank": str(settings.rank), "alpha": str(settings.alpha),
                     "targets": ",".join(settings.targets), "t_range": json.dumps(list(self.t_range)),
-                    "base_model": os.path.abspath(self.config.init.unet)}
+                    "base_model": os.path.basename(self.config.init.unet)}
         write_lora(path, self.lora_layers(states["unet"]), self.model_config.unet, settings.layout, metadata)
         return {"lora": path, "trainable_parameters": self.num_trainable}
 
