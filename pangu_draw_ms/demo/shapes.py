@@ -36,7 +36,7 @@ SHAPES: Dict[str, Tuple[str, str]] = {
 }
 # Shapes outside the world the demo model was trained on: the demo LoRA teaches "star" / "星形" (the demo
 # tokenizer has no piece for 星, so the Chinese word reaches the text encoders as <unk> + 形). (A new colour cannot
-# be taught by a UNet LoRA here: the demo VAE decodes every colour as one of its six.)
+# be taught by a UNet LoRA here: the demo VAE pulls other colours onto its six.)
 NEW_SHAPES: Dict[str, Tuple[str, str]] = {
     "star": ("star", "星形"),
 }
