@@ -22,6 +22,11 @@ import pytest
 # eagerly in less time than GRAPH_MODE takes to compile it. Every network's graph is still compiled and
 # checked by its parity test (``ms_mode``), and the tests of compiled paths ask for GRAPH_MODE (``graph_mode``).
 ms.set_context(device_target="CPU", mode=ms.PYNATIVE_MODE)
+# Kernel threads: the cores shared among pytest-xdist's workers. MindSpore's default, a thread per core in every
+# worker, oversubscribes them, and its idle threads spin: an eager training test took 2.3x longer beside one busy
+# process with two threads, 1.15x with one.
+ms.device_context.cpu.op_tuning.threads_num(
+    max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 # Keeps the torchvision operator declarations of _make_torchvision_importable alive (freed, they are dropped).
 _TORCHVISION_OP_DECLARATIONS = []
@@ -54,6 +59,28 @@ def _make_torchvision_importable() -> None:
 
 
 _make_torchvision_importable()
+
+
+# The slowest test files, slowest first (their share of a full run, 2026-11-29: training 250 s, the demo 120 s,
+# Coop 110 s, evaluation and export 80 s each, ...). pytest-xdist's --dist loadfile hands whole files to the
+# workers in collection order, so these go first and the short files fill in at the end: both workers finish
+# together instead of one running the last long file alone (xdist's own order, by number of tests, put the
+# export tests last). Refresh from ``--durations=0`` when a file's cost changes a lot.
+SLOWEST_FILES = ("test_training.py", "test_demo.py", "test_coop_pipeline.py", "test_evaluate.py", "test_export.py",
+                 "test_pipeline.py", "test_infer_cli.py", "test_ablation_options.py", "test_controlnet.py",
+                 "test_unet.py", "test_lora_training.py", "test_configs.py", "test_prompting.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the collection order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    """The slowest files first (in SLOWEST_FILES' order), then the rest in their own order; tests keep their order
+    within a file."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True)

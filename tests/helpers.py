@@ -1,6 +1,7 @@
 """Shared helpers for parity tests: re-randomise reference weights, compare outputs."""
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 
 from pangu_draw_ms.config import UNetConfig
@@ -86,3 +87,14 @@ def tiny_config(tmp_path, dataset, weights, *overrides):
         f"model={weights['model']}", f"output_dir={tmp_path}/run", f"data.manifest={dataset}/square.jsonl",
         f"init.vae={weights['vae']}", "data.batch_size=2", "save_every=0", "optim.warmup_steps=0",
         "log_every=100") + overrides)
+
+
+def in_pynative(call, *args, **kwargs):
+    """``call(*args, **kwargs)`` in PYNATIVE_MODE, the mode restored after: the eager reference of a compiled
+    path (it shares no compiled code with the graph), or a check that needs no graph of its own."""
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        return call(*args, **kwargs)
+    finally:
+        ms.set_context(mode=previous)

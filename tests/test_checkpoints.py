@@ -267,8 +267,9 @@ def test_convert_tool_splits_the_released_pair(released_pair, tmp_path, capsys, 
         fresh = build_component({"structure_unet": "unet", "texture_unet": "unet"}.get(name, name), source.config,
                                 materialize=False)
         assert load_component(fresh, os.path.join(out, f"{name}.{fmt}")).layout == "ours"
+        loaded = cell_state(fresh)
         for key, value in cell_state(source).items():
-            np.testing.assert_array_equal(cell_state(fresh)[key], value.astype(np.float16).astype(np.float32))
+            np.testing.assert_array_equal(loaded[key], value.astype(np.float16).astype(np.float32))
 
 
 # ---- diffusers and transformers files ------------------------------------------------------------
@@ -469,7 +470,8 @@ def test_wrong_model_file_is_named(saved_unet, tmp_path):
     with pytest.raises(StateDictError, match=r"\d+ missing key\(s\): .*; \d+ unexpected key\(s\): .*\(\+\d+ more\); "
                                              r"\d+ shape mismatch\(es\): \S+ expected \(\d+.*\) got \("):
         load_component(build_component("unet", SDXL_LIKE), paths[".safetensors"])
-    assert all(np.array_equal(v, cell_state(target)[k]) for k, v in before.items())
+    after = cell_state(target)
+    assert all(np.array_equal(v, after[k]) for k, v in before.items())
 
 
 def test_misfits_of_a_mapped_layout_name_the_files_entry_next_to_ours(tmp_path):
@@ -483,7 +485,8 @@ def test_misfits_of_a_mapped_layout_name_the_files_entry_next_to_ours(tmp_path):
     with pytest.raises(StateDictError, match=r"1 shape mismatch\(es\): input_blocks\.0\.0\.weight \(file entry "
                                              r"conv_in\.weight\) expected \(32, 4, 3, 3\) got \(32, 3, 3, 3\)"):
         load_component(target, str(tmp_path / "diffusers_unet.safetensors"))
-    assert all(np.array_equal(v, cell_state(target)[k]) for k, v in before.items())
+    after = cell_state(target)
+    assert all(np.array_equal(v, after[k]) for k, v in before.items())
 
 
 def test_wrong_dtype_and_missing_component(saved_unet, tmp_path):

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 
-import mindspore as ms
 import numpy as np
 import pytest
 import yaml
@@ -15,7 +14,7 @@ from pangu_draw_ms.io.layouts import build_component, save_component
 from pangu_draw_ms.pipelines.coop import CoopPipeline
 from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
-from helpers import randomize_torch_module
+from helpers import in_pynative, randomize_torch_module
 from released_layout import randomize_cell
 
 torch = pytest.importorskip("torch")
@@ -135,6 +134,15 @@ def test_controlnet_and_image_variation_partners(main, models):
     # ... and so does a control image given per call, with the ControlNet kept loaded.
     swapped = coop(PROMPT, output_type="latent", control_images={"edges": models["reference"]}, **RUN).latents
     np.testing.assert_allclose(swapped, rebuilt, rtol=1e-5, atol=1e-5 * np.abs(rebuilt).max())
+    # One control image per image of a batch: each image is the one its control image gives alone.
+    batch = coop([PROMPT, PROMPT], output_type="latent", control_images={"edges": [models["edges"],
+                                                                                   models["reference"]]}, **RUN)
+    second = coop(PROMPT, output_type="latent", control_images={"edges": models["reference"]}, first_image_index=1,
+                  **RUN).latents
+    for image, alone in zip(batch.latents, (out.latents[0], second[0])):
+        np.testing.assert_allclose(image, alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+    with pytest.raises(ValueError, match="3 control images for a run of 2 images; give one, or one per image"):
+        coop([PROMPT, PROMPT], control_images={"edges": [models["edges"]] * 3}, **RUN)
     with pytest.raises(ValueError, match="not ControlNet partners of the recipe"):
         coop(PROMPT, control_images={"variation": models["reference"]}, **RUN)
 
@@ -265,23 +273,14 @@ def test_bundled_recipes_are_valid():
         assert load_config(os.path.join(folder, name), CoopRecipe).partners
 
 
-def in_pynative(call, *args, **kwargs):
-    """``call(*args, **kwargs)`` in PYNATIVE_MODE, the mode restored after."""
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        return call(*args, **kwargs)
-    finally:
-        ms.set_context(mode=previous)
-
-
 def test_compiled_fused_steps_equal_the_host_loop(main, models, graph_mode):
     """Each fused step as one graph (partner UNets + bridges + fusion + update) gives the latents of the
     host loop (any-sampler path, run eagerly in PYNATIVE mode: the reference shares no compiled code with
     the graph) - also for a step where no partner is active (the last one here: sd15 fuses for t >= 400, the
-    ControlNet for t >= 600). A second run reuses the compiled steps,
-    and compiling renames no parameter of the pipeline's networks. (DDIM differs from Euler only in its affine
-    coefficients, which test_schedule_samplers checks against its step.)"""
+    ControlNet for t >= 600; three steps at t = 999, 666, 333 need two graphs, the fused one and the main
+    model's with both partners inactive, and Heun evaluates at the same t, in the same graphs). A second run
+    reuses the compiled steps, and compiling renames no parameter of the pipeline's networks. (DDIM differs from
+    Euler only in its affine coefficients, which test_schedule_samplers checks against its step.)"""
     coop = CoopPipeline(main, recipe(partners=[
         {"name": "sd15", "kind": "diffusers", "path": models["sd15"], "weight": 0.4, "height": 32, "width": 32,
          "t_min": 400},
@@ -289,7 +288,8 @@ def test_compiled_fused_steps_equal_the_host_loop(main, models, graph_mode):
          "weight": 0.3, "t_min": 600}]))
     unet_names = {name: [p.name for p in main.components.get(name).get_parameters()]
                   for name in ("structure_unet", "texture_unet")}
-    kwargs = dict(output_type="latent", sampler="euler", **RUN)
+    steps = dict(RUN, num_inference_steps=3)  # each graph costs ~14 s to compile here: two, not five
+    kwargs = dict(output_type="latent", sampler="euler", **steps)
     graph = coop(PROMPT, compiled=True, **kwargs)
     compiled_steps = dict(coop._fused_steps)
     host = in_pynative(coop, PROMPT, compiled=False, **kwargs)
@@ -299,14 +299,15 @@ def test_compiled_fused_steps_equal_the_host_loop(main, models, graph_mode):
     assert [names for _, names in host.info["coop_trace"]][-1] == ["main"]  # the step without partners
     np.testing.assert_allclose(graph.latents, host.latents, rtol=1e-4, atol=1e-4 * np.abs(host.latents).max())
     again = coop(PROMPT, compiled=True, **kwargs)
-    assert len(compiled_steps) >= 3 and coop._fused_steps == compiled_steps  # nothing new compiled
+    assert len(compiled_steps) == 2 and coop._fused_steps == compiled_steps  # nothing new compiled
     np.testing.assert_allclose(again.latents, graph.latents, rtol=1e-5, atol=1e-6)
     assert {name: [p.name for p in main.components.get(name).get_parameters()] for name in unet_names} == unet_names
     # Heun (two evaluations per step) updates on the host around the same compiled fused prediction.
-    heun = {True: coop(PROMPT, compiled=True, output_type="latent", sampler="heun", **RUN),
-            False: in_pynative(coop, PROMPT, compiled=False, output_type="latent", sampler="heun", **RUN)}
+    heun = {True: coop(PROMPT, compiled=True, output_type="latent", sampler="heun", **steps),
+            False: in_pynative(coop, PROMPT, compiled=False, output_type="latent", sampler="heun", **steps)}
     assert heun[True].info["compiled_fused_steps"] and not heun[True].info["sampler_update_in_graph"]
+    assert coop._fused_steps == compiled_steps  # its predictions come from the same graphs (A = 0, B = 1)
     np.testing.assert_allclose(heun[True].latents, heun[False].latents, rtol=1e-4,
                                atol=1e-4 * np.abs(heun[False].latents).max())
     with pytest.raises(ValueError, match="compiled fused step needs"):
-        coop(PROMPT, compiled=True, output_type="latent", sampler="euler", guidance_rescale=0.7, **RUN)
+        coop(PROMPT, compiled=True, output_type="latent", sampler="euler", guidance_rescale=0.7, **steps)

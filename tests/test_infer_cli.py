@@ -86,15 +86,15 @@ def test_released_pair_and_its_conversion_draw_the_same_image(small_config, tmp_
     assert np.array_equal(latents[0], latents[1])
 
 
-def test_batches_equal_one_image_at_a_time(small_config, tmp_path):
+def test_batches_equal_one_image_at_a_time(tmp_path):
     """--batch-size groups images into pipeline calls; every image equals its one-at-a-time version (its
     noise comes from (seed, image index)), and each PNG is written under its image index. (PyNative: the
-    batching is host logic, and three batch sizes would compile three sets of graphs.)"""
+    batching is host logic, and three batch sizes would compile three sets of graphs; the demo model: the
+    smallest UNet, the fastest steps.)"""
     import numpy as np
 
-    common = ["--config", small_config, "--prompt", "一个红色的圆形", "--prompt", "a blue square", "--num-images", "2",
-              "--steps", "2", "--height", "96", "--width", "96", "--seed", "3", "--quiet", "--save-latents",
-              "--mode", "pynative"]
+    common = ["--prompt", "一个红色的圆形", "--prompt", "a blue square", "--num-images", "2", "--steps", "2",
+              "--height", "64", "--width", "64", "--seed", "3", "--quiet", "--save-latents", "--mode", "pynative"]
     batched = infer.main(common + ["--batch-size", "3", "--out", str(tmp_path / "batched")])
     single = infer.main(common + ["--batch-size", "1", "--out", str(tmp_path / "single")])
     assert [os.path.basename(p) for p in batched] == [f"pangu_00{i}.png" for i in range(4)] + ["pangu_grid_000-003.png"]
@@ -119,9 +119,11 @@ def test_compile_cache_key_holds_what_decides_the_graphs(small_config):
     assert key(["--prompt", "a red circle", "--sampler", "heun"]) != base
 
 
-def test_compile_cache_reads_back_the_same_graphs(small_config, tmp_path):
+def test_compile_cache_reads_back_the_same_graphs(tmp_path):
     """A second process with the same settings reads the graphs the first one cached and draws the same
-    latents (child processes: the cache is process-wide); neither logs a warning."""
+    latents (child processes: the cache is process-wide); neither logs a warning. Two steps: both generators'
+    step graphs (one architecture, the same input shapes) are cached and must be read back in order. The
+    demo model: its graphs compile fastest."""
     import subprocess
 
     import numpy as np
@@ -130,7 +132,7 @@ def test_compile_cache_reads_back_the_same_graphs(small_config, tmp_path):
     cache = tmp_path / "cache"
 
     def draw(out):
-        argv = ["--config", small_config, "--steps", "2", "--height", "96", "--width", "96", "--quiet",
+        argv = ["--steps", "2", "--height", "64", "--width", "64", "--quiet",
                 "--save-latents", "--compile-cache", str(cache), "--out", str(tmp_path / out),
                 "--prompt", "a red circle", "--prompt", "一个蓝色的方块"]
         done = subprocess.run([sys.executable, script] + argv, check=True, capture_output=True, text=True)
@@ -249,9 +251,8 @@ def test_a_read_only_output_folder_is_refused_first(small_config, tmp_path, monk
     assert message == f"error: --out {locked / 'new'}: cannot write in {locked} (permission denied)"
 
 
-def test_later_runs_continue_the_numbering_and_files_need_overwrite(small_config, tmp_path):
-    common = ["--config", small_config, "--prompt", "a cat", "--steps", "1", "--height", "96", "--width", "96",
-              "--quiet", "--mode", "pynative"]
+def test_later_runs_continue_the_numbering_and_files_need_overwrite(tmp_path):
+    common = ["--prompt", "a cat", "--steps", "1", "--height", "64", "--width", "64", "--quiet", "--mode", "pynative"]
     first = infer.main(common + ["--num-images", "2", "--out", str(tmp_path)])
     second = infer.main(common + ["--num-images", "2", "--out", str(tmp_path)])
     assert [os.path.basename(p) for p in first + second] == [
@@ -267,7 +268,7 @@ def test_later_runs_continue_the_numbering_and_files_need_overwrite(small_config
     assert not [name for name in os.listdir(tmp_path) if "partial" in name or name.startswith(".")]
 
 
-def test_ctrl_c_keeps_the_finished_images_and_exits_130(small_config, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_keeps_the_finished_images_and_exits_130(tmp_path, monkeypatch, capsys):
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
     draw = PanGuDrawPipeline.__call__
@@ -279,9 +280,8 @@ def test_ctrl_c_keeps_the_finished_images_and_exits_130(small_config, tmp_path, 
 
     monkeypatch.setattr(PanGuDrawPipeline, "__call__", interrupted_at_second_batch)
     with pytest.raises(SystemExit) as exit_info:
-        infer.main(["--config", small_config, "--prompt", "a cat", "--num-images", "3", "--batch-size", "1",
-                    "--steps", "1", "--height", "96", "--width", "96", "--quiet", "--mode", "pynative",
-                    "--out", str(tmp_path)])
+        infer.main(["--prompt", "a cat", "--num-images", "3", "--batch-size", "1", "--steps", "1", "--height", "64",
+                    "--width", "64", "--quiet", "--mode", "pynative", "--out", str(tmp_path)])
     assert exit_info.value.code == 130
     assert sorted(os.listdir(tmp_path)) == ["pangu_000.png"]
     saved = str(tmp_path / "pangu_000.png")
@@ -311,16 +311,24 @@ def test_worker_slices_and_consecutive_batches():
 DEMO_BATCH = ["--steps", "3", "--mode", "pynative", "--batch-size", "1", "--quiet", "--skip-existing"]
 
 
-def _prompts_file(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("a big red circle in the center\n一个蓝色的正方形\na small green triangle\n", encoding="utf-8")
-    return str(path)
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory):
+    """(prompts file, folder): one process's batch generation of three demo images (and index.jsonl), which
+    both the resume test and the msrun test start from."""
+    folder = tmp_path_factory.mktemp("batch")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a big red circle in the center\n一个蓝色的正方形\na small green triangle\n", encoding="utf-8")
+    infer.main(["--prompts-file", str(prompts), "--out", str(folder / "one")] + DEMO_BATCH)
+    return str(prompts), folder / "one"
 
 
-def test_skip_existing_resumes_a_stopped_run_and_writes_an_index(tmp_path):
+def test_skip_existing_resumes_a_stopped_run_and_writes_an_index(batch_run, tmp_path):
+    import shutil
+
+    prompts, done = batch_run
     out = tmp_path / "generated"
-    args = ["--prompts-file", _prompts_file(tmp_path), "--out", str(out)] + DEMO_BATCH
-    infer.main(args)
+    shutil.copytree(done, out)  # the first run's folder (test_msrun_workers_draw_the_single_process_images reads it)
+    args = ["--prompts-file", prompts, "--out", str(out)] + DEMO_BATCH
     names = sorted(os.listdir(out))
     assert names == ["index.jsonl", "pangu_000.png", "pangu_001.png", "pangu_002.png"]
     first = {n: (out / n).read_bytes() for n in names}
@@ -337,14 +345,13 @@ def test_skip_existing_resumes_a_stopped_run_and_writes_an_index(tmp_path):
     assert rows[0]["settings"]["num_inference_steps"] == 3
 
 
-def test_msrun_workers_draw_the_single_process_images(tmp_path):
+def test_msrun_workers_draw_the_single_process_images(batch_run, tmp_path):
     """Two msrun workers, each its contiguous slice of the images: the single process's PNGs, byte for byte,
     and its index."""
     import socket
     import subprocess
 
-    prompts = _prompts_file(tmp_path)
-    infer.main(["--prompts-file", prompts, "--out", str(tmp_path / "one")] + DEMO_BATCH)
+    prompts, one_folder = batch_run
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -355,7 +362,7 @@ def test_msrun_workers_draw_the_single_process_images(tmp_path):
                     f"--log_dir={tmp_path}/logs", os.path.join(repo, "tools", "infer.py"), "--prompts-file", prompts,
                     "--out", str(tmp_path / "two")] + DEMO_BATCH, cwd=repo, env=env, check=True, timeout=900,
                    capture_output=True)
-    one, two = (sorted(os.listdir(tmp_path / name)) for name in ("one", "two"))
+    one, two = sorted(os.listdir(one_folder)), sorted(os.listdir(tmp_path / "two"))
     assert one == two == ["index.jsonl", "pangu_000.png", "pangu_001.png", "pangu_002.png"]
     for name in one:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+        assert (one_folder / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

@@ -77,7 +77,8 @@ def test_lora_stage_trains_only_adapters_on_its_range_resumes_exactly_and_export
     frozen_before = {k: v for k, v in cell_state(unet).items() if k not in adapter_names}
     summary = trainer.train()
     assert 0 <= summary["t_seen"][0] and summary["t_seen"][1] < model.t_struct  # the texture generator's range
-    assert all(np.array_equal(cell_state(unet)[k], v) for k, v in frozen_before.items())  # the base never moves
+    after = cell_state(unet)
+    assert all(np.array_equal(after[k], v) for k, v in frozen_before.items())  # the base never moves
     tensors, _ = CheckpointFolder.load(CheckpointFolder(f"{tmp_path}/run/checkpoints").latest())
     weights_saved = {k.split("/", 2)[2] for k in tensors if k.startswith("model/")}
     assert weights_saved == adapter_names

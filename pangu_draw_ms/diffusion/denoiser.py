@@ -54,7 +54,8 @@ class EpsModel(Protocol):
 
 @dataclass
 class ControlInput:
-    """A ControlNet and its control image (1, C, H, W) in [0, 1] at H, W = ControlNet's factor x latents.
+    """A ControlNet and its control image (1, C, H, W) in [0, 1] at H, W = ControlNet's factor x latents, or
+    one per image of the run (N, C, H, W), in the run's image order (every guidance branch gets the same N).
 
     ``guess_mode`` (ControlNet paper sec. 4 / diffusers): the residuals of block i are scaled by
     10^(i/n - 1), rising to 1 at the middle block; with classifier-free guidance the unconditional rows
@@ -133,7 +134,11 @@ class UNetEpsModel:
         args = (timesteps, ms.Tensor(np.ascontiguousarray(cond.context, np.float32)), vector)
         if self.control is None:
             return args
-        hint = np.repeat(self.control.image.astype(np.float32), batch, axis=0)
+        image = self.control.image.astype(np.float32)
+        if batch % image.shape[0] != 0:
+            raise ValueError(f"{image.shape[0]} control images for {batch} UNet rows: give one control image, or "
+                             f"one per image of the run")
+        hint = np.tile(image, (batch // image.shape[0], 1, 1, 1))  # guidance branches are blocks of the run's images
         scale = np.full((batch,), self.control.scale, np.float32) if cond.control_scale is None \
             else cond.control_scale
         return args + (ms.Tensor(hint), ms.Tensor(scale.astype(np.float32)))

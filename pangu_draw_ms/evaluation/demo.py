@@ -17,6 +17,7 @@ preprocessing does, would cut off shapes drawn at the left or right of a wide im
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Dict, List, Sequence
 
@@ -97,11 +98,20 @@ def reference_renders(prompts: Sequence[EvalPrompt], height: int, width: int, pe
     return np.stack(renders)
 
 
+@functools.lru_cache(maxsize=1)
+def _judge_classifier():
+    """The judge's shape classifier, fitted once per process (seeded: every fit is the same; a fit takes
+    seconds, and a report judges every seed's images)."""
+    from ..demo.judge import ShapeClassifier
+
+    return ShapeClassifier.trained_on_renders()
+
+
 def judge_hits(images: Sequence[np.ndarray], prompts: Sequence[EvalPrompt]) -> Dict[str, List[bool]]:
     """Per image: colour right, shape right, both right (the demo judge against the prompt's scene)."""
-    from ..demo.judge import ShapeClassifier, judge
+    from ..demo.judge import judge
 
-    colours, shapes = judge(images, ShapeClassifier.trained_on_renders())
+    colours, shapes = judge(images, _judge_classifier())
     scenes = [scene_of(p.key) for p in prompts]
     colour = [c == s.color for c, s in zip(colours, scenes)]
     shape = [h == s.shape for h, s in zip(shapes, scenes)]

@@ -79,8 +79,9 @@ class CoopPipeline:
         sampler's update too (other samplers update on the host around the graph). None (default): compiled
         unless guidance rescale is on; True: compiled or an error; False: the host loop (numpy between the
         networks' graphs).
-        ``control_images``: {ControlNet partner name: image (path, PIL, HxWx3 uint8)} replacing the recipe's
-        control images for this call (the ControlNets stay loaded and compiled)."""
+        ``control_images``: {ControlNet partner name: image (path, PIL, HxWx3 uint8), or a list of one image per
+        image of the run (prompt by prompt)} replacing the recipe's control images for this call (the
+        ControlNets stay loaded and compiled)."""
         check_settings(dict(output_type=output_type, compiled=compiled))
         control_images = self._check_control_images(control_images)
         main = self.main

@@ -64,9 +64,15 @@ def _describe(names: Sequence[str], tensors: Sequence[ms.Tensor]) -> List[dict]:
 
 
 def _export(cell: nn.Cell, inputs: Sequence[ms.Tensor], path: str) -> List[ms.Tensor]:
-    """Write ``cell`` as MindIR at ``path`` (``.mindir``) and return its outputs on ``inputs``."""
+    """Write ``cell`` as MindIR at ``path`` (``.mindir``) and return its outputs on ``inputs`` (for their shapes
+    and dtypes: computed eagerly, since a GRAPH_MODE call would compile the cell a second time)."""
     ms.export(cell, *inputs, file_name=path[:-len(".mindir")], file_format="MINDIR")
-    outputs = cell(*inputs)
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        outputs = cell(*inputs)
+    finally:
+        ms.set_context(mode=mode)
     return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
 
 

@@ -200,15 +200,23 @@ class ControlledPartner(Partner):
 
     def control_pixels(self, control_image) -> np.ndarray:
         """A control image (path, PIL or uint8 array) as the ControlNet takes it: (1, 3, H, W) in [0, 1] at
-        the base's size."""
-        return to_unit_array(resize(load_image(control_image, f"partner {self.name!r}'s control image"),
-                                    self.pixel_size))
+        the base's size; a list of them: (N, 3, H, W)."""
+        images = control_image if isinstance(control_image, (list, tuple)) else [control_image]
+        if not images:
+            raise ValueError(f"partner {self.name!r}: an empty list of control images")
+        return to_unit_array([resize(load_image(image, f"partner {self.name!r}'s control image"), self.pixel_size)
+                              for image in images])
 
     def denoiser(self, prompts, num_images, control=None, control_image=None):
         """The base's denoiser steered by this ControlNet, with the recipe's control image or ``control_image``
-        (path, PIL or HxWx3 uint8) for this run."""
+        for this run: one image (path, PIL or HxWx3 uint8) for every image of the run, or a list with one per
+        image (``len(prompts) x num_images``, prompt by prompt)."""
         if control_image is not None:
             control = dataclasses.replace(self.control, image=self.control_pixels(control_image))
+            given, images = control.image.shape[0], len(prompts) * num_images
+            if given not in (1, images):
+                raise ValueError(f"partner {self.name!r}: {given} control images for a run of {images} images; "
+                                 f"give one, or one per image")
         return self.base.denoiser(prompts, num_images, control=control or self.control)
 
 
