@@ -74,7 +74,11 @@ def test_malformed_yaml_and_missing_files_are_one_line_naming_the_file(tmp_path)
     assert vocab == os.path.join(DEMO_CLIP_DIR, "tokenizer.model") and os.path.isfile(vocab)
 
 
-def test_tiny_model_cells_run_in_both_modes(ms_mode, rng):
+def test_tiny_model_cells_fit_together(rng):
+    """The tiny config's networks, eagerly: the conditioner's outputs feed the UNet, the VAE's latents the UNet
+    and its decoder, at a non-square size. (Their graphs: each network's parity test compiles it in GRAPH_MODE,
+    and the compiled-step tests of tests/test_pipeline.py and tests/test_coop_pipeline.py compile the tiny
+    model's conditioner, UNets and step graphs.)"""
     config = load_config("tiny")
     unet, vae, conditioner = UNetModel(config.unet), AutoencoderKL(config.vae), Conditioner(config.conditioner)
     ids = ms.mutable(tuple(ms.Tensor(rng.integers(0, 1000, (2, 77)).astype(np.int32)) for _ in range(2)))
