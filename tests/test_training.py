@@ -589,10 +589,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_msrun_two_workers_end_with_identical_weights(tmp_path, dataset, weights):
-    """2 workers x batch 1 == 1 worker x batch 2: both ranks hold the same weights, equal to the single run's.
-    The workers also fill the latent cache (each rank encodes its share, then they wait for each other);
-    the single run reads it."""
+def test_msrun_two_workers_end_with_identical_weights(tmp_path, dataset, weights, capsys):
+    """2 workers x batch 1 == 1 worker x batch 2: both ranks hold the same weights, equal to the single run's
+    (tools/train.py's main in this process). The workers also fill the latent cache (each rank encodes its share,
+    then they wait for each other); the single run reads it."""
+    from pangu_draw_ms.cli import train
+
     common = ["--config", "train/tiny", "--mode", "pynative", "steps=3", f"model={weights['model']}",
               f"data.manifest={dataset}/square.jsonl",
               f"init.vae={weights['vae']}", "save_every=0", "data.num_workers=1", f"data.cache_dir={tmp_path}/cache"]
@@ -609,10 +611,9 @@ def test_msrun_two_workers_end_with_identical_weights(tmp_path, dataset, weights
     [fingerprint] = os.listdir(tmp_path / "cache")  # one subfolder per fingerprint
     with open(f"{dataset}/square.jsonl", encoding="utf-8") as f:
         assert len(os.listdir(tmp_path / "cache" / fingerprint / "latents")) == sum(1 for line in f if line.strip())
-    single = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train.py")] + common +
-                            [f"output_dir={tmp_path}/one", "data.batch_size=2"], cwd=REPO, env=env, check=True,
-                            timeout=900, capture_output=True, text=True)
-    assert "rank 0 of 1" in single.stdout
+    capsys.readouterr()
+    train.main(common + [f"output_dir={tmp_path}/one", "data.batch_size=2"])
+    assert "rank 0 of 1" in capsys.readouterr().out
     two, _ = CheckpointFolder.load(CheckpointFolder(f"{tmp_path}/two/checkpoints").latest())
     one, _ = CheckpointFolder.load(CheckpointFolder(f"{tmp_path}/one/checkpoints").latest())
     # Same samples, other summation order (all-reduce of two halves vs one batch mean): float-level
