@@ -1,6 +1,6 @@
 """Process-wide settings that must be in place before MindSpore's kernels first run: the oneDNN ISA cap
 on AVX-512 CPUs, blocking (synchronous) op launch on CPU-only hosts, quiet logs for our command-line entry
-points, and MindSpore's compile cache.
+points, and MindSpore's compile cache; and :func:`eager`, a stretch of PYNATIVE_MODE inside any mode.
 
 Why the cap. MindSpore's CPU convolutions go through its bundled oneDNN (3.10). On a CPU with AVX-512
 oneDNN dispatches a float32 NCHW ("abcd") 3x3 convolution to ``jit_uni_ncsp:conv+ref:any`` - a reference
@@ -34,7 +34,8 @@ import json
 import logging
 import os
 import platform
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 ISA_CAP = "AVX2"
 ISA_VARIABLES = ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
@@ -152,3 +153,17 @@ def enable_compile_cache(root: str, run_key: dict) -> str:
 
     ms.set_context(enable_compile_cache=True, compile_cache_path=path)
     return path
+
+
+@contextmanager
+def eager() -> Iterator[None]:
+    """Run the block in PYNATIVE_MODE and restore the mode after: for a one-off call (output shapes, a FLOP
+    count, a reference) that would otherwise compile a graph of its own in GRAPH_MODE."""
+    import mindspore as ms
+
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=mode)

@@ -1,11 +1,11 @@
 """Shared helpers for parity tests: re-randomise reference weights, compare outputs."""
 from __future__ import annotations
 
-import mindspore as ms
 import numpy as np
 
 from pangu_draw_ms.config import UNetConfig
 from pangu_draw_ms.io.diffusers_unet import diffusers_unet_kwargs
+from pangu_draw_ms.runtime import eager
 
 
 def randomize_torch_module(module, seed: int = 0, scale: float = 0.2) -> None:
@@ -92,9 +92,5 @@ def tiny_config(tmp_path, dataset, weights, *overrides):
 def in_pynative(call, *args, **kwargs):
     """``call(*args, **kwargs)`` in PYNATIVE_MODE, the mode restored after: the eager reference of a compiled
     path (it shares no compiled code with the graph), or a check that needs no graph of its own."""
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
+    with eager():
         return call(*args, **kwargs)
-    finally:
-        ms.set_context(mode=previous)

@@ -10,6 +10,7 @@ from pangu_draw_ms.runtime import (
     configure_host_launch,
     configure_onednn,
     cpu_flags,
+    eager,
     onednn_isa_cap,
 )
 
@@ -79,3 +80,15 @@ def test_compile_cache_location():
     assert compile_cache_root("/c", {"PANGU_DRAW_COMPILE_CACHE": "/e"}) == "/c"
     assert compile_cache_root(None, {"PANGU_DRAW_COMPILE_CACHE": "off"}) is None
     assert compile_cache_root(None, {"XDG_CACHE_HOME": "/x"}) == os.path.join("/x", "pangu_draw_ms", "compile")
+
+
+def test_eager_runs_the_block_in_pynative_and_restores_the_mode_even_after_an_error():
+    import mindspore as ms
+    import pytest
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    with pytest.raises(RuntimeError, match="inside"):
+        with eager():
+            assert ms.get_context("mode") == ms.PYNATIVE_MODE
+            raise RuntimeError("inside")
+    assert ms.get_context("mode") == ms.GRAPH_MODE

@@ -32,6 +32,7 @@ from ..config import TokenizerConfig, to_dict
 from ..diffusion.compiled import StepGraph
 from ..diffusion.guidance import STYLE_PREFIXES
 from ..diffusion.schedule import CLEAN
+from ..runtime import eager
 from ..tokenizers import build_tokenizer
 
 MANIFEST = "manifest.json"
@@ -67,12 +68,8 @@ def _export(cell: nn.Cell, inputs: Sequence[ms.Tensor], path: str) -> List[ms.Te
     """Write ``cell`` as MindIR at ``path`` (``.mindir``) and return its outputs on ``inputs`` (for their shapes
     and dtypes: computed eagerly, since a GRAPH_MODE call would compile the cell a second time)."""
     ms.export(cell, *inputs, file_name=path[:-len(".mindir")], file_format="MINDIR")
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
+    with eager():
         outputs = cell(*inputs)
-    finally:
-        ms.set_context(mode=mode)
     return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
 
 

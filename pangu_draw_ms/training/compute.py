@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
 from ..config import PanGuDrawConfig, UNetConfig
 from ..models import layers as L
+from ..runtime import eager
 
 #: A training step's FLOPs per forward FLOP (forward + a backward of about twice the forward).
 TRAIN_FLOPS_PER_FORWARD = 3
@@ -53,12 +53,10 @@ def forward_flops(cell: nn.Cell, *inputs) -> int:
             if isinstance(sub, kind):
                 handles.append(sub.register_forward_hook(
                     lambda c, args, out, count=count: counts.append(count(c, args, out))))
-    mode = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        cell(*inputs)
+        with eager():
+            cell(*inputs)
     finally:
-        ms.set_context(mode=mode)
         for handle in handles:
             handle.remove()
     return int(sum(counts))
