@@ -25,6 +25,8 @@ setup(
     package_data={
         "pangu_draw_ms.configs": ["*.yaml", "*/*.yaml"],
         "pangu_draw_ms.tokenizers": ["data/*"],
+        # The CPU norm kernels' C++ source, compiled on first use (models/cpu_kernels.py).
+        "pangu_draw_ms.models": ["kernels/*.cc"],
         # The demo model trained with tools/train.py: the default of tools/infer.py; clip/ is its evaluator;
         # lora_star/ the demo LoRA (stage lora) that teaches it stars.
         "pangu_draw_ms.demo": ["config.yaml", "*.safetensors", "*.model", "*.png", "clip/*", "enhancer/*",

@@ -2,7 +2,8 @@
 
 Both run on the CPU in this one process, interleaved (one forward of each per round), with the same thread
 count, and the script prints seconds per forward (median of --repeats after --warmup) and the ratio
-ours / diffusers.
+ours / diffusers. A third side, the same network with MindSpore's GroupNorm/LayerNorm kernels instead of
+the package's CPU kernels (models/cpu_kernels.py), shows what those are worth.
 PyTorch timings collapse when another process is busy: run this on a quiet machine.
 
     python bench/unet_speed.py --config tiny --latent 32 32
@@ -48,6 +49,7 @@ def main():
 
     from pangu_draw_ms.io.diffusers_unet import diffusers_unet_kwargs, unet_from_diffusers
     from pangu_draw_ms.io.state import load_state
+    from pangu_draw_ms.models import cpu_kernels
     from pangu_draw_ms.models import layers as L
     from pangu_draw_ms.models.unet import UNetModel
 
@@ -59,6 +61,11 @@ def main():
     ours = UNetModel(config)
     state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
     load_state(ours, unet_from_diffusers(state, config), what="diffusers UNet")
+    mindspore_norms = UNetModel(config)
+    load_state(mindspore_norms, unet_from_diffusers(state, config), what="diffusers UNet")
+    for _, cell in mindspore_norms.cells_and_names():
+        if hasattr(cell, "use_cpu_kernel"):
+            cell.use_cpu_kernel = False
 
     rng = np.random.default_rng(0)
     b, (h, w) = args.batch, args.latent
@@ -76,6 +83,9 @@ def main():
     def run_ours():
         return ours(*ms_inputs).asnumpy()
 
+    def run_mindspore_norms():
+        return mindspore_norms(*ms_inputs).asnumpy()
+
     def run_reference():
         with torch.no_grad():
             return reference(torch_inputs[0], torch_inputs[1], encoder_hidden_states=torch_inputs[2],
@@ -85,7 +95,9 @@ def main():
     out = run_ours()
     compile_s = time.perf_counter() - start
     err = np.abs(out - run_reference()).max() / np.abs(run_reference()).max()
-    medians = interleaved_medians({"ours": run_ours, "diffusers": run_reference}, args.warmup, args.repeats)
+    run_mindspore_norms()
+    medians = interleaved_medians({"ours": run_ours, "diffusers": run_reference, "norms": run_mindspore_norms},
+                                  args.warmup, args.repeats)
     ours_s, ref_s = medians["ours"], medians["diffusers"]
     params = L.count_parameters(ours)
     print(f"config={args.config} params={params:,} batch={b} latent={h}x{w} threads={args.threads}")
@@ -93,6 +105,8 @@ def main():
     print(f"ours (MindSpore {ms.__version__}, GRAPH): {ours_s:.4f} s/forward")
     print(f"diffusers (torch {torch.__version__}):     {ref_s:.4f} s/forward")
     print(f"ratio ours/diffusers: {ours_s / ref_s:.2f}")
+    print(f"ours with MindSpore's norm kernels: {medians['norms']:.4f} s/forward, {medians['norms'] / ref_s:.2f}x "
+          f"diffusers (cpu_kernels library: {cpu_kernels.library()})")
 
 
 if __name__ == "__main__":

@@ -133,8 +133,12 @@ def compile_cache_root(setting: Optional[str], environ=os.environ) -> Optional[s
         return None
     if setting:
         return setting
-    cache_home = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache_home, "pangu_draw_ms", "compile")
+    return os.path.join(cache_home(environ), "pangu_draw_ms", "compile")
+
+
+def cache_home(environ=os.environ) -> str:
+    """``$XDG_CACHE_HOME``, else ``~/.cache``: where the compile cache and the built CPU kernels live."""
+    return environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
 
 
 def enable_compile_cache(root: str, run_key: dict) -> str:

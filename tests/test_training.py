@@ -318,16 +318,20 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, datas
 def test_sigkill_mid_run_then_resume_ends_with_the_same_weights_and_no_stray_files(tmp_path, dataset, weights):
     """tools/train.py killed with SIGKILL while it writes a checkpoint every step (so most kills land in or
     next to a save), then resumed with --resume, twice: the final checkpoint is bit-identical to an
-    uninterrupted run's and the checkpoint folder holds no temporary file. The default host threads (two here)
-    and decode workers: bit-identity needs no special setting."""
+    uninterrupted run's (tools/train.py's main in this process) and the checkpoint folder holds no temporary file.
+    The killed runs use the default host threads (two here), the uninterrupted one this worker's one thread, and
+    the default decode workers: bit-identity needs no special setting."""
     import signal
     import time
 
-    common = [sys.executable, os.path.join(REPO, "tools", "train.py"), "--config", "train/tiny", "--mode", "pynative",
-              "steps=6", "save_every=1", "keep_checkpoints=2", f"model={weights['model']}",
-              f"data.manifest={dataset}/square.jsonl", f"init.vae={weights['vae']}", "data.batch_size=2", "log_every=1"]
+    from pangu_draw_ms.cli import train
+
+    arguments = ["--config", "train/tiny", "--mode", "pynative", "steps=6", "save_every=1", "keep_checkpoints=2",
+                 f"model={weights['model']}", f"data.manifest={dataset}/square.jsonl", f"init.vae={weights['vae']}",
+                 "data.batch_size=2", "log_every=1"]
+    common = [sys.executable, os.path.join(REPO, "tools", "train.py")] + arguments
     env = dict(os.environ, GLOG_v="3")
-    subprocess.run(common + [f"output_dir={tmp_path}/straight"], env=env, check=True, capture_output=True, timeout=600)
+    train.main(arguments + [f"output_dir={tmp_path}/straight"])
     folder = CheckpointFolder(f"{tmp_path}/killed/checkpoints")
     rng = np.random.default_rng(0)
     for kill_after_step in (1, 3):

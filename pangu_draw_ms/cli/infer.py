@@ -180,11 +180,15 @@ def compile_key(args, num_images: int, batch_size: int) -> dict:
     """What decides which graphs a run compiles and in which order (see runtime.enable_compile_cache)."""
     import mindspore as ms
 
+    from pangu_draw_ms.models import cpu_kernels
+
     key = {k: v for k, v in vars(args).items() if k not in _NOT_IN_COMPILE_KEY}
     for name in ("model_dir", "config", "recipe", "structure_ckpt", "texture_ckpt", "conditioner_ckpt", "vae_ckpt"):
         if key.get(name) and os.path.exists(key[name]):
             key[name] = os.path.abspath(key[name])
-    key.update(num_images=num_images, batch_size=batch_size, mindspore=ms.__version__)
+    # The graphs name the CPU norm kernels' library (or MindSpore's kernels when it is off or unavailable).
+    key.update(num_images=num_images, batch_size=batch_size, mindspore=ms.__version__,
+               cpu_kernels=cpu_kernels.library())
     return key
 
 

@@ -5,7 +5,9 @@ Each primitive is chosen ONCE, when the cell is built, from the MindSpore device
 * on Ascend the fast kernels: ``mint`` ops and ``ops.flash_attention_score`` (fp16/bf16, head size a
   multiple of 16 up to 512, no mask);
 * elsewhere (CPU) ops that have CPU kernels in MindSpore 2.9/2.10: ``ops.conv2d``, ``ops.group_norm``,
-  the ``ops.LayerNorm`` primitive, ``ops.gelu``, ``mint.nn.functional.linear``, ``ops.bmm``, ...
+  the ``ops.LayerNorm`` primitive, ``ops.gelu``, ``mint.nn.functional.linear``, ``ops.bmm``, ...; and for
+  GroupNorm/LayerNorm in cells that are not training, our own C++ kernels (models/cpu_kernels.py), 3-10x
+  faster than MindSpore's CPU ones.
 
 Both paths hold the same parameters under the same names - MindSpore's own ``nn`` naming, which the
 released PanGu-Draw checkpoints use (``weight``/``bias`` for Dense and Conv2d, ``gamma``/``beta`` for
@@ -25,6 +27,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import HeUniform, Normal, One, Uniform, Zero, initializer
+
+from pangu_draw_ms.models import cpu_kernels
 
 _DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16, "float16": ms.float16,
            "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
@@ -117,12 +121,17 @@ class GroupNorm(nn.Cell):
         self.fast = ascend_kernels()
         self.gamma = Parameter(initializer(One(), (num_channels,), ms.float32), name="gamma")
         self.beta = Parameter(initializer(Zero(), (num_channels,), ms.float32), name="beta")
+        self.cpu_kernel = None if self.fast else cpu_kernels.group_norm(num_groups, eps)
+        self.use_cpu_kernel = self.cpu_kernel is not None
+        self.cpu_kernel_config = Tensor(np.array([num_groups, eps], np.float32))
 
     def construct(self, x):
         x = x.astype(ms.float32)
         gamma, beta = self.gamma.astype(ms.float32), self.beta.astype(ms.float32)
         if self.fast:
             y = mint.nn.functional.group_norm(x, self.num_groups, gamma, beta, self.eps)
+        elif self.use_cpu_kernel and not self.training:
+            y = self.cpu_kernel(x, gamma, beta, self.cpu_kernel_config)
         else:
             y = ops.group_norm(x, self.num_groups, gamma, beta, self.eps)
         return y.astype(self.dtype)
@@ -143,12 +152,17 @@ class LayerNorm(nn.Cell):
         self.gamma = Parameter(initializer(One(), (normalized_shape,), ms.float32), name="gamma")
         self.beta = Parameter(initializer(Zero(), (normalized_shape,), ms.float32), name="beta")
         self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.cpu_kernel = None if self.fast else cpu_kernels.layer_norm(eps)
+        self.use_cpu_kernel = self.cpu_kernel is not None
+        self.cpu_kernel_config = Tensor(np.array([eps], np.float32))
 
     def construct(self, x):
         x = x.astype(ms.float32)
         gamma, beta = self.gamma.astype(ms.float32), self.beta.astype(ms.float32)
         if self.fast:
             y = mint.nn.functional.layer_norm(x, self.normalized_shape, gamma, beta, self.eps)
+        elif self.use_cpu_kernel and not self.training:
+            y = self.cpu_kernel(x, gamma, beta, self.cpu_kernel_config)
         else:
             y, _, _ = self.layer_norm(x, gamma, beta)
         return y.astype(self.dtype)
