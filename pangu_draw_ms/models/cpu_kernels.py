@@ -1,7 +1,8 @@
 """GroupNorm and LayerNorm as hand-written CPU kernels (``kernels/norms.cc``), for models/layers.py.
 
-Why: MindSpore 2.9's own CPU kernels for the two normalisations take 7-10x torch's time and were a third of
-a tiny UNet forward here (bench/README.md). The C++ source is compiled once per machine with the system's
+Why: MindSpore 2.9's own CPU kernels for the two normalisations take 6-19x torch's time, 3-16x ours
+(``bench/norm_kernels.py``), and were about a third of a tiny UNet forward here (leaving the norms out took
+it from 100 to 65 ms; bench/README.md). The C++ source is compiled once per machine with the system's
 C++ compiler (``$CXX``, else ``g++``/``c++``) into ``$XDG_CACHE_HOME/pangu_draw_ms/kernels/<hash>/`` and
 loaded with ``ops.Custom(func_type="aot")``, which runs in GRAPH_MODE and PYNATIVE_MODE alike.
 
@@ -37,6 +38,7 @@ _log = logging.getLogger(__name__)
 
 
 def enabled(environ=os.environ) -> bool:
+    """False when ``PANGU_DRAW_CPU_KERNELS=0`` turns the kernels off."""
     return environ.get("PANGU_DRAW_CPU_KERNELS", "1") != "0"
 
 

@@ -6,7 +6,7 @@ Each primitive is chosen ONCE, when the cell is built, from the MindSpore device
   multiple of 16 up to 512, no mask);
 * elsewhere (CPU) ops that have CPU kernels in MindSpore 2.9/2.10: ``ops.conv2d``, ``ops.group_norm``,
   the ``ops.LayerNorm`` primitive, ``ops.gelu``, ``mint.nn.functional.linear``, ``ops.bmm``, ...; and for
-  GroupNorm/LayerNorm in cells that are not training, our own C++ kernels (models/cpu_kernels.py), 3-10x
+  GroupNorm/LayerNorm in cells that are not training, our own C++ kernels (models/cpu_kernels.py), 3-16x
   faster than MindSpore's CPU ones.
 
 Both paths hold the same parameters under the same names - MindSpore's own ``nn`` naming, which the

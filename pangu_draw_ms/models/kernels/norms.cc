@@ -1,8 +1,8 @@
 // GroupNorm and LayerNorm forward kernels for MindSpore's CPU target, loaded through ops.Custom(func_type="aot")
 // by pangu_draw_ms/models/cpu_kernels.py (which compiles this file once per machine and caches the library).
 //
-// Why: MindSpore 2.9's CPU GroupNorm and LayerNorm kernels take 7-10x torch's time (a third of a tiny UNet
-// forward on this CPU). These are plain loops: statistics over each normalised group/row in two passes (the
+// Why: MindSpore 2.9's CPU GroupNorm and LayerNorm kernels take 6-19x torch's time (about a third of a tiny
+// UNet forward on this CPU; bench/norm_kernels.py). These are plain loops: statistics over each normalised group/row in two passes (the
 // mean, then the centred variance), then one pass y = (x - mean) * (rstd * gamma) + beta.
 //
 // MindSpore's aot calling convention: params holds the inputs, then the outputs; ndims/shapes describe each.
