@@ -64,6 +64,8 @@ def main():
     import mindspore as ms
     import torch
 
+    from helpers import make_torchvision_importable
+    make_torchvision_importable()  # before diffusers: this index's torchvision does not import beside the CPU torch
     from reference_pipeline import build_pair, reference_run
     from timing import interleaved_medians, report
 

@@ -18,7 +18,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from pangu_draw_ms.config import UNetConfig, load_config  # noqa: E402
 
@@ -45,6 +47,9 @@ def main():
 
     import mindspore as ms
     import torch
+
+    from helpers import make_torchvision_importable
+    make_torchvision_importable()  # before diffusers: this index's torchvision does not import beside the CPU torch
     from diffusers import UNet2DConditionModel
 
     from pangu_draw_ms.io.diffusers_unet import diffusers_unet_kwargs, unet_from_diffusers

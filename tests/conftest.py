@@ -12,11 +12,11 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 # cache would be switched on for every later test (test_infer_cli checks the cache in child processes).
 os.environ.setdefault("PANGU_DRAW_COMPILE_CACHE", "off")
 
-import sys
-
 import mindspore as ms
 import numpy as np
 import pytest
+
+from helpers import make_torchvision_importable
 
 # PYNATIVE_MODE by default: with blocking launch (pangu_draw_ms.runtime) a tiny network runs a few calls
 # eagerly in less time than GRAPH_MODE takes to compile it. Every network's graph is still compiled and
@@ -28,37 +28,7 @@ ms.set_context(device_target="CPU", mode=ms.PYNATIVE_MODE)
 ms.device_context.cpu.op_tuning.threads_num(
     max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
-# Keeps the torchvision operator declarations of _make_torchvision_importable alive (freed, they are dropped).
-_TORCHVISION_OP_DECLARATIONS = []
-
-
-def _make_torchvision_importable() -> None:
-    """Let the reference packages that import torchvision (pytorch-fid's Inception, transformers' CLIP image
-    processors, torchmetrics' multimodal metrics, cn_clip) import beside the CPU torch.
-
-    The only torchvision 0.28 wheel this machine's package index has is PyPI's CUDA build: its ``_C.so`` does
-    not load next to torch 2.13.0+cpu (libc10_cuda.so is missing), torchvision goes on without its C++ ops,
-    but its import then registers fake kernels for ``torchvision::nms``/``qnms`` and fails on the undefined
-    operators. Declaring those two schemas (no kernels) lets the pure-Python parts import; no test calls them.
-    """
-    try:
-        import torch
-        import torchvision  # noqa: F401
-    except ImportError:
-        return  # not installed: the tests that need it skip
-    except RuntimeError as error:
-        if "torchvision::nms" not in str(error):
-            raise
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-        library = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _TORCHVISION_OP_DECLARATIONS.append(library)
-        import torchvision  # noqa: F401
-
-
-_make_torchvision_importable()
+make_torchvision_importable()
 
 
 # The slowest test files, slowest first (their share of a full run, 2026-11-29: training 250 s, the demo 120 s,

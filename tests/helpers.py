@@ -1,6 +1,8 @@
 """Shared helpers for parity tests: re-randomise reference weights, compare outputs."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from pangu_draw_ms.config import UNetConfig
@@ -94,3 +96,33 @@ def in_pynative(call, *args, **kwargs):
     path (it shares no compiled code with the graph), or a check that needs no graph of its own."""
     with eager():
         return call(*args, **kwargs)
+
+
+# Keeps the torchvision operator declarations of make_torchvision_importable alive (freed, they are dropped).
+_TORCHVISION_OP_DECLARATIONS = []
+
+
+def make_torchvision_importable() -> None:
+    """Let the reference packages that import torchvision (pytorch-fid's Inception, transformers' CLIP image
+    processors, torchmetrics' multimodal metrics, cn_clip) import beside the CPU torch.
+
+    The only torchvision 0.28 wheel this machine's package index has is PyPI's CUDA build: its ``_C.so`` does
+    not load next to torch 2.13.0+cpu (libc10_cuda.so is missing), torchvision goes on without its C++ ops,
+    but its import then registers fake kernels for ``torchvision::nms``/``qnms`` and fails on the undefined
+    operators. Declaring those two schemas (no kernels) lets the pure-Python parts import; no test calls them.
+    """
+    try:
+        import torch
+        import torchvision  # noqa: F401
+    except ImportError:
+        return  # not installed: the tests that need it skip
+    except RuntimeError as error:
+        if "torchvision::nms" not in str(error):
+            raise
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        library = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_OP_DECLARATIONS.append(library)
+        import torchvision  # noqa: F401
