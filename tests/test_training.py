@@ -319,8 +319,8 @@ def test_sigkill_mid_run_then_resume_ends_with_the_same_weights_and_no_stray_fil
     """tools/train.py killed with SIGKILL while it writes a checkpoint every step (so most kills land in or
     next to a save), then resumed with --resume, twice: the final checkpoint is bit-identical to an
     uninterrupted run's (tools/train.py's main in this process) and the checkpoint folder holds no temporary file.
-    The killed runs use the default host threads (two here), the uninterrupted one this worker's one thread, and
-    the default decode workers: bit-identity needs no special setting."""
+    The killed runs use the default host threads (two here), the uninterrupted one the pytest process's (one per
+    xdist worker, two alone), and the default decode workers: bit-identity needs no special setting."""
     import signal
     import time
 
