@@ -25,7 +25,7 @@ setup(
     package_data={
         "pangu_draw_ms.configs": ["*.yaml", "*/*.yaml"],
         "pangu_draw_ms.tokenizers": ["data/*"],
-        # The CPU norm kernels' C++ source, compiled on first use (models/cpu_kernels.py).
+        # The CPU kernels' C++ source, compiled on first use (models/cpu_kernels.py).
         "pangu_draw_ms.models": ["kernels/*.cc"],
         # The demo model trained with tools/train.py: the default of tools/infer.py; clip/ is its evaluator;
         # lora_star/ the demo LoRA (stage lora) that teaches it stars.

@@ -1,6 +1,8 @@
-"""The CPU norm kernels (models/kernels/norms.cc through models/cpu_kernels.py): the values and gradients of
-MindSpore's own GroupNorm/LayerNorm kernels, used only by cells that are not training, built once per cache
+"""The CPU kernels (models/kernels/cpu_kernels.cc through models/cpu_kernels.py): the values and gradients of
+MindSpore's own GroupNorm/LayerNorm kernels (and of GroupNorm then SiLU for the fused kernel, and of split +
+GELU + product for GEGLU), used only by cells that are not training, built once per cache
 folder, and a fallback to MindSpore's kernels when turned off or when the build fails."""
+import math
 import os
 import stat
 
@@ -9,7 +11,7 @@ import pytest
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from pangu_draw_ms.models import cpu_kernels
-from pangu_draw_ms.models.layers import GroupNorm, LayerNorm
+from pangu_draw_ms.models.layers import GEGLU, GroupNorm, LayerNorm
 
 needs_library = pytest.mark.skipif(cpu_kernels.library() is None,
                                    reason="no C++ compiler here: the layers use MindSpore's kernels")
@@ -22,10 +24,17 @@ CASES = [
     (lambda: GroupNorm(4, 8), (3, 8, 17)),
     (lambda: GroupNorm(2, 4), (1, 4, 3, 3, 3)),
     (lambda: GroupNorm(1, 16), (1, 16, 24, 24)),
+    (lambda: GroupNorm(32, 64, activation="silu"), (2, 64, 8, 8)),
+    (lambda: GroupNorm(4, 8, eps=1e-6, activation="silu"), (3, 8, 17)),
     (lambda: LayerNorm(64, 1e-5), (2, 10, 64)),
     (lambda: LayerNorm(77, 1e-6), (3, 77)),
     (lambda: LayerNorm(1280, 1e-5), (1, 5, 1280)),
 ]
+
+
+def _case_id(case):
+    cell = case[0]()
+    return f"{cell.__class__.__name__}{'+SiLU' if getattr(cell, 'silu', False) else ''}{case[1]}"
 
 
 def _cell_and_input(case, rng):
@@ -40,7 +49,7 @@ def _cell_and_input(case, rng):
 
 
 @needs_library
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]().__class__.__name__}{c[1]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_values_are_mindspores_kernels(case, ms_mode):
     cell, x = _cell_and_input(case, np.random.default_rng(0))
     assert cell.use_cpu_kernel and not cell.training
@@ -73,7 +82,8 @@ class _Gradients(nn.Cell):
 
 
 @needs_library
-@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6]], ids=["group-4d", "group-3d", "layer-2d"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6], CASES[8]],
+                         ids=["group-4d", "group-3d", "group-3d+SiLU", "layer-2d"])
 def test_gradients_are_mindspores_kernels(case, ms_mode):
     rng = np.random.default_rng(1)
     cell, x = _cell_and_input(case, rng)
@@ -84,6 +94,54 @@ def test_gradients_are_mindspores_kernels(case, ms_mode):
     for ours, reference in ((dx, reference_dx), (dgamma, reference_dgamma), (dbeta, reference_dbeta)):
         reference = reference.asnumpy()
         np.testing.assert_allclose(ours.asnumpy(), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+@needs_library
+@pytest.mark.parametrize("shape", [(2, 10, 16), (3, 40)])
+def test_geglu_values_and_gradients_are_mindspores(shape, ms_mode):
+    rng = np.random.default_rng(5)
+    geglu = GEGLU(shape[-1], 24)  # proj: PyTorch's init; inputs of std 3 put gates in GELU's negative tail too
+    x = Tensor(3.0 * rng.standard_normal(shape).astype(np.float32))
+    assert geglu.use_cpu_kernel and not geglu.training
+    ours = geglu(x).asnumpy()
+    gradients = _Gradients(_Loss(geglu, rng.standard_normal(ours.shape).astype(np.float32)))
+    (dx,), (dweight, dbias) = gradients(x)
+    geglu.use_cpu_kernel = False
+    np.testing.assert_allclose(ours, geglu(x).asnumpy(), rtol=1e-5, atol=1e-6)
+    (reference_dx,), (reference_dweight, reference_dbias) = _Gradients(gradients.loss)(x)
+    for grad, reference in ((dx, reference_dx), (dweight, reference_dweight), (dbias, reference_dbias)):
+        reference = reference.asnumpy()
+        np.testing.assert_allclose(grad.asnumpy(), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+@needs_library
+def test_the_geglu_kernels_gelu_keeps_its_relative_accuracy_in_the_tail():
+    """GELU(g) = g Phi(g) from g = -12.5 (values near 5e-35) to 13: the kernel's erfc keeps the relative accuracy
+    that 1 + erf(g / sqrt2) loses in float: within 1e-6 from g = -3 on, 2e-5 in the far tail (where the float
+    rounding of the exponent g^2 / 2 ~ 80 is the limit)."""
+    gate = np.linspace(-12.5, 13.0, 1021)
+    x = Tensor(np.concatenate([np.ones_like(gate), gate])[None].astype(np.float32))
+    ours = cpu_kernels.geglu()(x).asnumpy()[0].astype(np.float64)
+    gate = gate.astype(np.float32).astype(np.float64)
+    exact = gate * np.array([0.5 * math.erfc(-g / math.sqrt(2.0)) for g in gate])
+    np.testing.assert_allclose(ours, exact, rtol=2e-5, atol=1e-37)
+    np.testing.assert_allclose(ours[gate >= -3], exact[gate >= -3], rtol=1e-6)
+
+
+@needs_library
+def test_the_fused_silu_over_its_whole_range(ms_mode):
+    """SiLU after the norm uses the kernel's own exp (clamped to float's range): each channel is its own group
+    with a tiny gamma, so its output is SiLU(beta + ~0) for betas from -100 to 100 (exp(-z) over- and
+    underflows at the ends); they equal MindSpore's SiLU to float rounding."""
+    channels = 401
+    norm = GroupNorm(channels, channels, activation="silu")
+    norm.gamma.set_data(Tensor(np.full(channels, 1e-3, np.float32)))
+    norm.beta.set_data(Tensor(np.linspace(-100.0, 100.0, channels, dtype=np.float32)))
+    x = Tensor(np.random.default_rng(4).standard_normal((2, channels, 16)).astype(np.float32))
+    ours = norm(x).asnumpy()
+    norm.use_cpu_kernel = False
+    np.testing.assert_allclose(ours, norm(x).asnumpy(), rtol=1e-5, atol=1e-12)
+    assert np.isfinite(ours).all() and ours.min() < -0.27 and ours.max() > 99.9
 
 
 @needs_library
@@ -123,7 +181,7 @@ def test_the_library_is_built_once_into_the_cache_folder(tmp_path, monkeypatch, 
     built = os.stat(path).st_mtime_ns
     fresh_library.cache_clear()
     assert fresh_library() == path and os.stat(path).st_mtime_ns == built  # read back, not rebuilt
-    assert os.listdir(os.path.dirname(path)) == ["norms.so"]  # no partial build left behind
+    assert os.listdir(os.path.dirname(path)) == ["cpu_kernels.so"]  # no partial build left behind
 
 
 def test_turned_off_or_without_a_working_compiler_the_layers_use_mindspores_kernels(tmp_path, monkeypatch,

@@ -100,22 +100,29 @@ def test_batches_hold_one_seed_and_consecutive_indices(tmp_path):
 
 
 def test_drawing_resumes_with_the_missing_images_only_and_refuses_another_runs_folder(tmp_path):
-    prompts = [EvalPrompt(f"p{i}", "en", str(i)) for i in range(5)]
+    prompts = [EvalPrompt(f"p{i}", "en", str(i)) for i in range(7)]
     jobs = image_jobs(prompts, [0], str(tmp_path))
     calls = []
 
     def draw(texts, seed, first):
         calls.append((tuple(texts), seed, first))
-        return [Image.new("RGB", (8, 8), (first + k, seed, 0)) for k in range(len(texts))]
+        return [Image.new("RGB", (8, 8), (first + k, seed, len(calls))) for k in range(len(texts))]
 
-    assert draw_missing(draw, jobs[:3], batch_size=8) == 3  # "killed" after three images
+    assert draw_missing(draw, jobs, batch_size=3) == 7
     assert not [f for f in os.listdir(tmp_path / "seed_0") if f.startswith(".")]  # no partial files left
-    os.remove(jobs[1].path)
+    for job in (jobs[1], jobs[4], jobs[5]):  # "killed": one image lost from the first batch, the second batch's last
+        os.remove(job.path)
+    os.remove(jobs[6].path)
     calls.clear()
-    assert draw_missing(draw, jobs, batch_size=8) == 3
-    assert calls == [(("p1",), 0, 1), (("p3", "p4"), 0, 3)]  # image i keeps its index: same noise, same image
+    assert draw_missing(draw, jobs, batch_size=3) == 4
+    # Batches with a missing image are drawn whole, as the first run drew them (image i keeps its index: the same
+    # noise); only the missing PNGs are written: image 0 is still the first run's (its call number, 1).
+    assert calls == [(("p0", "p1", "p2"), 0, 0), (("p3", "p4", "p5"), 0, 3), (("p6",), 0, 6)]
+    with Image.open(jobs[0].path) as kept, Image.open(jobs[1].path) as redrawn:
+        assert kept.getpixel((0, 0)) == (0, 0, 1) and redrawn.getpixel((0, 0)) == (1, 0, 1)
+    assert draw_missing(draw, jobs, batch_size=3) == 0 and len(calls) == 3  # nothing left to draw
     with Image.open(jobs[4].path) as image:
-        assert image.getpixel((0, 0)) == (4, 0, 0)
+        assert image.getpixel((0, 0)) == (4, 0, 2)
         assert json.loads(image.text["parameters"])["image_index"] == 4
     check_run_settings(str(tmp_path), {"steps": 4, "seed": [0]}, write=True)
     check_run_settings(str(tmp_path), {"steps": 4, "seed": [0]}, write=True)  # the same run: resumes

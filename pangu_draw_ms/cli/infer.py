@@ -186,7 +186,7 @@ def compile_key(args, num_images: int, batch_size: int) -> dict:
     for name in ("model_dir", "config", "recipe", "structure_ckpt", "texture_ckpt", "conditioner_ckpt", "vae_ckpt"):
         if key.get(name) and os.path.exists(key[name]):
             key[name] = os.path.abspath(key[name])
-    # The graphs name the CPU norm kernels' library (or MindSpore's kernels when it is off or unavailable).
+    # The graphs name the CPU kernels' library (or MindSpore's kernels when it is off or unavailable).
     key.update(num_images=num_images, batch_size=batch_size, mindspore=ms.__version__,
                cpu_kernels=cpu_kernels.library())
     return key

@@ -1,8 +1,10 @@
-"""GroupNorm and LayerNorm as hand-written CPU kernels (``kernels/norms.cc``), for models/layers.py.
+"""GroupNorm (with an optional fused SiLU), LayerNorm and GEGLU as hand-written CPU kernels
+(``kernels/cpu_kernels.cc``), for models/layers.py.
 
 Why: MindSpore 2.9's own CPU kernels for the two normalisations take 6-19x torch's time, 3-16x ours
-(``bench/norm_kernels.py``), and were about a third of a tiny UNet forward here (leaving the norms out took
-it from 100 to 65 ms; bench/README.md). The C++ source is compiled once per machine with the system's
+(``bench/cpu_kernels.py``), and were about a third of a tiny UNet forward here (leaving the norms out took
+it from 100 to 65 ms; bench/README.md); its exact GELU is five kernels (div, erf, add, mul, mul), its Erf
+alone 0.3 ms on a tiny UNet's feed-forward. The C++ source is compiled once per machine with the system's
 C++ compiler (``$CXX``, else ``g++``/``c++``) into ``$XDG_CACHE_HOME/pangu_draw_ms/kernels/<hash>/`` and
 loaded with ``ops.Custom(func_type="aot")``, which runs in GRAPH_MODE and PYNATIVE_MODE alike.
 
@@ -32,8 +34,10 @@ from mindspore import nn, ops
 
 from pangu_draw_ms.runtime import cache_home
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "norms.cc")
-COMPILE_FLAGS = ("-O3", "-std=c++14", "-shared", "-fPIC")  # no -march: the library may sit on a shared home
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "cpu_kernels.cc")
+# No -march (the library may sit on a shared home; cpu_kernels.cc clones its loops per CPU instead); no trapping
+# math: lets the compiler vectorise the branch-free exp of the fused SiLU (results unchanged: no FP traps are on).
+COMPILE_FLAGS = ("-O3", "-std=c++14", "-fno-trapping-math", "-shared", "-fPIC")
 _log = logging.getLogger(__name__)
 
 
@@ -57,7 +61,7 @@ def library() -> Optional[str]:
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(COMPILE_FLAGS).encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     folder = os.path.join(cache_home(), "pangu_draw_ms", "kernels", key)
-    path = os.path.join(folder, "norms.so")
+    path = os.path.join(folder, "cpu_kernels.so")
     if os.path.isfile(path):
         return path
     try:
@@ -75,20 +79,25 @@ def library() -> Optional[str]:
                 os.remove(partial)
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", b"") or b""
-        _log.warning("building the CPU norm kernels failed (%s%s); using MindSpore's kernels",
+        _log.warning("building the CPU kernels failed (%s%s); using MindSpore's kernels",
                      error, (": " + detail.decode(errors="replace")[-500:]) if detail else "")
         return None
     return path
 
 
-def _group_norm_bprop(num_groups: int, eps: float) -> Callable:
+def _group_norm_bprop(num_groups: int, eps: float, silu: bool) -> Callable:
     def bprop(x, gamma, beta, config, out, dout):
         shape = x.shape
+        channel_shape = (1, shape[1]) + (1,) * (len(shape) - 2)
         grouped = x.reshape(shape[0], num_groups, -1)
         centred = grouped - grouped.mean(-1, keep_dims=True)
         rstd = ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps)
         normed = centred * rstd
-        scaled = (dout * gamma.reshape((1, shape[1]) + (1,) * (len(shape) - 2))).reshape(shape[0], num_groups, -1)
+        if silu:  # y = z sigmoid(z), z the affine output: dy/dz = s (1 + z (1 - s)), s = sigmoid(z)
+            z = normed.reshape(shape) * gamma.reshape(channel_shape) + beta.reshape(channel_shape)
+            s = ops.sigmoid(z)
+            dout = dout * s * (1 + z * (1 - s))
+        scaled = (dout * gamma.reshape(channel_shape)).reshape(shape[0], num_groups, -1)
         dx = rstd * (scaled - scaled.mean(-1, keep_dims=True)
                      - normed * (scaled * normed).mean(-1, keep_dims=True))
         axes = (0,) + tuple(range(2, len(shape)))
@@ -109,18 +118,31 @@ def _layer_norm_bprop(eps: float) -> Callable:
     return bprop
 
 
+def _geglu_bprop(x, out, dout):
+    # y = h GELU(g): dh = dout GELU(g); dg = dout h GELU'(g), GELU'(g) = Phi(g) + g phi(g).
+    h, gate = ops.chunk(x, 2, axis=-1)
+    cdf = 0.5 * (1.0 + ops.erf(gate * 0.7071067811865476))
+    pdf = ops.exp(-0.5 * gate * gate) * 0.3989422804014327
+    return (ops.cat((dout * gate * cdf, dout * h * (cdf + gate * pdf)), axis=-1),)
+
+
 def _same_as_x(x, *others):
     return x
 
 
-def group_norm(num_groups: int, eps: float) -> Optional[ops.Custom]:
-    """The kernel as an op ``(x, gamma, beta, config) -> y`` with ``config = [num_groups, eps]`` (float32),
-    or None when :func:`library` is unavailable."""
+def _half_of_last_axis(shape):
+    return list(shape[:-1]) + [shape[-1] // 2]
+
+
+def group_norm(num_groups: int, eps: float, silu: bool = False) -> Optional[ops.Custom]:
+    """The kernel as an op ``(x, gamma, beta, config) -> y`` with ``config = [num_groups, eps, silu]``
+    (float32; ``silu`` 1 applies SiLU to the output, as the op's bprop assumes), or None when
+    :func:`library` is unavailable."""
     path = library()
     if path is None:
         return None
     return ops.Custom(f"{path}:GroupNormForward", out_shape=_same_as_x, out_dtype=_same_as_x, func_type="aot",
-                      bprop=_group_norm_bprop(num_groups, eps))
+                      bprop=_group_norm_bprop(num_groups, eps, silu))
 
 
 def layer_norm(eps: float) -> Optional[ops.Custom]:
@@ -130,6 +152,15 @@ def layer_norm(eps: float) -> Optional[ops.Custom]:
         return None
     return ops.Custom(f"{path}:LayerNormForward", out_shape=_same_as_x, out_dtype=_same_as_x, func_type="aot",
                       bprop=_layer_norm_bprop(eps))
+
+
+def geglu() -> Optional[ops.Custom]:
+    """The kernel as an op ``x (*, 2F) -> x[..., :F] * GELU(x[..., F:])`` (exact GELU; float32)."""
+    path = library()
+    if path is None:
+        return None
+    return ops.Custom(f"{path}:GegluForward", out_shape=_half_of_last_axis, out_dtype=_same_as_x, func_type="aot",
+                      bprop=_geglu_bprop)
 
 
 @contextmanager

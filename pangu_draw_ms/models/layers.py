@@ -6,8 +6,8 @@ Each primitive is chosen ONCE, when the cell is built, from the MindSpore device
   multiple of 16 up to 512, no mask);
 * elsewhere (CPU) ops that have CPU kernels in MindSpore 2.9/2.10: ``ops.conv2d``, ``ops.group_norm``,
   the ``ops.LayerNorm`` primitive, ``ops.gelu``, ``mint.nn.functional.linear``, ``ops.bmm``, ...; and for
-  GroupNorm/LayerNorm in cells that are not training, our own C++ kernels (models/cpu_kernels.py), 3-16x
-  faster than MindSpore's CPU ones.
+  GroupNorm(+SiLU)/LayerNorm/GEGLU in cells that are not training, our own C++ kernels
+  (models/cpu_kernels.py), 3-16x faster than MindSpore's CPU ones.
 
 Both paths hold the same parameters under the same names - MindSpore's own ``nn`` naming, which the
 released PanGu-Draw checkpoints use (``weight``/``bias`` for Dense and Conv2d, ``gamma``/``beta`` for
@@ -108,32 +108,42 @@ class Conv2d(nn.Cell):
 
 
 class GroupNorm(nn.Cell):
-    """GroupNorm over (B, C, ...) computed in float32, affine ``gamma``/``beta``; returns ``dtype``."""
+    """GroupNorm over (B, C, ...) computed in float32, affine ``gamma``/``beta``; returns ``dtype``.
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, dtype=ms.float32):
+    ``activation="silu"`` applies SiLU to the result: the sgm/LDM "GroupNorm then SiLU" pairs (ResBlocks, the
+    output heads) as one CPU kernel instead of two.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, dtype=ms.float32,
+                 activation: Optional[str] = None):
         super().__init__()
         if num_channels % num_groups != 0:
             raise ValueError(f"GroupNorm: {num_channels} channels not divisible by {num_groups} groups")
+        if activation not in (None, "silu"):
+            raise ValueError(f"GroupNorm: unknown activation {activation!r}; valid: None, 'silu'")
         self.num_groups = num_groups
         self.num_channels = num_channels
         self.eps = eps
         self.dtype = dtype
+        self.silu = activation == "silu"
         self.fast = ascend_kernels()
         self.gamma = Parameter(initializer(One(), (num_channels,), ms.float32), name="gamma")
         self.beta = Parameter(initializer(Zero(), (num_channels,), ms.float32), name="beta")
-        self.cpu_kernel = None if self.fast else cpu_kernels.group_norm(num_groups, eps)
+        self.cpu_kernel = None if self.fast else cpu_kernels.group_norm(num_groups, eps, self.silu)
         self.use_cpu_kernel = self.cpu_kernel is not None
-        self.cpu_kernel_config = Tensor(np.array([num_groups, eps], np.float32))
+        self.cpu_kernel_config = Tensor(np.array([num_groups, eps, self.silu], np.float32))
 
     def construct(self, x):
         x = x.astype(ms.float32)
         gamma, beta = self.gamma.astype(ms.float32), self.beta.astype(ms.float32)
+        if self.use_cpu_kernel and not self.training:
+            return self.cpu_kernel(x, gamma, beta, self.cpu_kernel_config).astype(self.dtype)
         if self.fast:
             y = mint.nn.functional.group_norm(x, self.num_groups, gamma, beta, self.eps)
-        elif self.use_cpu_kernel and not self.training:
-            y = self.cpu_kernel(x, gamma, beta, self.cpu_kernel_config)
         else:
             y = ops.group_norm(x, self.num_groups, gamma, beta, self.eps)
+        if self.silu:
+            y = ops.silu(y)
         return y.astype(self.dtype)
 
 
@@ -224,14 +234,22 @@ class Dropout(nn.Cell):
 
 
 class GEGLU(nn.Cell):
-    """GEGLU (Shazeer 2020): ``proj`` maps dim -> 2*inner; output = h * GELU(gate)."""
+    """GEGLU (Shazeer 2020): ``proj`` maps dim -> 2*inner; output = h * GELU(gate).
+
+    On the CPU, in float32 and when not training, the split and the gated GELU are one CPU kernel
+    (models/cpu_kernels.py).
+    """
 
     def __init__(self, dim_in: int, dim_out: int, dtype=ms.float32):
         super().__init__()
         self.proj = Dense(dim_in, dim_out * 2, dtype=dtype)
         self.fast = ascend_kernels()
+        self.cpu_kernel = None if self.fast or dtype != ms.float32 else cpu_kernels.geglu()
+        self.use_cpu_kernel = self.cpu_kernel is not None
 
     def construct(self, x):
+        if self.use_cpu_kernel and not self.training:
+            return self.cpu_kernel(self.proj(x))
         h, gate = ops.chunk(self.proj(x), 2, axis=-1)
         return h * gelu(gate, self.fast)
 
@@ -269,6 +287,7 @@ class ScaledDotProductAttention(nn.Cell):
         self.max_scores = max_scores
         self.flash = (ascend_kernels() and dtype in (ms.float16, ms.bfloat16)
                       and head_dim % 16 == 0 and head_dim <= 512)
+        self.scores_matmul = ops.BatchMatMul(transpose_b=True)  # q k^T without a Transpose kernel for k
 
     def _split_heads(self, x):
         b, n, _ = x.shape
@@ -277,7 +296,7 @@ class ScaledDotProductAttention(nn.Cell):
 
     def _attend(self, qh, kh, vh, mask, b):
         lq, lk = qh.shape[1], kh.shape[1]
-        scores = ops.bmm(qh, kh.transpose(0, 2, 1)).astype(ms.float32) * self.scale
+        scores = self.scores_matmul(qh, kh).astype(ms.float32) * self.scale
         if mask is not None:
             scores = (scores.reshape(b, self.num_heads, lq, lk) + mask.astype(ms.float32)).reshape(
                 b * self.num_heads, lq, lk)

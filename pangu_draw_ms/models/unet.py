@@ -26,13 +26,15 @@ class ResBlock(nn.Cell):
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dropout: float, dtype):
         super().__init__()
+        # Each GroupNorm applies the SiLU that follows it (one CPU kernel); the Identity holds sgm's SiLU slot,
+        # so that the convolutions keep their checkpoint names (in_layers.2, out_layers.3).
         self.in_layers = nn.SequentialCell([
-            L.GroupNorm(groups, channels, eps=1e-5, dtype=dtype), L.SiLU(),
+            L.GroupNorm(groups, channels, eps=1e-5, dtype=dtype, activation="silu"), nn.Identity(),
             L.Conv2d(channels, out_channels, 3, padding=1, dtype=dtype)])
         self.emb_layers = nn.SequentialCell([L.SiLU(), L.Dense(emb_channels, out_channels, dtype=dtype)])
         self.out_layers = nn.SequentialCell([
-            L.GroupNorm(groups, out_channels, eps=1e-5, dtype=dtype), L.SiLU(), L.Dropout(dropout),
-            L.Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype)])
+            L.GroupNorm(groups, out_channels, eps=1e-5, dtype=dtype, activation="silu"), nn.Identity(),
+            L.Dropout(dropout), L.Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype)])
         self.has_skip_conv = out_channels != channels
         self.skip_connection = (L.Conv2d(channels, out_channels, 1, dtype=dtype) if self.has_skip_conv
                                 else nn.Identity())
@@ -269,8 +271,9 @@ class UNetModel(nn.Cell):
                 output_blocks.append(TimestepEmbedSequential(stage))
         self.output_blocks = nn.CellList(output_blocks)
 
-        self.out = nn.SequentialCell([L.GroupNorm(config.norm_num_groups, ch, eps=1e-5, dtype=dtype), L.SiLU(),
-                                      L.Conv2d(mc, config.out_channels, 3, padding=1, dtype=dtype)])
+        self.out = nn.SequentialCell([
+            L.GroupNorm(config.norm_num_groups, ch, eps=1e-5, dtype=dtype, activation="silu"), nn.Identity(),
+            L.Conv2d(mc, config.out_channels, 3, padding=1, dtype=dtype)])  # out.1: the SiLU, fused as in ResBlock
 
     def construct(self, x, timesteps, context, y, control=None):
         if x.shape[-2] % self.size_multiple != 0 or x.shape[-1] % self.size_multiple != 0:

@@ -26,7 +26,7 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..config import VAEConfig
-from .layers import Conv2d, GroupNorm, ScaledDotProductAttention, SiLU, Upsample2xNearest
+from .layers import Conv2d, GroupNorm, ScaledDotProductAttention, Upsample2xNearest
 
 # LDM's normalisation for every GroupNorm of the VAE (diffusers' AutoencoderKL uses the same).
 _NORM_EPS = 1e-6
@@ -39,18 +39,18 @@ class ResnetBlock(nn.Cell):
 
     def __init__(self, in_channels: int, out_channels: int, num_groups: int, dtype):
         super().__init__()
-        self.norm1 = GroupNorm(num_groups, in_channels, eps=_NORM_EPS, dtype=dtype)
+        # The norms apply the SiLU that follows them (one CPU kernel for both).
+        self.norm1 = GroupNorm(num_groups, in_channels, eps=_NORM_EPS, dtype=dtype, activation="silu")
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, dtype=dtype)
-        self.norm2 = GroupNorm(num_groups, out_channels, eps=_NORM_EPS, dtype=dtype)
+        self.norm2 = GroupNorm(num_groups, out_channels, eps=_NORM_EPS, dtype=dtype, activation="silu")
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype)
-        self.act = SiLU()
         self.has_shortcut = in_channels != out_channels
         if self.has_shortcut:
             self.nin_shortcut = Conv2d(in_channels, out_channels, 1, dtype=dtype)
 
     def construct(self, x):
-        h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.act(self.norm2(h)))
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.norm2(h))
         if self.has_shortcut:
             x = self.nin_shortcut(x)
         return x + h
@@ -174,8 +174,7 @@ class Encoder(nn.Cell):
                       add_downsample=i != len(widths) - 1, num_groups=groups, dtype=dtype)
             for i in range(len(widths))])
         self.mid = MidBlock(widths[-1], groups, dtype)
-        self.norm_out = GroupNorm(groups, widths[-1], eps=_NORM_EPS, dtype=dtype)
-        self.act = SiLU()
+        self.norm_out = GroupNorm(groups, widths[-1], eps=_NORM_EPS, dtype=dtype, activation="silu")
         self.conv_out = Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1, dtype=dtype)
 
     def construct(self, x):
@@ -183,7 +182,7 @@ class Encoder(nn.Cell):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(self.act(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h))
 
 
 class Decoder(nn.Cell):
@@ -202,15 +201,14 @@ class Decoder(nn.Cell):
             UpLevel(widths[min(i + 1, len(widths) - 1)], widths[i], config.num_res_blocks + 1,
                     add_upsample=i != 0, num_groups=groups, dtype=dtype)
             for i in range(len(widths))])
-        self.norm_out = GroupNorm(groups, widths[0], eps=_NORM_EPS, dtype=dtype)
-        self.act = SiLU()
+        self.norm_out = GroupNorm(groups, widths[0], eps=_NORM_EPS, dtype=dtype, activation="silu")
         self.conv_out = Conv2d(widths[0], config.out_channels, 3, padding=1, dtype=dtype)
 
     def construct(self, z):
         h = self.mid(self.conv_in(z))
         for i in range(self.num_levels - 1, -1, -1):
             h = self.up[i](h)
-        return self.conv_out(self.act(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h))
 
 
 class AutoencoderKL(nn.Cell):

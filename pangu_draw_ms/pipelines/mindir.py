@@ -68,7 +68,7 @@ def _describe(names: Sequence[str], tensors: Sequence[ms.Tensor]) -> List[dict]:
 def _export(cell: nn.Cell, inputs: Sequence[ms.Tensor], path: str) -> List[ms.Tensor]:
     """Write ``cell`` as MindIR at ``path`` (``.mindir``) and return its outputs on ``inputs`` (for their shapes
     and dtypes: computed eagerly, since a GRAPH_MODE call would compile the cell a second time). The graph
-    holds MindSpore's own kernels only (not the CPU norm kernels of this machine's cache)."""
+    holds MindSpore's own kernels only (not the CPU kernels of this machine's cache)."""
     with cpu_kernels.portable(cell):
         ms.export(cell, *inputs, file_name=path[:-len(".mindir")], file_format="MINDIR")
     with eager():
