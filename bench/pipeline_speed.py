@@ -66,6 +66,8 @@ def main():
 
     from helpers import make_torchvision_importable
     make_torchvision_importable()  # before diffusers: this index's torchvision does not import beside the CPU torch
+    from pangu_draw_ms import runtime
+
     from reference_pipeline import build_pair, reference_run
     from timing import interleaved_medians, report
 
@@ -90,6 +92,7 @@ def main():
                                  **common)
 
     run_ours(2, "pil")  # compile every graph (both experts, VAE, text encoders) before timing
+    runtime.lift_onednn_cap()  # MindSpore's oneDNN has read the cap; torch's runs at its own default
     run_ours(2, "latent", compiled=False)
     run_reference(1, "pil")
     sampling = interleaved_medians({"ours": lambda: run_ours(args.steps, "latent"),

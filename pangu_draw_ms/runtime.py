@@ -65,12 +65,32 @@ def onednn_isa_cap(environ=os.environ, machine: Optional[str] = None, flags: Opt
     return ISA_CAP if "avx512f" in flags else None
 
 
+_process_cap: Optional[str] = None  # the cap configure_onednn set in this process's environment, if any
+
+
 def configure_onednn(environ=os.environ) -> Optional[str]:
     """Set the oneDNN ISA cap in ``environ`` where :func:`onednn_isa_cap` says so; returns what was set."""
+    global _process_cap
     cap = onednn_isa_cap(environ)
     if cap is not None:
         environ["DNNL_MAX_CPU_ISA"] = cap
+        if environ is os.environ:
+            _process_cap = cap
     return cap
+
+
+def lift_onednn_cap() -> bool:
+    """Remove the cap :func:`configure_onednn` put in this process's environment (never a user's value); returns
+    whether there was one. Every oneDNN in the process reads the variable when it first runs a kernel - torch's
+    bundled copy too, whose 3x3 convolutions the cap slows 1.8x (they take the fast path with AVX-512). The
+    benchmarks call this after MindSpore's first convolution, before torch's, so that each side runs as it does
+    on its own."""
+    global _process_cap
+    if _process_cap is None or os.environ.get("DNNL_MAX_CPU_ISA") != _process_cap:
+        return False
+    del os.environ["DNNL_MAX_CPU_ISA"]
+    _process_cap = None
+    return True
 
 
 HOST_BLOCKING_VARIABLE = "MS_DEV_HOST_BLOCKING_RUN"

@@ -31,6 +31,19 @@ def test_the_cap_is_set_only_on_x86_cpus_with_avx512_and_never_over_a_users_valu
     assert configure_onednn(environ) is None and environ == {"DNNL_MAX_CPU_ISA": "ALL"}
 
 
+def test_lifting_the_cap_removes_only_what_the_package_set(monkeypatch):
+    from pangu_draw_ms import runtime
+
+    monkeypatch.setattr(runtime, "onednn_isa_cap", lambda environ: "AVX2")
+    monkeypatch.setattr(runtime, "_process_cap", None)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert runtime.configure_onednn() == "AVX2" and os.environ["DNNL_MAX_CPU_ISA"] == "AVX2"
+    assert runtime.lift_onednn_cap() and "DNNL_MAX_CPU_ISA" not in os.environ
+    assert not runtime.lift_onednn_cap()
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # the user's own value stays
+    assert not runtime.lift_onednn_cap() and os.environ["DNNL_MAX_CPU_ISA"] == "AVX2"
+
+
 def test_cpu_flags_read_proc_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu\n")
