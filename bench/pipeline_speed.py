@@ -92,7 +92,7 @@ def main():
                                  **common)
 
     run_ours(2, "pil")  # compile every graph (both experts, VAE, text encoders) before timing
-    runtime.lift_onednn_cap()  # MindSpore's oneDNN has read the cap; torch's runs at its own default
+    runtime.lift_onednn_cap()  # torch's oneDNN at its own default from here (MindSpore's keeps the cap)
     run_ours(2, "latent", compiled=False)
     run_reference(1, "pil")
     sampling = interleaved_medians({"ours": lambda: run_ours(args.steps, "latent"),

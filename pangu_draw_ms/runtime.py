@@ -82,12 +82,18 @@ def configure_onednn(environ=os.environ) -> Optional[str]:
 def lift_onednn_cap() -> bool:
     """Remove the cap :func:`configure_onednn` put in this process's environment (never a user's value); returns
     whether there was one. Every oneDNN in the process reads the variable when it first runs a kernel - torch's
-    bundled copy too, whose 3x3 convolutions the cap slows 1.8x (they take the fast path with AVX-512). The
-    benchmarks call this after MindSpore's first convolution, before torch's, so that each side runs as it does
-    on its own."""
+    bundled copy too, whose 3x3 convolutions the cap slows 1.8x (they take the fast path with AVX-512). So one
+    MindSpore convolution runs first, which makes MindSpore's oneDNN read (and keep) the cap; torch's then runs
+    at its own default. For benchmarks and tests that time or run torch beside MindSpore."""
     global _process_cap
     if _process_cap is None or os.environ.get("DNNL_MAX_CPU_ISA") != _process_cap:
         return False
+    import mindspore as ms
+    import numpy as np
+
+    with eager():
+        probe = ms.Tensor(np.zeros((1, 1, 3, 3), np.float32))
+        ms.ops.conv2d(probe, probe, pad_mode="pad", padding=1).asnumpy()
     del os.environ["DNNL_MAX_CPU_ISA"]
     _process_cap = None
     return True

@@ -30,14 +30,11 @@ ms.device_context.cpu.op_tuning.threads_num(
 
 make_torchvision_importable()
 
-# torch's bundled oneDNN reads the ISA cap that importing the package sets (pangu_draw_ms.runtime), and runs its
-# 3x3 convolutions 1.8x slower under it. One MindSpore convolution makes MindSpore's oneDNN read the cap (it keeps
-# it for the process); then the cap leaves the environment, so torch's reference models run at their own speed.
-# Child processes (CLI tools, msrun) import the package and set it again.
+# torch's bundled oneDNN reads the ISA cap that importing the package sets (pangu_draw_ms.runtime) and runs its 3x3
+# convolutions 1.8x slower under it: lifted once MindSpore's oneDNN has read it, so torch's reference models run at
+# their own speed. Child processes (CLI tools, msrun) import the package and set it again.
 from pangu_draw_ms import runtime  # noqa: E402
 
-_probe = ms.Tensor(np.zeros((1, 1, 3, 3), np.float32))
-ms.ops.conv2d(_probe, _probe, pad_mode="pad", padding=1).asnumpy()
 runtime.lift_onednn_cap()
 
 
