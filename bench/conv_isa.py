@@ -1,9 +1,11 @@
-"""3x3 and 1x1 convolutions of MindSpore's CPU backend under each oneDNN ISA cap, against torch.
+"""3x3 and 1x1 convolutions of MindSpore's CPU backend under each oneDNN ISA cap, and the package's own AVX-512
+convolution (models/cpu_kernels.py), against torch.
 
 oneDNN reads ``DNNL_MAX_CPU_ISA`` once, so every cap runs in a child process of its own; inside it our
-``Conv2d`` cell (GRAPH_MODE) and ``torch.nn.functional.conv2d`` run interleaved on the same input and
-weights with the same thread count, and the child reports the median milliseconds, the ratio, and the
-kernel oneDNN picked (from ``ONEDNN_VERBOSE``). ``default`` is MindSpore without our package's cap.
+``Conv2d`` cell (GRAPH_MODE) with MindSpore's convolution, the package's kernel and
+``torch.nn.functional.conv2d`` run interleaved on the same input and weights with the same thread count, and
+the child reports the median milliseconds, the ratios, and the kernel oneDNN picked (from ``ONEDNN_VERBOSE``).
+``default`` is MindSpore without our package's cap.
 
     python bench/conv_isa.py                                   # every cap, (2, 64, 32, 32) -> 64 ch
     python bench/conv_isa.py --shape 1 320 64 64 --caps default AVX2
@@ -25,37 +27,50 @@ def child(shape, kernel, threads, repeats):
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from pangu_draw_ms import runtime
     from pangu_draw_ms.models.layers import Conv2d
 
     from timing import interleaved_medians
 
-    ms.set_context(mode=ms.GRAPH_MODE, runtime_num_threads=threads)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    runtime.set_cpu_threads(threads)
     torch.set_num_threads(threads)
     b, c, h, w = shape
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, dtype=np.float32)
     conv = Conv2d(c, c, kernel, padding=kernel // 2)
+    package_kernel = conv.cpu_kernel  # the package's AVX-512 convolution (None where the CPU lacks AVX-512)
+    conv.use_cpu_kernel = False  # the cell itself: MindSpore's oneDNN convolution under this child's cap
     weight, bias = conv.weight.asnumpy(), conv.bias.asnumpy()
     x_ms, x_pt = ms.Tensor(x), torch.from_numpy(x)
     w_pt, b_pt = torch.from_numpy(weight), torch.from_numpy(bias)
+    config = ms.Tensor(np.array([kernel // 2], np.float32))
 
-    def ours():
+    def mindspore():
         return conv(x_ms).asnumpy()
+
+    def package():
+        return package_kernel(x_ms, conv.weight, conv.bias, config).asnumpy()
 
     def theirs():
         with torch.no_grad():
             return torch.nn.functional.conv2d(x_pt, w_pt, b_pt, padding=kernel // 2).numpy()
 
-    first = ours()
+    first = mindspore()
     # MindSpore's oneDNN has read this child's cap; torch's own oneDNN reads the same variable on its first
     # kernel: without it, torch runs at its default ISA, as it does outside this benchmark.
     for name in ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA"):
         os.environ.pop(name, None)
-    error = float(np.abs(first - theirs()).max())
-    medians = interleaved_medians({"ours": ours, "torch": theirs}, warmup=1, repeats=repeats)
-    ms_ours, ms_torch = 1e3 * medians["ours"], 1e3 * medians["torch"]
-    gflops = 2 * b * c * c * kernel * kernel * h * w / (ms_ours * 1e-3) / 1e9
-    print(json.dumps({"ms_ours": ms_ours, "ms_torch": ms_torch, "gflops": gflops, "max_abs_diff": error}))
+    reference = theirs()
+    sides = {"mindspore": mindspore, "torch": theirs}
+    if package_kernel is not None:
+        sides["package"] = package
+    medians = {name: 1e3 * t for name, t in interleaved_medians(sides, warmup=1, repeats=repeats).items()}
+    result = {"max_abs_diff": float(np.abs(first - reference).max()),
+              "gflops": 2 * b * c * c * kernel * kernel * h * w / (medians["mindspore"] * 1e-3) / 1e9, **medians}
+    if package_kernel is not None:
+        result["package_max_abs_diff"] = float(np.abs(package() - reference).max())
+    print(json.dumps(result))
 
 
 def main():
@@ -70,9 +85,12 @@ def main():
     if args.child:
         child(tuple(args.shape), args.kernels[0], args.threads, args.repeats)
         return
-    print(f"conv {tuple(args.shape)} -> {args.shape[1]} ch, {args.threads} threads; ms = median milliseconds")
-    print("| cap | kernel | ours ms | torch ms | ours / torch | GFLOP/s | oneDNN implementation |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"conv {tuple(args.shape)} -> {args.shape[1]} ch, {args.threads} threads; ms = median milliseconds; "
+          "MindSpore = its oneDNN convolution under the cap, package = the package's AVX-512 kernel (the same under "
+          "any cap)")
+    print("| cap | kernel | MindSpore ms | package ms | torch ms | MindSpore / torch | package / torch | "
+          "MindSpore GFLOP/s | oneDNN implementation |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cap in args.caps:
         for kernel in args.kernels:
             env = dict(os.environ, ONEDNN_VERBOSE="1", GLOG_v="3", OMP_NUM_THREADS=str(args.threads))
@@ -84,8 +102,10 @@ def main():
             result = json.loads(next(line for line in out if line.startswith("{")))
             kernels = sorted({line.split(",")[6] for line in out
                               if line.startswith("onednn_verbose") and ",exec,cpu,convolution," in line})
-            print(f"| {cap} | {kernel}x{kernel} | {result['ms_ours']:.2f} | {result['ms_torch']:.2f} | "
-                  f"{result['ms_ours'] / result['ms_torch']:.2f} | {result['gflops']:.1f} | {' '.join(kernels)} |")
+            mindspore, torch, package = result["mindspore"], result["torch"], result.get("package")
+            package_ms, package_ratio = (f"{package:.2f}", f"{package / torch:.2f}") if package else ("-", "-")
+            print(f"| {cap} | {kernel}x{kernel} | {mindspore:.2f} | {package_ms} | {torch:.2f} | "
+                  f"{mindspore / torch:.2f} | {package_ratio} | {result['gflops']:.1f} | {' '.join(kernels)} |")
 
 
 if __name__ == "__main__":

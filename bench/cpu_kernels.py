@@ -39,11 +39,12 @@ def main():
     import torch
     from mindspore import nn, ops
 
+    from pangu_draw_ms import runtime
     from pangu_draw_ms.models import cpu_kernels
     from pangu_draw_ms.models.layers import GroupNorm, LayerNorm, gelu
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    ms.device_context.cpu.op_tuning.threads_num(1)
+    runtime.set_cpu_threads(1)
     torch.set_num_threads(1)
 
     class GatedGelu(nn.Cell):

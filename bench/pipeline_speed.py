@@ -72,7 +72,8 @@ def main():
     from timing import interleaved_medians, report
 
     torch.set_num_threads(args.threads)
-    ms.set_context(mode=ms.GRAPH_MODE, runtime_num_threads=args.threads)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    runtime.set_cpu_threads(args.threads)
     height, width = args.size
     config = bench_config(args.config, height, width)
     ours, reference = build_pair(config, randomize=False)

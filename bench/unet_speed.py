@@ -63,6 +63,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     ms.set_context(mode=ms.GRAPH_MODE, runtime_num_threads=args.threads)
+    runtime.set_cpu_threads(args.threads)
     config = unet_config(args.config)
     bucket_dim = 256 if config.adm_in_channels and config.adm_in_channels > 256 else 16
     reference = UNet2DConditionModel(**diffusers_unet_kwargs(config, addition_time_embed_dim=bucket_dim)).eval()

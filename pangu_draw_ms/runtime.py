@@ -35,7 +35,7 @@ import logging
 import os
 import platform
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 ISA_CAP = "AVX2"
 ISA_VARIABLES = ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
@@ -79,6 +79,11 @@ def configure_onednn(environ=os.environ) -> Optional[str]:
     return cap
 
 
+def onednn_cap_is_the_packages() -> bool:
+    """Whether this process's oneDNN cap is the one :func:`configure_onednn` set (not a user's value, not lifted)."""
+    return _process_cap is not None and os.environ.get("DNNL_MAX_CPU_ISA") == _process_cap
+
+
 def lift_onednn_cap() -> bool:
     """Remove the cap :func:`configure_onednn` put in this process's environment (never a user's value); returns
     whether there was one. Every oneDNN in the process reads the variable when it first runs a kernel - torch's
@@ -86,7 +91,7 @@ def lift_onednn_cap() -> bool:
     MindSpore convolution runs first, which makes MindSpore's oneDNN read (and keep) the cap; torch's then runs
     at its own default. For benchmarks and tests that time or run torch beside MindSpore."""
     global _process_cap
-    if _process_cap is None or os.environ.get("DNNL_MAX_CPU_ISA") != _process_cap:
+    if not onednn_cap_is_the_packages():
         return False
     import mindspore as ms
     import numpy as np
@@ -97,6 +102,42 @@ def lift_onednn_cap() -> bool:
     del os.environ["DNNL_MAX_CPU_ISA"]
     _process_cap = None
     return True
+
+
+_cpu_threads: Optional[int] = None  # set_cpu_threads' count, if called
+_thread_listeners: list = []
+
+
+def cpu_threads() -> int:
+    """Kernel threads on the CPU: :func:`set_cpu_threads`' count, else the cores this process may run on
+    (MindSpore's own default, below its limit of 25)."""
+    if _cpu_threads is not None:
+        return _cpu_threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def on_cpu_threads(listener: Callable[[int], None]) -> None:
+    """Call ``listener`` with :func:`cpu_threads` now and whenever :func:`set_cpu_threads` changes it (the
+    package's own CPU kernels, models/cpu_kernels.py, keep their thread count this way)."""
+    _thread_listeners.append(listener)
+    listener(cpu_threads())
+
+
+def set_cpu_threads(count: int) -> None:
+    """The CPU kernel threads of MindSpore (``device_context.cpu.op_tuning.threads_num``) and of the package's
+    own kernels. MindSpore takes its setting once per process: a later call changes only the package's."""
+    global _cpu_threads
+    _cpu_threads = max(1, int(count))
+    for listener in _thread_listeners:
+        listener(_cpu_threads)
+    import mindspore as ms
+    from mindspore._c_expression import RuntimeConf
+
+    if not RuntimeConf.get_instance().is_op_threads_num_configured():
+        ms.device_context.cpu.op_tuning.threads_num(_cpu_threads)
 
 
 HOST_BLOCKING_VARIABLE = "MS_DEV_HOST_BLOCKING_RUN"

@@ -25,16 +25,16 @@ ms.set_context(device_target="CPU", mode=ms.PYNATIVE_MODE)
 # Kernel threads: the cores shared among pytest-xdist's workers. MindSpore's default, a thread per core in every
 # worker, oversubscribes them, and its idle threads spin: an eager training test took 2.3x longer beside one busy
 # process with two threads, 1.15x with one.
-ms.device_context.cpu.op_tuning.threads_num(
-    max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+# The package's own CPU kernels (models/cpu_kernels.py) take the same count.
+from pangu_draw_ms import runtime  # noqa: E402
+
+runtime.set_cpu_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 make_torchvision_importable()
 
 # torch's bundled oneDNN reads the ISA cap that importing the package sets (pangu_draw_ms.runtime) and runs its 3x3
 # convolutions 1.8x slower under it: lifted once MindSpore's oneDNN has read it, so torch's reference models run at
 # their own speed. Child processes (CLI tools, msrun) import the package and set it again.
-from pangu_draw_ms import runtime  # noqa: E402
-
 runtime.lift_onednn_cap()
 
 

@@ -1,7 +1,9 @@
 """The CPU kernels (models/kernels/cpu_kernels.cc through models/cpu_kernels.py): the values and gradients of
-MindSpore's own GroupNorm/LayerNorm kernels (and of GroupNorm then SiLU for the fused kernel, and of split +
-GELU + product for GEGLU), used only by cells that are not training, built once per cache
-folder, and a fallback to MindSpore's kernels when turned off or when the build fails."""
+MindSpore's own GroupNorm/LayerNorm kernels (and of GroupNorm then SiLU for the fused kernel, of split +
+GELU + product for GEGLU, of Conv2D + bias for the convolution and of MatMul + bias for the dense layer), used
+only by cells that are not training, built once per cache folder, and a fallback to MindSpore's kernels when
+turned off or when the build fails."""
+import ctypes
 import math
 import os
 import stat
@@ -10,11 +12,14 @@ import numpy as np
 import pytest
 from mindspore import ParameterTuple, Tensor, nn, ops
 
+from pangu_draw_ms import runtime
 from pangu_draw_ms.models import cpu_kernels
-from pangu_draw_ms.models.layers import GEGLU, GroupNorm, LayerNorm
+from pangu_draw_ms.models.layers import GEGLU, Conv2d, Dense, GroupNorm, LayerNorm, ScaledDotProductAttention
 
 needs_library = pytest.mark.skipif(cpu_kernels.library() is None,
                                    reason="no C++ compiler here: the layers use MindSpore's kernels")
+needs_avx512 = pytest.mark.skipif(not cpu_kernels.avx512(),
+                                  reason="no AVX-512 (or no library) here: Conv2d and Dense use MindSpore's kernels")
 
 # (cell, input shape): 3-D to 5-D inputs, group and row lengths that are not multiples of the kernel's 16
 # accumulator lanes, and a group longer than its 2048-element summation block.
@@ -55,7 +60,19 @@ def test_values_are_mindspores_kernels(case, ms_mode):
     assert cell.use_cpu_kernel and not cell.training
     ours = cell(x).asnumpy()
     cell.use_cpu_kernel = False
-    np.testing.assert_allclose(ours, cell(x).asnumpy(), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(ours, _Call(cell)(x).asnumpy(), rtol=1e-5, atol=2e-5)
+
+
+class _Call(nn.Cell):
+    """A new top-level cell around ``cell``. In GRAPH_MODE a cell called again runs the graph of its first call:
+    a ``use_cpu_kernel`` changed since would go unseen (checked), so each reference call compiles anew."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def construct(self, *args):
+        return self.cell(*args)
 
 
 class _Loss(nn.Cell):
@@ -107,11 +124,182 @@ def test_geglu_values_and_gradients_are_mindspores(shape, ms_mode):
     gradients = _Gradients(_Loss(geglu, rng.standard_normal(ours.shape).astype(np.float32)))
     (dx,), (dweight, dbias) = gradients(x)
     geglu.use_cpu_kernel = False
-    np.testing.assert_allclose(ours, geglu(x).asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours, _Call(geglu)(x).asnumpy(), rtol=1e-5, atol=1e-6)
     (reference_dx,), (reference_dweight, reference_dbias) = _Gradients(gradients.loss)(x)
     for grad, reference in ((dx, reference_dx), (dweight, reference_dweight), (dbias, reference_dbias)):
         reference = reference.asnumpy()
         np.testing.assert_allclose(grad.asnumpy(), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def kernel_threads(request):
+    """The package's kernel threads for the test (the convolution and the dense layer share their blocks among
+    them above 16 MFLOP), restored after."""
+    saved = runtime.cpu_threads()
+    runtime.set_cpu_threads(request.param)
+    yield request.param
+    runtime.set_cpu_threads(saved)
+
+
+# (in, out, kernel, padding, input shape): 3x3 and 1x1 as in the UNet/VAE, a "valid" convolution, a 5x5; output
+# channels that are not a multiple of the kernel's 8-channel blocks, widths not a multiple of its 16-float
+# vectors, and 512 channels x 62 columns, whose padded input exceeds the 1 MB band: four bands of output rows
+# (with 91 MFLOP, shared among threads).
+CONV_CASES = [(16, 20, 3, 1, (2, 16, 9, 13)), (3, 5, 3, 0, (1, 3, 5, 6)), (8, 12, 1, 0, (1, 8, 7, 7)),
+              (6, 4, 5, 2, (2, 6, 11, 4)), (512, 8, 3, 1, (1, 512, 20, 62))]
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", CONV_CASES, ids=[f"{c[0]}-{c[1]}-k{c[2]}p{c[3]}-{c[4]}" for c in CONV_CASES])
+def test_the_convolution_is_mindspores(case, kernel_threads, ms_mode):
+    in_channels, out_channels, kernel, padding, shape = case
+    conv = Conv2d(in_channels, out_channels, kernel, padding=padding)
+    x = Tensor(np.random.default_rng(6).standard_normal(shape).astype(np.float32))
+    assert conv.use_cpu_kernel and not conv.training
+    ours = conv(x).asnumpy()
+    conv.use_cpu_kernel = False
+    reference = _Call(conv)(x).asnumpy()
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+@needs_avx512
+def test_strided_and_bias_free_convolutions():
+    """Stride 2 (the UNet/VAE downsamplers) stays MindSpore's convolution; one without a bias adds none."""
+    assert Conv2d(4, 4, 3, stride=2, padding=1).cpu_kernel is None
+    conv = Conv2d(4, 6, 3, padding=1, bias=False)
+    x = Tensor(np.random.default_rng(7).standard_normal((1, 4, 5, 5)).astype(np.float32))
+    ours = conv(x).asnumpy()
+    conv.use_cpu_kernel = False
+    np.testing.assert_allclose(ours, _Call(conv)(x).asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+# (in, out, bias, input shape): rows, inputs and outputs that are not multiples of the kernel's 8-row blocks and
+# 48-feature panels; 600 rows: three 256-row blocks (4 MFLOP x 12: shared among threads).
+DENSE_CASES = [(37, 29, True, (3, 5, 37)), (64, 100, False, (7, 64)), (96, 130, True, (600, 96)),
+               (2, 1, True, (1, 2))]
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[f"{c[0]}-{c[1]}-{'bias' if c[2] else 'nobias'}-{c[3]}"
+                                                   for c in DENSE_CASES])
+def test_the_dense_layer_is_mindspores(case, kernel_threads, ms_mode):
+    in_features, out_features, bias, shape = case
+    dense = Dense(in_features, out_features, bias=bias)
+    x = Tensor(np.random.default_rng(8).standard_normal(shape).astype(np.float32))
+    assert dense.use_cpu_kernel and not dense.training
+    ours = dense(x).asnumpy()
+    dense.use_cpu_kernel = False
+    reference = _Call(dense)(x).asnumpy()
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+@needs_avx512
+def test_the_dense_kernel_runs_a_second_onednn_at_the_full_isa():
+    """Dense's GEMM is oneDNN's, from a copy of MindSpore's library in the kernel cache: a second instance, at the
+    CPU's full ISA, while MindSpore's own oneDNN keeps the package's AVX2 cap (which its 3x3 convolutions need;
+    tests/conftest.py lifted the variable only after MindSpore's first convolution had read it)."""
+    import mindspore
+
+    assert cpu_kernels.dense() is not None
+    copy = cpu_kernels._onednn_copy()
+    assert copy.startswith(os.path.join(runtime.cache_home(), "pangu_draw_ms", "onednn"))
+    lib = os.path.join(os.path.dirname(mindspore.__file__), "lib")
+    own = ctypes.CDLL(os.path.join(lib, next(f for f in sorted(os.listdir(lib)) if f.startswith("libdnnl.so"))))
+    avx2 = 0x7  # dnnl_cpu_isa_avx2; the AVX-512 levels are larger bit sets
+    assert own.dnnl_get_effective_cpu_isa() == avx2
+    assert ctypes.CDLL(copy).dnnl_get_effective_cpu_isa() > avx2  # the same file: the instance the kernel uses
+
+
+@needs_avx512
+@pytest.mark.parametrize("build, shape", [(lambda: Conv2d(5, 7, 3, padding=1), (2, 5, 6, 9)),
+                                          (lambda: Conv2d(4, 3, 1), (1, 4, 5, 5)),
+                                          (lambda: Dense(12, 9), (2, 3, 12))],
+                         ids=["conv3x3", "conv1x1", "dense"])
+def test_convolution_and_dense_gradients_are_mindspores(build, shape, ms_mode):
+    """Through a cell that is not training (a frozen network): d loss / d (x, weight, bias)."""
+    rng = np.random.default_rng(9)
+    cell = build()
+    x = Tensor(rng.standard_normal(shape).astype(np.float32))
+    assert cell.use_cpu_kernel
+    gradients = _Gradients(_Loss(cell, rng.standard_normal(cell(x).shape).astype(np.float32)))
+    (dx,), (dweight, dbias) = gradients(x)
+    cell.use_cpu_kernel = False
+    (reference_dx,), (reference_dweight, reference_dbias) = _Gradients(gradients.loss)(x)
+    for grad, reference in ((dx, reference_dx), (dweight, reference_dweight), (dbias, reference_dbias)):
+        reference = reference.asnumpy()
+        np.testing.assert_allclose(grad.asnumpy(), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+class _AttentionLoss(nn.Cell):
+    def __init__(self, attention, weight):
+        super().__init__()
+        self.attention = attention
+        self.weight = Tensor(weight)
+
+    def construct(self, q, k, v):
+        return (self.attention(q, k, v) * self.weight).sum()
+
+
+class _InputGradients(nn.Cell):
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+        self.grad = ops.GradOperation(get_all=True)
+
+    def construct(self, q, k, v):
+        return self.grad(self.loss)(q, k, v)
+
+
+# (heads, head dim, batch, queries, keys): the UNets' self- and cross-attention (77 keys), head sizes that are not
+# whole 16-float vectors (40, 8) or span several 48-float tiles (112), query counts that are not whole 8-row
+# blocks, one key, and 600 queries (x 600 keys: shared among threads).
+ATTENTION_CASES = [(2, 16, 2, 64, 64), (4, 40, 1, 19, 77), (1, 112, 2, 13, 30), (3, 8, 1, 5, 1),
+                   (2, 32, 1, 600, 600)]
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", ATTENTION_CASES,
+                         ids=[f"h{c[0]}d{c[1]}-b{c[2]}-{c[3]}x{c[4]}" for c in ATTENTION_CASES])
+def test_attention_is_the_batched_matmul_softmax(case, kernel_threads, ms_mode):
+    heads, dim, batch, queries, keys = case
+    attention = ScaledDotProductAttention(heads, dim)
+    rng = np.random.default_rng(10)
+    q, k, v = (Tensor(2.0 * rng.standard_normal((batch, length, heads * dim)).astype(np.float32))
+               for length in (queries, keys, keys))
+    assert attention.use_cpu_kernel and not attention.training
+    ours = attention(q, k, v).asnumpy()
+    attention.use_cpu_kernel = False
+    reference = _Call(attention)(q, k, v).asnumpy()
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+@needs_avx512
+def test_attention_gradients_and_a_mask(ms_mode):
+    """Gradients through a frozen attention equal MindSpore's; with a mask the layer keeps its own path."""
+    rng = np.random.default_rng(11)
+    attention = ScaledDotProductAttention(2, 8)
+    q, k, v = (Tensor(rng.standard_normal((2, length, 16)).astype(np.float32)) for length in (5, 7, 7))
+    gradients = _InputGradients(_AttentionLoss(attention, rng.standard_normal((2, 5, 16)).astype(np.float32)))
+    ours = [g.asnumpy() for g in gradients(q, k, v)]
+    attention.use_cpu_kernel = False
+    for grad, reference in zip(ours, _InputGradients(gradients.loss)(q, k, v)):
+        reference = reference.asnumpy()
+        np.testing.assert_allclose(grad, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    attention.use_cpu_kernel = True
+    mask = Tensor(np.where(np.arange(7) < 4, 0.0, -1e9).astype(np.float32))
+    calls = []
+    kernel = attention.cpu_kernel
+
+    def counted(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    attention.cpu_kernel = counted
+    masked = attention(q, k, v, mask).asnumpy()
+    assert calls == []
+    np.testing.assert_allclose(masked, attention(q, k[:, :4], v[:, :4]).asnumpy(), rtol=1e-5, atol=1e-6)
 
 
 @needs_library
@@ -140,15 +328,20 @@ def test_the_fused_silu_over_its_whole_range(ms_mode):
     x = Tensor(np.random.default_rng(4).standard_normal((2, channels, 16)).astype(np.float32))
     ours = norm(x).asnumpy()
     norm.use_cpu_kernel = False
-    np.testing.assert_allclose(ours, norm(x).asnumpy(), rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(ours, _Call(norm)(x).asnumpy(), rtol=1e-5, atol=1e-12)
     assert np.isfinite(ours).all() and ours.min() < -0.27 and ours.max() > 99.9
 
 
 @needs_library
-def test_a_training_cell_uses_mindspores_kernels():
+@pytest.mark.parametrize("build, shape", [
+    pytest.param(lambda: GroupNorm(32, 64), (2, 64, 8, 8), id="GroupNorm"),
+    pytest.param(lambda: Conv2d(3, 4, 3, padding=1), (1, 3, 4, 4), id="Conv2d", marks=needs_avx512),
+    pytest.param(lambda: Dense(6, 5), (2, 6), id="Dense", marks=needs_avx512)])
+def test_a_training_cell_uses_mindspores_kernels(build, shape):
     """The kernels serve cells that are not training; a trained cell's forward (and so its backward) stays
-    MindSpore's GroupNorm/LayerNorm."""
-    cell, x = _cell_and_input(CASES[0], np.random.default_rng(2))
+    MindSpore's own."""
+    cell = build()
+    x = Tensor(np.random.default_rng(2).standard_normal(shape).astype(np.float32))
     calls = []
     kernel = cell.cpu_kernel
 

@@ -17,6 +17,10 @@ from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 PROMPT = "a big red circle in the center on a white background"
 HEIGHT, WIDTH = 48, 96  # the bucket --ratio 2:1 picks (not the demo's default 64x64)
 LATENT = (1, 4, HEIGHT // 4, WIDTH // 4)
+# Images from the graphs against the pipeline's: the graphs run MindSpore's kernels, the pipeline the package's CPU
+# kernels (models/cpu_kernels.py), whose float rounding differs (~1e-7 per op); over a sampling loop that drifts to
+# ~1e-5 in pixel values (measured: 1.01e-5 at most, one pixel in 13,824, over 10 steps).
+IMAGE_ATOL = 3e-5
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def test_a_40_step_image_from_the_exported_graphs_alone_is_the_pipelines(exporte
     expected = pipe.decode(pipe(PROMPT, noise=noise, height=HEIGHT, width=WIDTH, num_inference_steps=40,
                                 output_type="latent").latents)
     runner = MindIRPipeline(directory)
-    np.testing.assert_allclose(runner([PROMPT], noise), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(runner([PROMPT], noise), expected, rtol=0, atol=IMAGE_ATOL)
     assert len(manifest["steps"]) == 40
     assert {s["expert"] for s in manifest["steps"] if s["t"] >= manifest["t_struct"]} == {"structure"}
     assert {s["expert"] for s in manifest["steps"] if s["t"] < manifest["t_struct"]} == {"texture"}
@@ -44,7 +48,7 @@ def test_a_40_step_image_from_the_exported_graphs_alone_is_the_pipelines(exporte
     weights = [1 - 2.0 if b["name"] == "uncond" else 2.0 for b in manifest["branches"]]
     other = pipe.decode(pipe(PROMPT, noise=noise, height=HEIGHT, width=WIDTH, num_inference_steps=40,
                              guidance_scale=2.0, output_type="latent").latents)
-    np.testing.assert_allclose(runner([PROMPT], noise, branch_weights=weights), other, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(runner([PROMPT], noise, branch_weights=weights), other, rtol=0, atol=IMAGE_ATOL)
 
 
 def test_each_graph_loaded_back_computes_what_its_cell_computes(exported):
@@ -82,11 +86,13 @@ def test_export_cli_writes_the_graphs_and_refuses_what_it_cannot_export(exported
     assert sorted(os.listdir(directory)) == ["conditioner.mindir", "manifest.json", "step_structure.mindir",
                                              "step_texture.mindir", "tokenizer_0.model", "tokenizer_1.model",
                                              "vae_decoder.mindir"]
-    # Portable graphs: MindSpore's own norm kernels, never this machine's CPU kernel library (models/cpu_kernels.py).
+    # Portable graphs: MindSpore's own kernels, never this machine's CPU kernel library (models/cpu_kernels.py).
     for entry in manifest["graphs"].values():
         with open(os.path.join(directory, entry["file"]), "rb") as f:
             graph = f.read()
-        assert b"cpu_kernels.so" not in graph and b"NormForward" not in graph, entry["file"]
+        assert b"cpu_kernels.so" not in graph, entry["file"]
+        assert not [name for name in (b"NormForward", b"GegluForward", b"Conv2dForward", b"DenseForward",
+                                      b"AttentionForward") if name in graph], entry["file"]
     with pytest.raises(SystemExit):
         export.main(["--out", str(tmp_path / "x"), "--num-prompts", "0"])
     assert "--num-prompts must be >= 1" in capsys.readouterr().err
@@ -108,4 +114,4 @@ def test_the_release_switch_rule_is_exported_step_by_step(exported, graph_mode, 
     assert [[s["t"], s["expert"]] for s in manifest["steps"]] == [list(e) for e in out.info["expert_trace"]]
     assert any(s["t"] < manifest["t_struct"] and s["expert"] == "structure" for s in manifest["steps"])
     images = MindIRPipeline(str(tmp_path))([PROMPT], noise)
-    np.testing.assert_allclose(images, pipe.decode(out.latents), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(images, pipe.decode(out.latents), rtol=0, atol=IMAGE_ATOL)

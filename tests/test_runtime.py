@@ -1,5 +1,5 @@
 """Process settings: the oneDNN ISA cap (detected from the CPU, never over a user's value), blocking op launch
-on CPU-only hosts, the compile-cache location, and quiet logs."""
+on CPU-only hosts, the compile-cache location, quiet logs, and the kernel thread count."""
 import os
 import subprocess
 import sys
@@ -10,8 +10,11 @@ from pangu_draw_ms.runtime import (
     configure_host_launch,
     configure_onednn,
     cpu_flags,
+    cpu_threads,
     eager,
+    on_cpu_threads,
     onednn_isa_cap,
+    set_cpu_threads,
 )
 
 AVX512 = frozenset({"avx2", "avx512f", "avx512bw"})
@@ -105,3 +108,23 @@ def test_eager_runs_the_block_in_pynative_and_restores_the_mode_even_after_an_er
             assert ms.get_context("mode") == ms.PYNATIVE_MODE
             raise RuntimeError("inside")
     assert ms.get_context("mode") == ms.GRAPH_MODE
+
+
+def test_cpu_threads_reach_every_listener_and_mindspore_keeps_its_first_count(monkeypatch):
+    """set_cpu_threads updates the package's kernels (the listeners) on every call; MindSpore's own count, set
+    once per process (here by tests/conftest.py), is left as it is instead of raising."""
+    from mindspore._c_expression import RuntimeConf
+
+    from pangu_draw_ms import runtime
+
+    assert RuntimeConf.get_instance().is_op_threads_num_configured()
+    saved = cpu_threads()
+    heard = []
+    monkeypatch.setattr(runtime, "_thread_listeners", [])
+    on_cpu_threads(heard.append)
+    try:
+        set_cpu_threads(3)
+        set_cpu_threads(0)  # at least one
+        assert heard == [saved, 3, 1] and cpu_threads() == 1
+    finally:
+        set_cpu_threads(saved)

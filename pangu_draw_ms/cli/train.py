@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from pangu_draw_ms.runtime import launched_by_msrun
+from pangu_draw_ms.runtime import launched_by_msrun, set_cpu_threads
 
 
 def supervise(args) -> dict:
@@ -98,11 +98,8 @@ def run(args) -> dict:
             return {}  # msrun's scheduler process coordinates the workers and trains nothing
         rank, world = get_rank(), get_group_size()
     local_workers = int(os.environ.get("MS_LOCAL_WORKER", "0") or 0) or world
-    try:
-        ms.device_context.cpu.op_tuning.threads_num(args.threads or max(1, (os.cpu_count() or 1) //
-                                                                         max(1, local_workers)))
-    except RuntimeError:  # "can not be set repeatedly": a second run in one process keeps the first's threads
-        pass
+    # MindSpore takes its thread count once per process: a second run in one process keeps the first's.
+    set_cpu_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, local_workers)))
 
     os.makedirs(config.output_dir, exist_ok=True)
     handlers = [logging.StreamHandler(sys.stdout)]

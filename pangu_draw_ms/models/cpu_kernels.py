@@ -1,17 +1,23 @@
-"""GroupNorm (with an optional fused SiLU), LayerNorm and GEGLU as hand-written CPU kernels
-(``kernels/cpu_kernels.cc``), for models/layers.py.
+"""GroupNorm (with an optional fused SiLU), LayerNorm, GEGLU, the stride-1 convolution, the dense layer and
+attention as hand-written CPU kernels (``kernels/cpu_kernels.cc``), for models/layers.py.
 
 Why: MindSpore 2.9's own CPU kernels for the two normalisations take 6-19x torch's time, 3-16x ours
 (``bench/cpu_kernels.py``), and were about a third of a tiny UNet forward here (leaving the norms out took
 it from 100 to 65 ms; bench/README.md); its exact GELU is five kernels (div, erf, add, mul, mul), its Erf
-alone 0.3 ms on a tiny UNet's feed-forward. The C++ source is compiled once per machine with the system's
-C++ compiler (``$CXX``, else ``g++``/``c++``) into ``$XDG_CACHE_HOME/pangu_draw_ms/kernels/<hash>/`` and
-loaded with ``ops.Custom(func_type="aot")``, which runs in GRAPH_MODE and PYNATIVE_MODE alike.
+alone 0.3 ms on a tiny UNet's feed-forward. Its convolutions and matmuls run oneDNN under the package's AVX2
+cap (runtime.py: uncapped, oneDNN's NCHW 3x3 convolution takes a reference path); the convolution and dense
+kernels use AVX-512 directly (a direct convolution, no im2col; a packed GEMM with the bias in the same pass),
+2-4x MindSpore's capped speed on the UNet's convolutions, about torch's; attention is one kernel instead of a
+head split, two batched matmuls, a softmax and a head merge. The C++ source is compiled once per machine with
+the system's C++ compiler (``$CXX``, else ``g++``/``c++``) into ``$XDG_CACHE_HOME/pangu_draw_ms/kernels/<hash>/``
+and loaded with ``ops.Custom(func_type="aot")``, which runs in GRAPH_MODE and PYNATIVE_MODE alike. The
+convolution, dense and attention kernels need AVX-512F (:func:`avx512`; elsewhere the layers keep MindSpore's)
+and share their work among :func:`runtime.cpu_threads` threads.
 
-Gradients: each op carries a bprop written with MindSpore ops (the normalisation's standard backward), so
-gradients flow through cells that use it. The layers use the kernels only in cells that are not training
-(``set_train(False)``: inference, and frozen networks that gradients pass through), so a trained cell's
-forward and backward stay MindSpore's own kernels.
+Gradients: each op carries a bprop written with MindSpore ops (the normalisation's standard backward, the
+convolution's and matmul's transposes, attention's softmax backward), so gradients flow through cells that use
+it. The layers use the kernels only in cells that are not training (``set_train(False)``: inference, and frozen
+networks that gradients pass through), so a trained cell's forward and backward stay MindSpore's own kernels.
 
 Off switch: ``PANGU_DRAW_CPU_KERNELS=0``. Without a compiler, or if the build fails, the layers use
 MindSpore's kernels (one log line says why). Exported MindIR graphs never contain these ops
@@ -19,7 +25,9 @@ MindSpore's kernels (one log line says why). Exported MindIR graphs never contai
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import glob
 import hashlib
 import logging
 import os
@@ -31,13 +39,14 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from mindspore import nn, ops
+from mindspore.ops.operations._grad_ops import Conv2DBackpropFilter
 
-from pangu_draw_ms.runtime import cache_home
+from pangu_draw_ms.runtime import cache_home, on_cpu_threads, onednn_cap_is_the_packages
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "cpu_kernels.cc")
 # No -march (the library may sit on a shared home; cpu_kernels.cc clones its loops per CPU instead); no trapping
 # math: lets the compiler vectorise the branch-free exp of the fused SiLU (results unchanged: no FP traps are on).
-COMPILE_FLAGS = ("-O3", "-std=c++14", "-fno-trapping-math", "-shared", "-fPIC")
+COMPILE_FLAGS = ("-O3", "-std=c++14", "-fno-trapping-math", "-shared", "-fPIC", "-pthread")
 _log = logging.getLogger(__name__)
 
 
@@ -83,6 +92,140 @@ def library() -> Optional[str]:
                      error, (": " + detail.decode(errors="replace")[-500:]) if detail else "")
         return None
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(path: str) -> ctypes.CDLL:
+    """The library loaded in this process (MindSpore's aot loader opens the same file: the same instance), its
+    thread count kept equal to :func:`runtime.cpu_threads`."""
+    loaded = ctypes.CDLL(path)
+    on_cpu_threads(loaded.SetThreads)
+    return loaded
+
+
+def _conv2d_bprop(kernel_size: int, padding: int) -> Callable:
+    def bprop(x, weight, bias, config, out, dout):
+        out_channels = weight.shape[0]
+        pads = (padding,) * 4
+        dx = ops.Conv2DBackpropInput(out_channels, kernel_size, pad_mode="pad", pad=pads, pad_list=pads)(
+            dout, weight, x.shape)
+        dw = Conv2DBackpropFilter(out_channels, kernel_size, pad_mode="pad", pad=pads, pad_list=pads)(
+            dout, x, weight.shape)
+        return dx, dw, dout.sum((0, 2, 3)), ops.zeros_like(config)
+    return bprop
+
+
+def avx512() -> bool:
+    """Whether the library is available and this CPU runs its convolution, dense and attention kernels
+    (AVX-512F)."""
+    path = library()
+    return path is not None and bool(_loaded(path).Avx512Supported())
+
+
+def conv2d(kernel_size: int, padding: int) -> Optional[ops.Custom]:
+    """A stride-1 convolution ``(x, weight, bias, config) -> y`` with ``config = [padding]`` (float32; NCHW), or
+    None without :func:`avx512`."""
+    if not avx512():
+        return None
+
+    def out_shape(x, weight, *_):
+        return [x[0], weight[0], x[2] + 2 * padding - kernel_size + 1, x[3] + 2 * padding - kernel_size + 1]
+
+    return ops.Custom(f"{library()}:Conv2dForward", out_shape=out_shape, out_dtype=_same_as_x, func_type="aot",
+                      bprop=_conv2d_bprop(kernel_size, padding))
+
+
+def _onednn_copy() -> Optional[str]:
+    """A copy of MindSpore's oneDNN library in the kernel cache (made once; None where MindSpore has none). Loaded
+    as a file of its own it is a second oneDNN instance, whose ISA is set apart from the process's cap."""
+    import mindspore
+
+    found = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(mindspore.__file__)), "lib", "libdnnl.so*")))
+    if not found:
+        return None
+    source = os.stat(found[0])
+    key = hashlib.sha256(f"{found[0]}:{source.st_size}:{source.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = os.path.join(cache_home(), "pangu_draw_ms", "onednn", key)
+    path = os.path.join(folder, "libdnnl.so")
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=folder)  # copied beside and renamed, as the build
+        os.close(handle)
+        try:
+            shutil.copyfile(found[0], partial)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_gemm() -> bool:
+    """Hand oneDNN's sgemm from :func:`_onednn_copy` to the library; False where that fails (a log line says why).
+    Under the package's own cap the copy runs at the CPU's full ISA (``dnnl_set_max_cpu_isa`` before its first use:
+    the cap is there for MindSpore's 3x3 convolutions, which the copy never runs); under a user's cap, the user's."""
+    try:
+        copy = _onednn_copy()
+        if copy is None:
+            raise OSError("no libdnnl in MindSpore's lib folder")
+        onednn = ctypes.CDLL(copy)
+        if onednn_cap_is_the_packages() and onednn.dnnl_set_max_cpu_isa(0) != 0:  # 0: dnnl_cpu_isa_default
+            raise OSError("dnnl_set_max_cpu_isa failed")
+        _loaded(library()).SetGemm(ctypes.cast(onednn.dnnl_sgemm, ctypes.c_void_p))
+    except (OSError, AttributeError) as error:
+        _log.info("oneDNN's GEMM is not available to the dense kernel (%s): Dense uses MindSpore's MatMul", error)
+        return False
+    return True
+
+
+def _dense_bprop(x, weight, bias, out, dout):
+    rows = dout.reshape(-1, dout.shape[-1])
+    dx = ops.matmul(rows, weight).reshape(x.shape)
+    return dx, ops.matmul(rows.T, x.reshape(-1, x.shape[-1])), rows.sum(0)
+
+
+def _dense_out_shape(x, weight, *_):
+    return list(x[:-1]) + [weight[0]]
+
+
+def dense() -> Optional[ops.Custom]:
+    """``(x (*, in), weight (out, in), bias (out)) -> x weight^T + bias`` (float32) by oneDNN's GEMM at the CPU's
+    full ISA (:func:`_onednn_gemm`), or None without it or without :func:`avx512`."""
+    if not avx512() or not _onednn_gemm():
+        return None
+    return ops.Custom(f"{library()}:DenseForward", out_shape=_dense_out_shape, out_dtype=_same_as_x,
+                      func_type="aot", bprop=_dense_bprop)
+
+
+def _attention_bprop(heads: int, scale: float) -> Callable:
+    def bprop(q, k, v, config, out, dout):
+        # p = softmax(s), s = scale q k^T per head: dv = p^T g, dp = g v^T, ds = p (dp - rowsum(dp p)),
+        # dq = scale ds k, dk = scale ds^T q (g = dout).
+        b, width = q.shape[0], q.shape[-1]
+
+        def split(x):
+            return x.reshape(b, -1, heads, width // heads).transpose(0, 2, 1, 3)
+
+        def merge(x):
+            return x.transpose(0, 2, 1, 3).reshape(b, -1, width)
+
+        qh, kh, vh, gh = split(q), split(k), split(v), split(dout)
+        p = ops.softmax(ops.matmul(qh, kh.swapaxes(-1, -2)) * scale, axis=-1)
+        dp = ops.matmul(gh, vh.swapaxes(-1, -2))
+        ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+        return (merge(ops.matmul(ds, kh) * scale), merge(ops.matmul(ds.swapaxes(-1, -2), qh) * scale),
+                merge(ops.matmul(p.swapaxes(-1, -2), gh)), ops.zeros_like(config))
+    return bprop
+
+
+def attention(heads: int, scale: float) -> Optional[ops.Custom]:
+    """``(q (B, Lq, heads * dim), k, v (B, Lk, heads * dim), config = [heads, scale]) -> softmax(q k^T scale) v``
+    per head, in the same layout (float32; no mask), or None without :func:`avx512`."""
+    if not avx512():
+        return None
+    return ops.Custom(f"{library()}:AttentionForward", out_shape=_same_as_x, out_dtype=_same_as_x,
+                      func_type="aot", bprop=_attention_bprop(heads, scale))
 
 
 def _group_norm_bprop(num_groups: int, eps: float, silu: bool) -> Callable:

@@ -58,7 +58,12 @@ def _fan_in_uniform(fan_in: int):
 
 
 class Dense(nn.Cell):
-    """y = x W^T + b, weight (out, in) as in ``nn.Dense``; runs in ``dtype``."""
+    """y = x W^T + b, weight (out, in) as in ``nn.Dense``; runs in ``dtype``.
+
+    On the CPU, in float32 and when not training, an AVX-512 kernel (models/cpu_kernels.py) computes the product
+    and the bias in one pass; MindSpore's MatMul runs oneDNN's AVX2 GEMM under the package's ISA cap, and a
+    separate Add for the bias.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=ms.float32):
         super().__init__()
@@ -71,14 +76,24 @@ class Dense(nn.Cell):
         self.has_bias = bias
         self.bias = Parameter(initializer(_fan_in_uniform(in_features), (out_features,), ms.float32),
                               name="bias") if bias else None
+        self.cpu_kernel = cpu_kernels.dense() if not ascend_kernels() and dtype == ms.float32 else None
+        self.use_cpu_kernel = self.cpu_kernel is not None
+        self.no_bias = None if bias else Tensor(np.zeros(out_features, np.float32))  # the kernel's bias operand
 
     def construct(self, x):
         bias = self.bias.astype(self.dtype) if self.has_bias else None
+        if self.use_cpu_kernel and not self.training:
+            return self.cpu_kernel(x.astype(self.dtype), self.weight, bias if self.has_bias else self.no_bias)
         return mint.nn.functional.linear(x.astype(self.dtype), self.weight.astype(self.dtype), bias)
 
 
 class Conv2d(nn.Cell):
-    """2-D convolution with explicit symmetric zero padding and a bias (weight (out, in, k, k))."""
+    """2-D convolution with explicit symmetric zero padding and a bias (weight (out, in, k, k)).
+
+    On the CPU, in float32, with stride 1 and when not training, a direct AVX-512 kernel (models/cpu_kernels.py)
+    replaces MindSpore's convolution, which oneDNN runs as im2col + an AVX2 GEMM under the package's ISA cap
+    (runtime.py); strided convolutions and training keep MindSpore's.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int = 0, bias: bool = True, dtype=ms.float32):
@@ -97,11 +112,18 @@ class Conv2d(nn.Cell):
         self.has_bias = bias
         self.bias = Parameter(initializer(_fan_in_uniform(fan_in), (out_channels,), ms.float32),
                               name="bias") if bias else None
+        self.cpu_kernel = (cpu_kernels.conv2d(kernel_size, padding)
+                           if not self.fast and stride == 1 and dtype == ms.float32 else None)
+        self.use_cpu_kernel = self.cpu_kernel is not None
+        self.cpu_kernel_config = Tensor(np.array([padding], np.float32))
+        self.no_bias = None if bias else Tensor(np.zeros(out_channels, np.float32))  # the kernel's bias operand
 
     def construct(self, x):
         weight = self.weight.astype(self.dtype)
         bias = self.bias.astype(self.dtype) if self.has_bias else None
         x = x.astype(self.dtype)
+        if self.use_cpu_kernel and not self.training:
+            return self.cpu_kernel(x, weight, bias if self.has_bias else self.no_bias, self.cpu_kernel_config)
         if self.fast:
             return mint.nn.functional.conv2d(x, weight, bias, self.stride, self.padding)
         return ops.conv2d(x, weight, bias, stride=self.stride, pad_mode="pad", padding=self.padding)
@@ -273,9 +295,11 @@ class ScaledDotProductAttention(nn.Cell):
 
     Inputs are (B, L, num_heads * head_dim); ``mask`` (optional) is an additive float mask broadcastable
     to (B, num_heads, Lq, Lk). Flash attention is used on Ascend when the compute dtype is fp16/bf16,
-    the head size is a multiple of 16 (<= 512) and there is no mask; otherwise batched matmuls with the
-    softmax in float32, the queries processed in slices so that one slice's score matrix holds at most
-    ``max_scores`` elements (a 1024x1024 SDXL VAE attention would otherwise need a 16384^2 matrix).
+    the head size is a multiple of 16 (<= 512) and there is no mask. On the CPU in float32, without a mask and
+    when not training, an AVX-512 kernel (models/cpu_kernels.py) that reads the heads in place and holds the
+    scores of 8 queries at a time. Otherwise batched matmuls with the softmax in float32, the queries
+    processed in slices so that one slice's score matrix holds at most ``max_scores`` elements (a 1024x1024
+    SDXL VAE attention would otherwise need a 16384^2 matrix).
     """
 
     def __init__(self, num_heads: int, head_dim: int, dtype=ms.float32, max_scores: int = 2 ** 26):
@@ -288,6 +312,10 @@ class ScaledDotProductAttention(nn.Cell):
         self.flash = (ascend_kernels() and dtype in (ms.float16, ms.bfloat16)
                       and head_dim % 16 == 0 and head_dim <= 512)
         self.scores_matmul = ops.BatchMatMul(transpose_b=True)  # q k^T without a Transpose kernel for k
+        self.cpu_kernel = (cpu_kernels.attention(num_heads, self.scale)
+                           if not ascend_kernels() and dtype == ms.float32 else None)
+        self.use_cpu_kernel = self.cpu_kernel is not None
+        self.cpu_kernel_config = Tensor(np.array([num_heads, self.scale], np.float32))
 
     def _split_heads(self, x):
         b, n, _ = x.shape
@@ -296,7 +324,7 @@ class ScaledDotProductAttention(nn.Cell):
 
     def _attend(self, qh, kh, vh, mask, b):
         lq, lk = qh.shape[1], kh.shape[1]
-        scores = self.scores_matmul(qh, kh).astype(ms.float32) * self.scale
+        scores = self.scores_matmul(qh, kh).astype(ms.float32)  # qh carries the 1/sqrt(d) scale
         if mask is not None:
             scores = (scores.reshape(b, self.num_heads, lq, lk) + mask.astype(ms.float32)).reshape(
                 b * self.num_heads, lq, lk)
@@ -309,9 +337,12 @@ class ScaledDotProductAttention(nn.Cell):
         v = v.astype(self.dtype)
         if self.flash and mask is None:
             return ops.flash_attention_score(q, k, v, self.num_heads, scalar_value=self.scale, input_layout="BSH")
+        if self.use_cpu_kernel and not self.training and mask is None:
+            return self.cpu_kernel(q, k, v, self.cpu_kernel_config)
         b, lq, _ = q.shape
         lk = k.shape[1]
-        qh = self._split_heads(q)
+        # The scale on q (Lq x d) rather than on the scores (Lq x Lk): 4-64x fewer multiplies in a UNet.
+        qh = self._split_heads(q * self.scale)
         kh = self._split_heads(k)
         vh = self._split_heads(v)
         rows = max(1, self.max_scores // (b * self.num_heads * lk))

@@ -1,6 +1,6 @@
-// GroupNorm (optionally followed by SiLU), LayerNorm and GEGLU forward kernels for MindSpore's CPU target,
-// loaded through ops.Custom(func_type="aot") by pangu_draw_ms/models/cpu_kernels.py (which compiles this file
-// once per machine and caches the library).
+// GroupNorm (optionally followed by SiLU), LayerNorm, GEGLU, stride-1 convolution and dense-layer forward kernels
+// for MindSpore's CPU target, loaded through ops.Custom(func_type="aot") by pangu_draw_ms/models/cpu_kernels.py
+// (which compiles this file once per machine and caches the library).
 //
 // Why: MindSpore 2.9's CPU GroupNorm and LayerNorm kernels take 6-19x torch's time (about a third of a tiny
 // UNet forward on this CPU; bench/cpu_kernels.py), and its SiLU 7x torch's. These are plain loops: statistics
@@ -9,17 +9,30 @@
 // GroupNorm but the attention ones is followed by SiLU: one kernel and one memory pass fewer). GEGLU
 // (h * GELU(gate) over the two halves of the feed-forward projection) is one kernel instead of MindSpore's seven
 // (split, and an erf GELU decomposed into div/erf/add/mul; its Erf alone takes 0.3 ms on a tiny UNet's tokens).
+// MindSpore's convolutions and matmuls run oneDNN capped at AVX2 (pangu_draw_ms/runtime.py says why); the
+// convolution and attention here use AVX-512 (one register-tiled loop, `tile`, under both), the dense layer
+// oneDNN's own GEMM from a second, uncapped instance of the library.
 //
 // MindSpore's aot calling convention: params holds the inputs, then the outputs; ndims/shapes describe each.
-// Inputs (all float32): x, gamma, beta, config; output: y with x's shape.
-//   GroupNormForward: x (N, C, *), gamma/beta (C), config = [num_groups, eps, silu (0 or 1)]
-//   LayerNormForward: x (*, D),    gamma/beta (D), config = [eps]
+// Inputs (all float32); the output last:
+//   GroupNormForward: x (N, C, *), gamma/beta (C), config = [num_groups, eps, silu (0 or 1)]; y like x
+//   LayerNormForward: x (*, D),    gamma/beta (D), config = [eps]; y like x
 //   GegluForward:     x (*, 2F) only; y (*, F) = x[..., :F] * GELU(x[..., F:]) with the exact (erf) GELU
+//   Conv2dForward:    x (N, C, H, W), weight (O, C, k, k), bias (O), config = [padding]; stride 1
+//   DenseForward:     x (*, in), weight (out, in), bias (out); y (*, out) = x weight^T + bias
+//   AttentionForward: q (B, Lq, heads * dim), k and v (B, Lk, heads * dim), config = [heads, scale]; o like q
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
+#include <vector>
 #if defined(__SSE__)
 #include <xmmintrin.h>
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX512 1
 #endif
 
 // The loops are compiled three times, for AVX-512, AVX2 and the baseline x86-64, and the loader picks the one the
@@ -184,7 +197,324 @@ PER_CPU void geglu(const float *x, float *y, int64_t rows, int64_t width) {
   }
 }
 
+// Threads for the convolution, dense and attention kernels (SetThreads: runtime.cpu_threads, MindSpore's count).
+int threads = 1;
+
+#if defined(HAVE_AVX512)
+// The AVX-512 tile under the convolution and attention:
+// out[r * out_stride + q] = sum_d rows[r][d] * vectors[offsets[d] + q] for kRows rows and kVectors * 16 consecutive
+// q (whole vectors stored: the caller leaves room), the 24 sums in registers. Each step of the reduction loads
+// kVectors vectors and broadcasts kRows scalars (one per row stream): 24 FMAs per 3 loads and 8 broadcasts, which
+// keeps the FMA units busy from L1/L2. Rows past the end of a block repeat its last row (their sums not used).
+constexpr int kRows = 8, kVectors = 3;
+constexpr int64_t kTile = 16 * kVectors;
+
+template <int V>
+__attribute__((target("avx512f"))) void tile(const float *vectors, const int64_t *offsets, int64_t depth,
+                                             const float *const *rows, float *out, int64_t out_stride) {
+  __m512 acc[kRows][V];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < depth; ++d) {
+    const float *xd = vectors + offsets[d];
+    __m512 xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_ps(xd + 16 * v);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 wr = _mm512_set1_ps(rows[r][d]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(wr, xv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + r * out_stride + 16 * v, acc[r][v]);
+}
+
+// A tile of `width` <= kTile columns (whole vectors are loaded: the caller leaves slack past the last column).
+void tile_of_width(int64_t width, const float *vectors, const int64_t *offsets, int64_t depth,
+                   const float *const *rows, float *out, int64_t out_stride) {
+  if (width > 32)
+    tile<3>(vectors, offsets, depth, rows, out, out_stride);
+  else if (width > 16)
+    tile<2>(vectors, offsets, depth, rows, out, out_stride);
+  else
+    tile<1>(vectors, offsets, depth, rows, out, out_stride);
+}
+
+// Row pointers of the block of kRows rows starting at `first` (of `count`, each `stride` floats apart).
+void block_rows(const float *base, int64_t first, int64_t count, int64_t stride, const float **rows) {
+  for (int r = 0; r < kRows; ++r) rows[r] = base + (first + std::min<int64_t>(r, count - first - 1)) * stride;
+}
+
+// Runs work(worker, workers) on `workers` threads (the calling thread is worker 0).
+template <typename Work>
+void parallel(int64_t workers, Work work) {
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work, t, workers);
+  work(0, workers);
+  for (auto &thread : pool) thread.join();
+}
+
+// Threads for `flops` of work: one below 16 MFLOP (a thread's start costs tens of microseconds), else up to
+// SetThreads' count and the number of blocks to share.
+int64_t workers_for(double flops, int64_t blocks) {
+  return flops < 1.6e7 ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+}
+
+// Stride-1 convolution, direct (no im2col): rows are output channels (their weights broadcast straight from
+// MindSpore's (O, C, k, k) layout), columns are output positions counted along the zero-padded input's rows
+// (q = oy * padded_width + ox), so the input under a tile at (c, ki, kj) is one contiguous run at
+// q + ki * padded_width + kj for any kernel size and whole vectors serve any image width; the
+// padded_width - out_width columns per row that are not outputs are computed and dropped. Bands of output rows
+// keep a band's padded input (all channels) near 1 MB, in L2 while every block of output channels passes over it.
+constexpr int64_t kBandFloats = int64_t{1} << 18;
+
+struct ConvShape {
+  int64_t batch, channels, height, width, out_channels, kernel, pad;
+  int64_t padded_width() const { return width + 2 * pad; }
+  int64_t out_height() const { return height + 2 * pad - kernel + 1; }
+  int64_t out_width() const { return width + 2 * pad - kernel + 1; }
+  int64_t depth() const { return channels * kernel * kernel; }
+  int64_t blocks() const { return (out_channels + kRows - 1) / kRows; }
+};
+
+// The output channel blocks first_block, first_block + step, ... of every image.
+void conv_worker(const ConvShape &s, const float *x, const float *weight, const float *bias, float *y,
+                 int64_t first_block, int64_t step) {
+  const int64_t depth = s.depth(), k = s.kernel, wp = s.padded_width(), ho = s.out_height(), wo = s.out_width();
+  if (first_block >= s.blocks()) return;
+  const int64_t band = std::max<int64_t>(1, std::min(ho, kBandFloats / (s.channels * wp) - (k - 1)));
+  const int64_t plane = (band + k - 1) * wp + kTile + k;  // slack past the band for the last tile's whole vectors
+  std::vector<float> buffer(s.channels * plane);
+  std::vector<int64_t> offsets(depth);
+  for (int64_t c = 0; c < s.channels; ++c)
+    for (int64_t ki = 0; ki < k; ++ki)
+      for (int64_t kj = 0; kj < k; ++kj) offsets[(c * k + ki) * k + kj] = c * plane + ki * wp + kj;
+  alignas(64) float out[kRows][kTile];
+  for (int64_t n = 0; n < s.batch; ++n) {
+    const float *xn = x + n * s.channels * s.height * s.width;
+    float *yn = y + n * s.out_channels * ho * wo;
+    for (int64_t row0 = 0; row0 < ho; row0 += band) {
+      const int64_t rows = std::min(band, ho - row0), positions = rows * wp;
+      std::fill(buffer.begin(), buffer.end(), 0.0f);
+      for (int64_t c = 0; c < s.channels; ++c)
+        for (int64_t pr = 0; pr < rows + k - 1; ++pr) {  // padded input row row0 + pr = input row row0 + pr - pad
+          const int64_t iy = row0 + pr - s.pad;
+          if (iy >= 0 && iy < s.height)
+            std::memcpy(&buffer[c * plane + pr * wp + s.pad], xn + (c * s.height + iy) * s.width, s.width * 4);
+        }
+      for (int64_t block = first_block; block < s.blocks(); block += step) {
+        const int64_t o0 = block * kRows, valid = std::min<int64_t>(kRows, s.out_channels - o0);
+        const float *weights[kRows];
+        block_rows(weight, o0, s.out_channels, depth, weights);
+        for (int64_t q0 = 0; q0 < positions; q0 += kTile) {
+          const int64_t q1 = std::min(positions, q0 + kTile);
+          tile_of_width(q1 - q0, &buffer[q0], offsets.data(), depth, weights, out[0], kTile);
+          // The tile's output positions (ox < out_width) plus the bias to y, a run per output row.
+          for (int64_t q = q0; q < q1;) {
+            const int64_t oy = q / wp, ox = q % wp;
+            if (ox >= wo) {
+              q += wp - ox;
+              continue;
+            }
+            const int64_t run = std::min(q1 - q, wo - ox);
+            for (int64_t r = 0; r < valid; ++r) {
+              float *dst = yn + ((o0 + r) * ho + row0 + oy) * wo + ox;
+              const float *src = &out[r][q - q0];
+              for (int64_t i = 0; i < run; ++i) dst[i] = src[i] + bias[o0 + r];
+            }
+            q += run;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Output-channel blocks are dealt round-robin to the threads.
+void conv2d(const ConvShape &s, const float *x, const float *weight, const float *bias, float *y) {
+  const double flops = 2.0 * s.batch * s.out_channels * s.depth() * s.out_height() * s.out_width();
+  parallel(workers_for(flops, s.blocks()), [&](int64_t worker, int64_t workers) {
+    conv_worker(s, x, weight, bias, y, worker, workers);
+  });
+}
+
+// y (rows, out) = x (rows, in) W^T + b by oneDNN's sgemm from a private copy of MindSpore's libdnnl (SetGemm;
+// cpu_kernels.py loads it uncapped: MindSpore's own instance keeps the AVX2 cap its 3x3 convolutions need, which
+// costs its GEMM the AVX-512 kernels). The library is built for a thread pool it is not given here, so its sgemm runs
+// sequentially: the rows are shared among the threads, then the bias added.
+using Sgemm = int (*)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *, int64_t,
+                      float, float *, int64_t);
+Sgemm sgemm = nullptr;
+
+int dense(const float *x, const float *weight, const float *bias, float *y, int64_t rows, int64_t in, int64_t out) {
+  const int64_t workers = workers_for(2.0 * rows * in * out, (rows + kRows - 1) / kRows);
+  std::vector<int> status(workers, 0);
+  parallel(workers, [&](int64_t worker, int64_t count) {
+    const int64_t r0 = rows * worker / count, r1 = rows * (worker + 1) / count;
+    if (r1 == r0) return;
+    status[worker] = sgemm('N', 'T', r1 - r0, out, in, 1.0f, x + r0 * in, in, weight, in, 0.0f, y + r0 * out, out);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t j = 0; j < out; ++j) y[r * out + j] += bias[j];
+  });
+  for (const int s : status)
+    if (s != 0) return 4;
+  return 0;
+}
+
+// softmax(q k^T * scale) v for each (batch, head), q/k/v in the (B, L, heads * dim) layout of the projections (no
+// head split or merge kernels), in blocks of kRows queries: the scores of a block (kRows x Lk) are one row of tiles
+// against k^T, packed per head as (dim, Lk); the softmax runs over them in place (exp(scale (s - max)), the sum's
+// reciprocal applied to the output); the output is the tiles of the probabilities against v, packed per head as
+// (Lk, dim rounded up to whole vectors). The memory a block needs is kRows x Lk scores, not Lq x Lk.
+struct AttentionShape {
+  int64_t batch, queries, keys, heads, dim;
+  int64_t width() const { return heads * dim; }
+};
+
+// exp(scale (s - max s)) over each of kRows rows of raw scores, in place; the reciprocals of the row sums out. The
+// maximum with AVX-512 max instructions (a running maximum is a serial chain the compiler keeps scalar), the exp
+// loop vectorised by the compiler, the sum in blocked_sum's lanes.
+__attribute__((target("avx512f"))) float row_max(const float *row, int64_t count) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + j));
+  if (j < count) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (count - j)) - 1);
+    top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, row + j));
+  }
+  return _mm512_reduce_max_ps(top);
+}
+
+__attribute__((target("avx512f"))) void softmax_rows(float *scores, int64_t stride, int64_t count, float scale,
+                                                     float *reciprocal_sums) {
+  for (int r = 0; r < kRows; ++r) {
+    float *row = scores + r * stride;
+    const float top = row_max(row, count);
+    for (int64_t j = 0; j < count; ++j) row[j] = fast_exp((row[j] - top) * scale);
+    reciprocal_sums[r] = static_cast<float>(1.0 / blocked_sum(count, [row](int64_t j) { return row[j]; }));
+  }
+}
+
+void attention_worker(const AttentionShape &s, const float *q, const float *k, const float *v, float scale,
+                      float *o, int64_t worker, int64_t workers) {
+  const int64_t width = s.width(), keys_padded = (s.keys + 15) / 16 * 16 + kTile;
+  const int64_t dim_padded = (s.dim + 15) / 16 * 16, blocks = (s.queries + kRows - 1) / kRows;
+  std::vector<float> kt(s.dim * keys_padded), vp(s.keys * dim_padded + kTile), scores(kRows * keys_padded);
+  std::vector<int64_t> kt_offsets(s.dim), v_offsets(s.keys);
+  for (int64_t d = 0; d < s.dim; ++d) kt_offsets[d] = d * keys_padded;
+  for (int64_t j = 0; j < s.keys; ++j) v_offsets[j] = j * dim_padded;
+  alignas(64) float out[kRows][kTile];
+  float reciprocal_sums[kRows];
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t h = 0; h < s.heads; ++h) {
+      if (worker >= blocks) return;
+      const float *kb = k + b * s.keys * width + h * s.dim, *vb = v + b * s.keys * width + h * s.dim;
+      for (int64_t j = 0; j < s.keys; ++j) {
+        for (int64_t d = 0; d < s.dim; ++d) kt[d * keys_padded + j] = kb[j * width + d];
+        std::memcpy(&vp[j * dim_padded], vb + j * width, s.dim * sizeof(float));
+      }
+      for (int64_t block = worker; block < blocks; block += workers) {
+        const int64_t m0 = block * kRows, valid = std::min<int64_t>(kRows, s.queries - m0);
+        const float *query_rows[kRows], *score_rows[kRows];
+        block_rows(q + b * s.queries * width + h * s.dim, m0, s.queries, width, query_rows);
+        for (int r = 0; r < kRows; ++r) score_rows[r] = &scores[r * keys_padded];
+        for (int64_t j0 = 0; j0 < s.keys; j0 += kTile) {
+          const int64_t columns = std::min(kTile, s.keys - j0);
+          tile_of_width(columns, &kt[j0], kt_offsets.data(), s.dim, query_rows, &scores[j0], keys_padded);
+        }
+        softmax_rows(scores.data(), keys_padded, s.keys, scale, reciprocal_sums);
+        for (int64_t d0 = 0; d0 < s.dim; d0 += kTile) {
+          const int64_t columns = std::min(kTile, s.dim - d0);
+          tile_of_width(columns, &vp[d0], v_offsets.data(), s.keys, score_rows, out[0], kTile);
+          for (int64_t r = 0; r < valid; ++r) {
+            float *dst = o + (b * s.queries + m0 + r) * width + h * s.dim + d0;
+            for (int64_t d = 0; d < columns; ++d) dst[d] = out[r][d] * reciprocal_sums[r];
+          }
+        }
+      }
+    }
+  }
+}
+
+void attention(const AttentionShape &s, const float *q, const float *k, const float *v, float scale, float *o) {
+  const double flops = 4.0 * s.batch * s.heads * s.queries * s.keys * s.dim;
+  parallel(workers_for(flops, (s.queries + kRows - 1) / kRows), [&](int64_t worker, int64_t workers) {
+    attention_worker(s, q, k, v, scale, o, worker, workers);
+  });
+}
+#endif
+
 }  // namespace
+
+extern "C" void SetThreads(int count) { threads = count < 1 ? 1 : count; }
+
+// oneDNN's dnnl_sgemm for DenseForward (cpu_kernels.py passes it from its private copy of the library).
+extern "C" void SetGemm(void *function) {
+#if defined(HAVE_AVX512)
+  sgemm = reinterpret_cast<Sgemm>(function);
+#endif
+}
+
+// 1 when this CPU runs Conv2dForward, DenseForward and AttentionForward (AVX-512F).
+extern "C" int Avx512Supported() {
+#if defined(HAVE_AVX512)
+  return __builtin_cpu_supports("avx512f") ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+// Conv2dForward: stride 1, square kernel, symmetric zero padding. x (N, C, H, W), weight (O, C, k, k), bias (O),
+// config = [padding]; y (N, O, H + 2 padding - k + 1, W + 2 padding - k + 1).
+extern "C" int Conv2dForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+#if defined(HAVE_AVX512)
+  if (nparam != 5 || ndims[0] != 4 || ndims[1] != 4 || shapes[1][1] != shapes[0][1] || shapes[1][2] != shapes[1][3])
+    return 1;
+  const int64_t pad = static_cast<int64_t>(static_cast<const float *>(params[3])[0]);
+  const ConvShape s{shapes[0][0], shapes[0][1], shapes[0][2], shapes[0][3], shapes[1][0], shapes[1][2], pad};
+  if (s.out_height() < 1 || s.out_width() < 1) return 2;
+  conv2d(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+         static_cast<const float *>(params[2]), static_cast<float *>(params[4]));
+  return 0;
+#else
+  return 3;
+#endif
+}
+
+// AttentionForward: q (B, Lq, heads * dim), k and v (B, Lk, heads * dim), config = [heads, scale];
+// o (B, Lq, heads * dim) = softmax(q k^T scale) v per head.
+extern "C" int AttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+#if defined(HAVE_AVX512)
+  const FlushSubnormals flush;
+  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3) return 1;
+  const float *config = static_cast<const float *>(params[3]);
+  const int64_t heads = static_cast<int64_t>(config[0]), width = shapes[0][2];
+  if (heads < 1 || width % heads != 0 || shapes[1][2] != width || shapes[2][2] != width ||
+      shapes[1][1] != shapes[2][1] || shapes[1][0] != shapes[0][0] || shapes[2][0] != shapes[0][0] || shapes[1][1] < 1)
+    return 2;
+  const AttentionShape s{shapes[0][0], shapes[0][1], shapes[1][1], heads, width / heads};
+  attention(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+            static_cast<const float *>(params[2]), config[1], static_cast<float *>(params[4]));
+  return 0;
+#else
+  return 3;
+#endif
+}
+
+// DenseForward: x (*, in), weight (out, in), bias (out); y (*, out) = x weight^T + bias.
+extern "C" int DenseForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+#if defined(HAVE_AVX512)
+  if (nparam != 4 || ndims[0] < 1 || ndims[1] != 2 || shapes[1][1] != shapes[0][ndims[0] - 1]) return 1;
+  if (sgemm == nullptr) return 3;
+  return dense(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+               static_cast<const float *>(params[2]), static_cast<float *>(params[3]),
+               elements(ndims[0] - 1, shapes[0], 0), shapes[1][1], shapes[1][0]);
+#else
+  return 3;
+#endif
+}
 
 extern "C" int GroupNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
