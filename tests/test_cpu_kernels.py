@@ -8,6 +8,7 @@ import math
 import os
 import stat
 
+import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import ParameterTuple, Tensor, nn, ops
@@ -134,7 +135,7 @@ def test_geglu_values_and_gradients_are_mindspores(shape, ms_mode):
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def kernel_threads(request):
     """The package's kernel threads for the test (the convolution and the dense layer share their blocks among
-    them above 16 MFLOP), restored after."""
+    them above 64 MFLOP), restored after."""
     saved = runtime.cpu_threads()
     runtime.set_cpu_threads(request.param)
     yield request.param
@@ -174,9 +175,9 @@ def test_strided_and_bias_free_convolutions():
     np.testing.assert_allclose(ours, _Call(conv)(x).asnumpy(), rtol=1e-5, atol=1e-6)
 
 
-# (in, out, bias, input shape): rows, inputs and outputs that are not multiples of the kernel's 8-row blocks and
-# 48-feature panels; 600 rows: three 256-row blocks (4 MFLOP x 12: shared among threads).
-DENSE_CASES = [(37, 29, True, (3, 5, 37)), (64, 100, False, (7, 64)), (96, 130, True, (600, 96)),
+# (in, out, bias, input shape): odd sizes, no bias, one input feature, and 3000 rows (75 MFLOP: shared among
+# threads).
+DENSE_CASES = [(37, 29, True, (3, 5, 37)), (64, 100, False, (7, 64)), (96, 130, True, (3000, 96)),
                (2, 1, True, (1, 2))]
 
 
@@ -193,6 +194,32 @@ def test_the_dense_layer_is_mindspores(case, kernel_threads, ms_mode):
     reference = _Call(dense)(x).asnumpy()
     assert ours.shape == reference.shape
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+@needs_avx512
+@pytest.mark.parametrize("build, shape", [(lambda: Dense(12, 9), (2, 3, 12)),
+                                          (lambda: Conv2d(5, 7, 3, padding=1), (1, 5, 6, 6)),
+                                          (lambda: GroupNorm(2, 4, activation="silu"), (1, 4, 3, 3))],
+                         ids=["Dense", "Conv2d", "GroupNorm"])
+def test_parameters_stored_in_fp16_reach_the_kernels_as_float32(build, shape, ms_mode):
+    """``weights_dtype="fp16"`` stores parameters in fp16 with float32 compute: the kernels (which read float32)
+    get them cast, as MindSpore's path does."""
+    cell = build()
+    for param in cell.get_parameters():
+        param.set_dtype(ms.float16)
+    x = Tensor(np.random.default_rng(12).standard_normal(shape).astype(np.float32))
+    assert cell.use_cpu_kernel
+    ours = cell(x).asnumpy()
+    cell.use_cpu_kernel = False
+    reference = _Call(cell)(x).asnumpy()
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+@needs_avx512
+def test_a_kernel_given_other_than_float32_refuses_instead_of_misreading_it():
+    x, w, b = (Tensor(np.ones(shape, np.float16)) for shape in ((2, 3), (4, 3), (4,)))
+    with pytest.raises(RuntimeError, match="DenseForward.*is 5"):
+        cpu_kernels.dense()(x, w, b).asnumpy()
 
 
 @needs_avx512

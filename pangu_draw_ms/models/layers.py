@@ -81,10 +81,12 @@ class Dense(nn.Cell):
         self.no_bias = None if bias else Tensor(np.zeros(out_features, np.float32))  # the kernel's bias operand
 
     def construct(self, x):
+        x = x.astype(self.dtype)
+        weight = self.weight.astype(self.dtype)  # parameters may be stored in fp16 (``weights_dtype``)
         bias = self.bias.astype(self.dtype) if self.has_bias else None
         if self.use_cpu_kernel and not self.training:
-            return self.cpu_kernel(x.astype(self.dtype), self.weight, bias if self.has_bias else self.no_bias)
-        return mint.nn.functional.linear(x.astype(self.dtype), self.weight.astype(self.dtype), bias)
+            return self.cpu_kernel(x, weight, bias if self.has_bias else self.no_bias)
+        return mint.nn.functional.linear(x, weight, bias)
 
 
 class Conv2d(nn.Cell):

@@ -13,8 +13,9 @@
 // convolution and attention here use AVX-512 (one register-tiled loop, `tile`, under both), the dense layer
 // oneDNN's own GEMM from a second, uncapped instance of the library.
 //
-// MindSpore's aot calling convention: params holds the inputs, then the outputs; ndims/shapes describe each.
-// Inputs (all float32); the output last:
+// MindSpore's aot calling convention: params holds the inputs, then the outputs; ndims/shapes/dtypes describe each.
+// Each entry point returns 0, or non-zero for operands it does not take (5: not all float32), which MindSpore
+// raises as an error. Inputs (all float32); the output last:
 //   GroupNormForward: x (N, C, *), gamma/beta (C), config = [num_groups, eps, silu (0 or 1)]; y like x
 //   LayerNormForward: x (*, D),    gamma/beta (D), config = [eps]; y like x
 //   GegluForward:     x (*, 2F) only; y (*, F) = x[..., :F] * GELU(x[..., F:]) with the exact (erf) GELU
@@ -146,6 +147,13 @@ inline void normalise(const float *x, float *y, int64_t len, float mean, float s
   }
 }
 
+// Every operand float32 (the layers cast to it; anything else would be read as the wrong type).
+bool all_float32(int nparam, const char **dtypes) {
+  for (int i = 0; i < nparam; ++i)
+    if (dtypes == nullptr || dtypes[i] == nullptr || std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
+
 int64_t elements(int ndim, const int64_t *shape, int first) {
   int64_t count = 1;
   for (int i = first; i < ndim; ++i) count *= shape[i];
@@ -253,10 +261,11 @@ void parallel(int64_t workers, Work work) {
   for (auto &thread : pool) thread.join();
 }
 
-// Threads for `flops` of work: one below 16 MFLOP (a thread's start costs tens of microseconds), else up to
-// SetThreads' count and the number of blocks to share.
+// Threads for `flops` of work: one below 64 MFLOP (about half a millisecond on one core: a thread's start costs tens
+// of microseconds, and on a small machine MindSpore's own threads compete for the cores), else up to SetThreads'
+// count and the number of blocks to share.
 int64_t workers_for(double flops, int64_t blocks) {
-  return flops < 1.6e7 ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+  return flops < 6.4e7 ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
 }
 
 // Stride-1 convolution, direct (no im2col): rows are output channels (their weights broadcast straight from
@@ -467,6 +476,7 @@ extern "C" int Avx512Supported() {
 // config = [padding]; y (N, O, H + 2 padding - k + 1, W + 2 padding - k + 1).
 extern "C" int Conv2dForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
 #if defined(HAVE_AVX512)
   if (nparam != 5 || ndims[0] != 4 || ndims[1] != 4 || shapes[1][1] != shapes[0][1] || shapes[1][2] != shapes[1][3])
     return 1;
@@ -485,6 +495,7 @@ extern "C" int Conv2dForward(int nparam, void **params, int *ndims, int64_t **sh
 // o (B, Lq, heads * dim) = softmax(q k^T scale) v per head.
 extern "C" int AttentionForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
 #if defined(HAVE_AVX512)
   const FlushSubnormals flush;
   if (nparam != 5 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3) return 1;
@@ -505,6 +516,7 @@ extern "C" int AttentionForward(int nparam, void **params, int *ndims, int64_t *
 // DenseForward: x (*, in), weight (out, in), bias (out); y (*, out) = x weight^T + bias.
 extern "C" int DenseForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                             void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
 #if defined(HAVE_AVX512)
   if (nparam != 4 || ndims[0] < 1 || ndims[1] != 2 || shapes[1][1] != shapes[0][ndims[0] - 1]) return 1;
   if (sgemm == nullptr) return 3;
@@ -518,6 +530,7 @@ extern "C" int DenseForward(int nparam, void **params, int *ndims, int64_t **sha
 
 extern "C" int GroupNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
   const FlushSubnormals flush;
   if (nparam != 5 || ndims[0] < 2 || ndims[3] != 1 || shapes[3][0] != 3) return 1;
   const Operands o = operands(params);
@@ -529,6 +542,7 @@ extern "C" int GroupNormForward(int nparam, void **params, int *ndims, int64_t *
 
 extern "C" int LayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
   const FlushSubnormals flush;
   if (nparam != 5 || ndims[0] < 1) return 1;
   const Operands o = operands(params);
@@ -539,6 +553,7 @@ extern "C" int LayerNormForward(int nparam, void **params, int *ndims, int64_t *
 
 extern "C" int GegluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                             void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
   const FlushSubnormals flush;
   if (nparam != 2 || ndims[0] < 1 || shapes[0][ndims[0] - 1] % 2 != 0) return 1;
   const int64_t width = shapes[0][ndims[0] - 1] / 2;
