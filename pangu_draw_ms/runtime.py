@@ -1,6 +1,7 @@
 """Process-wide settings that must be in place before MindSpore's kernels first run: the oneDNN ISA cap
 on AVX-512 CPUs, blocking (synchronous) op launch on CPU-only hosts, quiet logs for our command-line entry
-points, and MindSpore's compile cache; and :func:`eager`, a stretch of PYNATIVE_MODE inside any mode.
+points, MindSpore's compile cache, and the CPU kernel thread count shared by MindSpore and the package's own
+kernels (:func:`set_cpu_threads`); and :func:`eager`, a stretch of PYNATIVE_MODE inside any mode.
 
 Why the cap. MindSpore's CPU convolutions go through its bundled oneDNN (3.10). On a CPU with AVX-512
 oneDNN dispatches a float32 NCHW ("abcd") 3x3 convolution to ``jit_uni_ncsp:conv+ref:any`` - a reference

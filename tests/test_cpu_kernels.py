@@ -76,6 +76,17 @@ class _Call(nn.Cell):
         return self.cell(*args)
 
 
+def _assert_the_kernel_matches_mindspores(cell, *inputs):
+    """``cell`` through its CPU kernel, then through MindSpore's ops (compiled anew: ``_Call``): same shape,
+    values within float rounding (1e-5 relative to the largest output)."""
+    assert cell.use_cpu_kernel and not cell.training
+    ours = cell(*inputs).asnumpy()
+    cell.use_cpu_kernel = False
+    reference = _Call(cell)(*inputs).asnumpy()
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
 class _Loss(nn.Cell):
     def __init__(self, norm, weight):
         super().__init__()
@@ -154,25 +165,16 @@ CONV_CASES = [(16, 20, 3, 1, (2, 16, 9, 13)), (3, 5, 3, 0, (1, 3, 5, 6)), (8, 12
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"{c[0]}-{c[1]}-k{c[2]}p{c[3]}-{c[4]}" for c in CONV_CASES])
 def test_the_convolution_is_mindspores(case, kernel_threads, ms_mode):
     in_channels, out_channels, kernel, padding, shape = case
-    conv = Conv2d(in_channels, out_channels, kernel, padding=padding)
     x = Tensor(np.random.default_rng(6).standard_normal(shape).astype(np.float32))
-    assert conv.use_cpu_kernel and not conv.training
-    ours = conv(x).asnumpy()
-    conv.use_cpu_kernel = False
-    reference = _Call(conv)(x).asnumpy()
-    assert ours.shape == reference.shape
-    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    _assert_the_kernel_matches_mindspores(Conv2d(in_channels, out_channels, kernel, padding=padding), x)
 
 
 @needs_avx512
 def test_strided_and_bias_free_convolutions():
     """Stride 2 (the UNet/VAE downsamplers) stays MindSpore's convolution; one without a bias adds none."""
     assert Conv2d(4, 4, 3, stride=2, padding=1).cpu_kernel is None
-    conv = Conv2d(4, 6, 3, padding=1, bias=False)
     x = Tensor(np.random.default_rng(7).standard_normal((1, 4, 5, 5)).astype(np.float32))
-    ours = conv(x).asnumpy()
-    conv.use_cpu_kernel = False
-    np.testing.assert_allclose(ours, _Call(conv)(x).asnumpy(), rtol=1e-5, atol=1e-6)
+    _assert_the_kernel_matches_mindspores(Conv2d(4, 6, 3, padding=1, bias=False), x)
 
 
 # (in, out, bias, input shape): odd sizes, no bias, one input feature, and 3000 rows (75 MFLOP: shared among
@@ -186,14 +188,8 @@ DENSE_CASES = [(37, 29, True, (3, 5, 37)), (64, 100, False, (7, 64)), (96, 130, 
                                                    for c in DENSE_CASES])
 def test_the_dense_layer_is_mindspores(case, kernel_threads, ms_mode):
     in_features, out_features, bias, shape = case
-    dense = Dense(in_features, out_features, bias=bias)
     x = Tensor(np.random.default_rng(8).standard_normal(shape).astype(np.float32))
-    assert dense.use_cpu_kernel and not dense.training
-    ours = dense(x).asnumpy()
-    dense.use_cpu_kernel = False
-    reference = _Call(dense)(x).asnumpy()
-    assert ours.shape == reference.shape
-    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    _assert_the_kernel_matches_mindspores(Dense(in_features, out_features, bias=bias), x)
 
 
 @needs_avx512
@@ -208,11 +204,7 @@ def test_parameters_stored_in_fp16_reach_the_kernels_as_float32(build, shape, ms
     for param in cell.get_parameters():
         param.set_dtype(ms.float16)
     x = Tensor(np.random.default_rng(12).standard_normal(shape).astype(np.float32))
-    assert cell.use_cpu_kernel
-    ours = cell(x).asnumpy()
-    cell.use_cpu_kernel = False
-    reference = _Call(cell)(x).asnumpy()
-    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    _assert_the_kernel_matches_mindspores(cell, x)
 
 
 @needs_avx512
@@ -291,15 +283,10 @@ ATTENTION_CASES = [(2, 16, 2, 64, 64), (4, 40, 1, 19, 77), (1, 112, 2, 13, 30), 
                          ids=[f"h{c[0]}d{c[1]}-b{c[2]}-{c[3]}x{c[4]}" for c in ATTENTION_CASES])
 def test_attention_is_the_batched_matmul_softmax(case, kernel_threads, ms_mode):
     heads, dim, batch, queries, keys = case
-    attention = ScaledDotProductAttention(heads, dim)
     rng = np.random.default_rng(10)
     q, k, v = (Tensor(2.0 * rng.standard_normal((batch, length, heads * dim)).astype(np.float32))
                for length in (queries, keys, keys))
-    assert attention.use_cpu_kernel and not attention.training
-    ours = attention(q, k, v).asnumpy()
-    attention.use_cpu_kernel = False
-    reference = _Call(attention)(q, k, v).asnumpy()
-    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    _assert_the_kernel_matches_mindspores(ScaledDotProductAttention(heads, dim), q, k, v)
 
 
 @needs_avx512
