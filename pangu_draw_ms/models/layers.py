@@ -52,6 +52,12 @@ def compute_dtype(precision: Optional[str] = None) -> ms.dtype:
     return _DTYPES[precision]
 
 
+def as_dtype(x, dtype):
+    """``x`` in ``dtype``, without a Cast node where it already is: the check folds while a graph compiles, so a
+    float32 network's graph holds none of the layers' same-dtype casts (thousands in the released UNet)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 def _fan_in_uniform(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
     return Uniform(bound)
@@ -81,9 +87,9 @@ class Dense(nn.Cell):
         self.no_bias = None if bias else Tensor(np.zeros(out_features, np.float32))  # the kernel's bias operand
 
     def construct(self, x):
-        x = x.astype(self.dtype)
-        weight = self.weight.astype(self.dtype)  # parameters may be stored in fp16 (``weights_dtype``)
-        bias = self.bias.astype(self.dtype) if self.has_bias else None
+        x = as_dtype(x, self.dtype)
+        weight = as_dtype(self.weight, self.dtype)  # parameters may be stored in fp16 (``weights_dtype``)
+        bias = as_dtype(self.bias, self.dtype) if self.has_bias else None
         if self.use_cpu_kernel and not self.training:
             return self.cpu_kernel(x, weight, bias if self.has_bias else self.no_bias)
         return mint.nn.functional.linear(x, weight, bias)
@@ -121,9 +127,9 @@ class Conv2d(nn.Cell):
         self.no_bias = None if bias else Tensor(np.zeros(out_channels, np.float32))  # the kernel's bias operand
 
     def construct(self, x):
-        weight = self.weight.astype(self.dtype)
-        bias = self.bias.astype(self.dtype) if self.has_bias else None
-        x = x.astype(self.dtype)
+        weight = as_dtype(self.weight, self.dtype)
+        bias = as_dtype(self.bias, self.dtype) if self.has_bias else None
+        x = as_dtype(x, self.dtype)
         if self.use_cpu_kernel and not self.training:
             return self.cpu_kernel(x, weight, bias if self.has_bias else self.no_bias, self.cpu_kernel_config)
         if self.fast:
@@ -158,17 +164,17 @@ class GroupNorm(nn.Cell):
         self.cpu_kernel_config = Tensor(np.array([num_groups, eps, self.silu], np.float32))
 
     def construct(self, x):
-        x = x.astype(ms.float32)
-        gamma, beta = self.gamma.astype(ms.float32), self.beta.astype(ms.float32)
+        x = as_dtype(x, ms.float32)
+        gamma, beta = as_dtype(self.gamma, ms.float32), as_dtype(self.beta, ms.float32)
         if self.use_cpu_kernel and not self.training:
-            return self.cpu_kernel(x, gamma, beta, self.cpu_kernel_config).astype(self.dtype)
+            return as_dtype(self.cpu_kernel(x, gamma, beta, self.cpu_kernel_config), self.dtype)
         if self.fast:
             y = mint.nn.functional.group_norm(x, self.num_groups, gamma, beta, self.eps)
         else:
             y = ops.group_norm(x, self.num_groups, gamma, beta, self.eps)
         if self.silu:
             y = ops.silu(y)
-        return y.astype(self.dtype)
+        return as_dtype(y, self.dtype)
 
 
 class LayerNorm(nn.Cell):
@@ -191,15 +197,15 @@ class LayerNorm(nn.Cell):
         self.cpu_kernel_config = Tensor(np.array([eps], np.float32))
 
     def construct(self, x):
-        x = x.astype(ms.float32)
-        gamma, beta = self.gamma.astype(ms.float32), self.beta.astype(ms.float32)
+        x = as_dtype(x, ms.float32)
+        gamma, beta = as_dtype(self.gamma, ms.float32), as_dtype(self.beta, ms.float32)
         if self.fast:
             y = mint.nn.functional.layer_norm(x, self.normalized_shape, gamma, beta, self.eps)
         elif self.use_cpu_kernel and not self.training:
             y = self.cpu_kernel(x, gamma, beta, self.cpu_kernel_config)
         else:
             y, _, _ = self.layer_norm(x, gamma, beta)
-        return y.astype(self.dtype)
+        return as_dtype(y, self.dtype)
 
 
 class Embedding(nn.Cell):
@@ -334,9 +340,9 @@ class ScaledDotProductAttention(nn.Cell):
         return ops.bmm(probs, vh)
 
     def construct(self, q, k, v, mask: Optional[Tensor] = None):
-        q = q.astype(self.dtype)
-        k = k.astype(self.dtype)
-        v = v.astype(self.dtype)
+        q = as_dtype(q, self.dtype)
+        k = as_dtype(k, self.dtype)
+        v = as_dtype(v, self.dtype)
         if self.flash and mask is None:
             return ops.flash_attention_score(q, k, v, self.num_heads, scalar_value=self.scale, input_layout="BSH")
         if self.use_cpu_kernel and not self.training and mask is None:
