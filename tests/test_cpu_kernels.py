@@ -87,6 +87,19 @@ def _assert_the_kernel_matches_mindspores(cell, *inputs):
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
+def _count_kernel_calls(cell) -> list:
+    """Wrap ``cell``'s CPU kernel so that each call (each trace, in GRAPH_MODE) appends to the returned list."""
+    calls = []
+    kernel = cell.cpu_kernel
+
+    def counted(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    cell.cpu_kernel = counted
+    return calls
+
+
 class _Loss(nn.Cell):
     def __init__(self, norm, weight):
         super().__init__()
@@ -303,14 +316,7 @@ def test_attention_gradients_and_a_mask(ms_mode):
         np.testing.assert_allclose(grad, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
     attention.use_cpu_kernel = True
     mask = Tensor(np.where(np.arange(7) < 4, 0.0, -1e9).astype(np.float32))
-    calls = []
-    kernel = attention.cpu_kernel
-
-    def counted(*args):
-        calls.append(1)
-        return kernel(*args)
-
-    attention.cpu_kernel = counted
+    calls = _count_kernel_calls(attention)
     masked = attention(q, k, v, mask).asnumpy()
     assert calls == []
     np.testing.assert_allclose(masked, attention(q, k[:, :4], v[:, :4]).asnumpy(), rtol=1e-5, atol=1e-6)
@@ -356,14 +362,7 @@ def test_a_training_cell_uses_mindspores_kernels(build, shape):
     MindSpore's own."""
     cell = build()
     x = Tensor(np.random.default_rng(2).standard_normal(shape).astype(np.float32))
-    calls = []
-    kernel = cell.cpu_kernel
-
-    def counted(*args):
-        calls.append(1)
-        return kernel(*args)
-
-    cell.cpu_kernel = counted
+    calls = _count_kernel_calls(cell)
     cell.set_train(True)
     cell(x)
     assert calls == []
