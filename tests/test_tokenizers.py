@@ -350,6 +350,40 @@ def test_sentencepiece_jieba_segments_chinese(spm_models):
     assert segmented.decode(segmented.encode("a cat in the park")) == "a cat in the park"
 
 
+def test_jieba_prefix_dictionary_from_the_package_cache_is_jiebas(tmp_path, monkeypatch):
+    """The prefix dictionary the segmenter gets from the package's pickle (built once, then read back; a damaged
+    file rebuilt) equals the one jieba loads itself, and segments alike."""
+    import jieba
+
+    from pangu_draw_ms.tokenizers.sentencepiece_jieba import _load_prefix_dictionary
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    reference = jieba.Tokenizer()
+    reference.initialize()
+    text = "穿着汉服的少女站在雪山下的湖泊，一只猫在公园里"
+
+    def loaded():
+        segmenter = jieba.Tokenizer()
+        _load_prefix_dictionary(segmenter)
+        assert segmenter.initialized and segmenter.total == reference.total and segmenter.FREQ == reference.FREQ
+        assert list(segmenter.cut(text)) == list(reference.cut(text))
+        return segmenter
+
+    loaded()  # builds it from jieba's dictionary and writes the file
+    [name] = os.listdir(tmp_path / "pangu_draw_ms" / "jieba")
+    cached = tmp_path / "pangu_draw_ms" / "jieba" / name
+
+    def no_build(_):
+        raise AssertionError("rebuilt although the cache file is there")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(jieba.Tokenizer, "gen_pfdict", staticmethod(no_build))
+        loaded()  # read back
+    cached.write_bytes(b"not a pickle")
+    loaded()  # rebuilt, and written again
+    assert os.listdir(cached.parent) == [name] and cached.stat().st_size > 1_000_000
+
+
 def test_sentencepiece_truncation_and_factory(spm_models):
     tok = build_tokenizer(TokenizerConfig(kind="sentencepiece", vocab=spm_models[True], jieba=True, max_length=8))
     assert isinstance(tok, SentencePieceTokenizer)
