@@ -60,6 +60,14 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def frozen_heap():
+    """What is alive when a test file starts (the imports: torch, diffusers, transformers, MindSpore; module
+    fixtures come after) frozen out of the garbage collector's walks (runtime.freeze_heap): MindSpore collects
+    before every graph compile, and in a worker with torch loaded that walk took 0.3 s per graph."""
+    runtime.freeze_heap()
+
+
 @pytest.fixture(autouse=True)
 def pynative_by_default():
     """Every test starts in PYNATIVE_MODE, whatever an earlier test (or a CLI it called) left set."""

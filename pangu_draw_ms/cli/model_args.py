@@ -111,6 +111,7 @@ def build_pipeline(args):
     from pangu_draw_ms.config import load_config
     from pangu_draw_ms.io.model_dir import CONFIG_FILE, find_component_files, released_pair_files
     from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
+    from pangu_draw_ms.runtime import freeze_heap
 
     options = dict(precision=args.precision, weights_dtype=args.weights_dtype, memory=args.memory,
                    allow_swapped=args.allow_swapped, show_progress=not args.quiet)
@@ -133,7 +134,9 @@ def build_pipeline(args):
         files = {}
         source = f"config {config.name!r} with SEEDED RANDOM WEIGHTS (no checkpoint given): the images are noise"
     pipe = PanGuDrawPipeline.from_config(config, files, **options)
-    return pipe, source + with_loras(args, pipe)
+    source += with_loras(args, pipe)
+    freeze_heap()  # what is alive now lives as long as the tool: MindSpore's per-compile gc.collect() skips it
+    return pipe, source
 
 
 def with_loras(args, pipe) -> str:

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from pangu_draw_ms.runtime import launched_by_msrun, set_cpu_threads
+from pangu_draw_ms.runtime import freeze_heap, launched_by_msrun, set_cpu_threads
 
 
 def supervise(args) -> dict:
@@ -112,6 +112,7 @@ def run(args) -> dict:
         logger.info("stage %s, %d worker(s), config %s", config.stage, world, args.config)
 
     trainer = Trainer(config, rank=rank, world=world)
+    freeze_heap()  # the trainer lives as long as the tool: MindSpore's per-compile gc.collect() skips it
     if args.resume:
         if not trainer.resume(None if args.resume == "latest" else args.resume):
             logger.warning("--resume: no checkpoint in %s, starting from step 0", trainer.checkpoints.directory)
