@@ -223,6 +223,26 @@ def test_gradient_accumulation_equals_one_big_batch(ms_mode):
     assert not np.allclose(results[0][0], np.linspace(-1, 1, 12).reshape(3, 4))
 
 
+def test_an_eager_trainers_update_skips_the_optimizers_compile_and_changes_nothing():
+    """PYNATIVE_MODE on the CPU: the AdamW update runs eagerly (MindSpore would compile its construct first), to
+    the same weights and moments, bit for bit, as the compiled update."""
+    x, y = _regression()
+    results = []
+    for eager in (True, False):
+        net = _Linear()
+        step = TrainStep(_squared_error(net), net.trainable_params(), OptimConfig(learning_rate=0.1, ema_decay=0.5),
+                         total_steps=10)
+        assert step.update.eager_optimizer
+        step.update.eager_optimizer = eager
+        for _ in range(3):
+            step(Tensor(x), Tensor(y))
+        results.append(dict(step.state(), weight=net.weight.asnumpy()))
+    assert results[0].keys() == results[1].keys()
+    for key, value in results[1].items():
+        np.testing.assert_array_equal(results[0][key], value, err_msg=key)
+    assert not np.allclose(results[0]["weight"], np.linspace(-1, 1, 12).reshape(3, 4))
+
+
 def test_dynamic_loss_scaling_skips_overflow_steps(ms_mode):
     x, y = _regression()
     net = _Linear()
