@@ -42,9 +42,11 @@ class _Update:
     def __init__(self, optimizer, ema, scaler, reducer, accumulation: int, max_grad_norm: float,
                  eager_optimizer: bool = False):
         self.optimizer = optimizer
-        # The optimizer's own construct without the ms.jit MindSpore decorates it with (see TrainStep).
+        # The optimizer's own construct without the ms.jit MindSpore decorates it with (see TrainStep; ms.jit keeps
+        # the function it wraps as __wrapped__, functools.wraps' attribute).
         self.eager_optimizer = eager_optimizer
-        self.optimizer_step = functools.partial(type(optimizer).construct.__wrapped__, optimizer)
+        construct = type(optimizer).construct
+        self.optimizer_step = functools.partial(getattr(construct, "__wrapped__", construct), optimizer)
         self.schedule = optimizer.learning_rate
         self.ema = ema
         self.scaler = scaler
