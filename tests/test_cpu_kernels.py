@@ -320,6 +320,12 @@ def test_attention_gradients_and_a_mask(ms_mode):
     masked = attention(q, k, v, mask).asnumpy()
     assert calls == []
     np.testing.assert_allclose(masked, attention(q, k[:, :4], v[:, :4]).asnumpy(), rtol=1e-5, atol=1e-6)
+    # float16 inputs to a float32 attention: cast by its own path (not handed to the float32-only kernel).
+    calls = _count_kernel_calls(attention)
+    half = attention(*(x.astype(ms.float16) for x in (q, k, v)))
+    assert calls == [] and half.dtype == ms.float32
+    reference = attention(*(x.astype(ms.float16).astype(ms.float32) for x in (q, k, v))).asnumpy()
+    np.testing.assert_allclose(half.asnumpy(), reference, rtol=1e-5, atol=1e-6)
 
 
 @needs_library

@@ -340,13 +340,23 @@ class ScaledDotProductAttention(nn.Cell):
         return ops.bmm(probs, vh)
 
     def construct(self, q, k, v, mask: Optional[Tensor] = None):
+        # The kernel's path first and alone: MindSpore parses (and partly infers) every statement of a construct for
+        # each attention cell in the graph, and the other paths' statements in a separate method are never read
+        # where the kernel runs (the released-layout UNet has 140 attention cells; the first call of its narrow
+        # variant compiled 4-8 % faster so, bench/README.md). Inputs other than float32 take the general path,
+        # which casts them.
+        if (self.use_cpu_kernel and not self.training and mask is None and q.dtype == ms.float32
+                and k.dtype == ms.float32 and v.dtype == ms.float32):
+            return self.cpu_kernel(q, k, v, self.cpu_kernel_config)
+        return self._attention(q, k, v, mask)
+
+    def _attention(self, q, k, v, mask):
+        """Flash attention (Ascend) or batched matmuls, in ``dtype``."""
         q = as_dtype(q, self.dtype)
         k = as_dtype(k, self.dtype)
         v = as_dtype(v, self.dtype)
         if self.flash and mask is None:
             return ops.flash_attention_score(q, k, v, self.num_heads, scalar_value=self.scale, input_layout="BSH")
-        if self.use_cpu_kernel and not self.training and mask is None:
-            return self.cpu_kernel(q, k, v, self.cpu_kernel_config)
         b, lq, _ = q.shape
         lk = k.shape[1]
         # The scale on q (Lq x d) rather than on the scores (Lq x Lk): 4-64x fewer multiplies in a UNet.
