@@ -12,7 +12,8 @@ optimizer step is ``grad_accumulation`` calls of :meth:`TrainStep.__call__`, one
 
 In GRAPH_MODE every piece is compiled with ``ms.jit`` (one graph per input shape: a bucket compiles
 once); in PYNATIVE_MODE it runs eagerly. MindSpore has no CPU kernel for TrainOneStepWithLossScaleCell,
-so scaling uses the functional ``mindspore.amp`` scaler, and the finiteness test is the global norm's.
+so scaling uses the functional ``mindspore.amp`` scaler; the finiteness test is the global norm's (Ascend:
+``mindspore.amp.all_finite``, which reads the NPU's overflow status).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class _Update:
         # The optimizer's own construct without the ms.jit MindSpore decorates it with (see TrainStep; ms.jit keeps
         # the function it wraps as __wrapped__, functools.wraps' attribute).
         self.eager_optimizer = eager_optimizer
+        self.finite_by_norm = ms.get_context("device_target") != "Ascend"
         construct = type(optimizer).construct
         self.optimizer_step = functools.partial(getattr(construct, "__wrapped__", construct), optimizer)
         self.schedule = optimizer.learning_rate
@@ -66,11 +68,16 @@ class _Update:
         if self.divisor != 1.0:
             grads = self.map(ops.partial(_scaled, ops.scalar_to_tensor(1.0 / self.divisor, ms.float32)), grads)
         norm = ops.sqrt(ops.addn(self.map(_squared_sum, grads)))
-        # Every gradient is finite iff their global norm is (an inf or NaN anywhere makes the sum of squares inf
-        # or NaN; a finite sum beyond float32's range would make clipping zero the step, so skipping it is
-        # right too). One scalar test instead of mindspore.amp.all_finite, which compiles a graph of its own
-        # in PYNATIVE_MODE (1.5 s of every eager trainer's first step on a CPU) and checks each tensor.
-        finite = ops.isfinite(norm)
+        if self.finite_by_norm:
+            # Every gradient is finite iff their global norm is (an inf or NaN anywhere makes the sum of squares
+            # inf or NaN; a finite sum beyond float32's range would make clipping zero the step, so skipping it is
+            # right too). One scalar test instead of mindspore.amp.all_finite, which compiles a graph of its own
+            # in PYNATIVE_MODE (1.5 s of every eager trainer's first step on a CPU).
+            finite = ops.isfinite(norm)
+        else:
+            # Ascend: all_finite reads the NPU's overflow status, which also catches fp16 overflows that saturate
+            # to finite values (saturation mode) and so never reach the norm.
+            finite = ms.amp.all_finite(grads)
         lr = self.schedule(self.optimizer.global_step)
         if finite:
             if self.max_grad_norm > 0:
