@@ -11,11 +11,15 @@ import stat
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from pangu_draw_ms import runtime
+from pangu_draw_ms.config import load_config
+from pangu_draw_ms.io.layouts import build_component
 from pangu_draw_ms.models import cpu_kernels
 from pangu_draw_ms.models.layers import GEGLU, Conv2d, Dense, GroupNorm, LayerNorm, ScaledDotProductAttention
+from pangu_draw_ms.models.lora import add_lora_adapters
+from pangu_draw_ms.models.unet import BasicTransformerBlock
 
 needs_library = pytest.mark.skipif(cpu_kernels.library() is None,
                                    reason="no C++ compiler here: the layers use MindSpore's kernels")
@@ -421,3 +425,118 @@ def test_turned_off_or_without_a_working_compiler_the_layers_use_mindspores_kern
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     fresh_library.cache_clear()
     assert fresh_library() is None
+
+
+def _transformer_block(rng, dim=64, context_dim=48, heads=4):
+    block = BasicTransformerBlock(dim, context_dim, heads, dim // heads, 4, 0.0, ms.float32)
+    block.set_train(False)
+    for param in block.get_parameters():
+        base = 1.0 if param.name.endswith("gamma") else 0.0
+        param.set_data(Tensor((base + 0.2 * rng.standard_normal(param.shape)).astype(np.float32)))
+    return block
+
+
+# (batch, tokens, context tokens): token counts that are not whole 8-row blocks; 600 tokens, whose feed-forward and
+# attention are shared among threads (above 64 MFLOP).
+BLOCK_CASES = [(2, 37, 11), (1, 16, 77), (1, 600, 5)]
+
+
+@needs_avx512
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=[f"b{c[0]}-{c[1]}x{c[2]}" for c in BLOCK_CASES])
+def test_a_transformer_block_is_one_kernel_equal_to_its_layers(case, kernel_threads, ms_mode):
+    """The UNet's block as one op (what the released UNet's compile time needed): the kernels of its layers in their
+    order, so the very same floats as the layers one by one."""
+    batch, tokens, context_tokens = case
+    rng = np.random.default_rng(12)
+    block = _transformer_block(rng)
+    x = Tensor(rng.standard_normal((batch, tokens, 64)).astype(np.float32))
+    context = Tensor(rng.standard_normal((batch, context_tokens, 48)).astype(np.float32))
+    assert block.fused
+    calls = _count_kernel_calls(block)
+    ours = block(x, context).asnumpy()
+    assert calls == [1] or ms_mode == "graph"  # (a graph calls the Python wrapper while compiling, not counted)
+    block.use_cpu_kernel = False
+    assert not block.fused
+    np.testing.assert_array_equal(ours, _Call(block)(x, context).asnumpy())
+
+
+class _BlockLoss(nn.Cell):
+    def __init__(self, block, weight):
+        super().__init__()
+        self.block = block
+        self.weight = Tensor(weight)
+
+    def construct(self, x, context):
+        return (self.block(x, context) * self.weight).sum()
+
+
+class _BlockGradients(nn.Cell):
+    """d loss / d (x, context, every parameter) through a block that is not training."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+        self.params = ParameterTuple(loss.trainable_params())
+        self.grad = ops.GradOperation(get_all=True, get_by_list=True)
+
+    def construct(self, x, context):
+        return self.grad(self.loss, self.params)(x, context)
+
+
+@needs_avx512
+def test_gradients_through_a_frozen_transformer_block_are_its_layers(ms_mode):
+    """A ControlNet trains through its frozen base UNet's blocks: the op's gradients are those of its layers."""
+    rng = np.random.default_rng(13)
+    block = _transformer_block(rng)
+    x = Tensor(rng.standard_normal((2, 9, 64)).astype(np.float32))
+    context = Tensor(rng.standard_normal((2, 6, 48)).astype(np.float32))
+    gradients = _BlockGradients(_BlockLoss(block, rng.standard_normal((2, 9, 64)).astype(np.float32)))
+    calls = _count_kernel_calls(block)
+    inputs, params = gradients(x, context)
+    assert calls or ms_mode == "graph"
+    block.use_cpu_kernel = False
+    reference_inputs, reference_params = _BlockGradients(gradients.loss)(x, context)
+    assert len(params) == 20
+    for grad, reference in zip(inputs + params, reference_inputs + reference_params):
+        reference = reference.asnumpy()
+        np.testing.assert_allclose(grad.asnumpy(), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+@needs_avx512
+def test_a_transformer_block_runs_its_layers_where_one_would_not_use_its_kernel():
+    """A LoRA adapter in place of a layer, parameters stored in float16, a MindIR export (``portable``): the block
+    runs its layers one by one, and the result is theirs."""
+    rng = np.random.default_rng(14)
+    x = Tensor(rng.standard_normal((1, 10, 64)).astype(np.float32))
+    context = Tensor(rng.standard_normal((1, 7, 48)).astype(np.float32))
+    block = _transformer_block(rng)
+    plain = block(x, context).asnumpy()
+    adapters = add_lora_adapters(block, ["feed_forward"], rank=4, alpha=4.0)
+    adapters["ff.net.2"].lora_up.set_data(Tensor(np.full((64, 4), 0.1, np.float32)))
+    assert not block.fused
+    calls = _count_kernel_calls(block)
+    adapted = _Call(block)(x, context).asnumpy()
+    assert calls == [] and not np.allclose(adapted, plain, atol=1e-3)
+
+    block = _transformer_block(rng)
+    with cpu_kernels.portable(block):
+        assert not block.fused
+    assert block.fused
+    block.norm2.gamma.set_dtype(ms.float16)
+    assert not block.fused
+    # A layer given a new parameter object: the block's own tuple of operands no longer holds it.
+    block = _transformer_block(rng)
+    block.attn2.to_k.weight = Parameter(Tensor(np.zeros((64, 48), np.float32)), name="weight")
+    assert not block.fused
+    np.testing.assert_array_equal(block(x, context).asnumpy(), _Call(block)(x, context).asnumpy())
+
+
+def test_a_lazily_built_unets_blocks_stay_one_kernel_after_their_parameters_are_made():
+    """The pipelines build their networks without parameter data, then make it (``init_parameters_data``, which may
+    hand back new parameter objects: it replaces them in the blocks' tuples too)."""
+    if not cpu_kernels.avx512():
+        pytest.skip("no AVX-512 (or no library) here: the blocks run their layers")
+    unet = build_component("unet", load_config("demo").unet, materialize=False)
+    blocks = [cell for _, cell in unet.cells_and_names() if isinstance(cell, BasicTransformerBlock)]
+    unet.init_parameters_data()
+    assert blocks and all(block.fused for block in blocks)

@@ -9,16 +9,19 @@ cap (runtime.py: uncapped, oneDNN's NCHW 3x3 convolution takes a reference path)
 direct AVX-512 one (no im2col): 1.5-4x MindSpore's capped speed on a tiny UNet's 3x3 convolutions, within 1.12x
 of torch's; the dense layer calls oneDNN's GEMM from a second, uncapped instance of MindSpore's library
 (:func:`_onednn_gemm`), the bias in the same op; attention is one kernel instead of a head split, two batched
-matmuls, a softmax and a head merge. The C++ source is compiled once per machine with
-the system's C++ compiler (``$CXX``, else ``g++``/``c++``) into ``$XDG_CACHE_HOME/pangu_draw_ms/kernels/<hash>/``
-and loaded with ``ops.Custom(func_type="aot")``, which runs in GRAPH_MODE and PYNATIVE_MODE alike. The
-convolution, dense and attention kernels need AVX-512F (:func:`avx512`; elsewhere the layers keep MindSpore's)
-and share their work among :func:`runtime.cpu_threads` threads.
+matmuls, a softmax and a head merge; the UNet's transformer block is one op made of these (:func:`transformer_block`:
+one graph node instead of 25 cells, which took most of the released UNet's compile time). The C++ source is
+compiled once per machine with the system's C++ compiler (``$CXX``, else ``g++``/``c++``) into
+``$XDG_CACHE_HOME/pangu_draw_ms/kernels/<hash>/`` and loaded with ``ops.Custom(func_type="aot")``, which runs in
+GRAPH_MODE and PYNATIVE_MODE alike. The convolution, dense, attention and block kernels need AVX-512F
+(:func:`avx512`; elsewhere the layers keep MindSpore's) and share their work among :func:`runtime.cpu_threads`
+threads.
 
 Gradients: each op carries a bprop written with MindSpore ops (the normalisation's standard backward, the
-convolution's and matmul's transposes, attention's softmax backward), so gradients flow through cells that use
-it. The layers use the kernels only in cells that are not training (``set_train(False)``: inference, and frozen
-networks that gradients pass through), so a trained cell's forward and backward stay MindSpore's own kernels.
+convolution's and matmul's transposes, attention's softmax backward; the block's as MindSpore differentiates it
+written with its ops), so gradients flow through cells that use it. The layers use the kernels only in cells
+that are not training (``set_train(False)``: inference, and frozen networks that gradients pass through), so a
+trained cell's forward and backward stay MindSpore's own kernels.
 
 Off switch: ``PANGU_DRAW_CPU_KERNELS=0``. Without a compiler, or if the build fails, the layers use
 MindSpore's kernels (one log line says why). Exported MindIR graphs never contain these ops
@@ -223,6 +226,50 @@ def attention(heads: int, scale: float) -> Optional[ops.Custom]:
         return None
     return ops.Custom(f"{library()}:AttentionForward", out_shape=_same_as_x, out_dtype=_same_as_x,
                       func_type="aot", bprop=_attention_bprop(heads, scale))
+
+
+def _transformer_block_bprop(heads: int, scale: float, eps: float) -> Callable:
+    """The block's gradients as MindSpore differentiates the same function written with its ops (the op is used in
+    frozen networks that gradients pass through: a ControlNet's base UNet)."""
+    def layer_norm(x, gamma, beta):
+        centred = x - x.mean(-1, keep_dims=True)
+        return centred * ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps) * gamma + beta
+
+    def split(x):
+        return x.reshape(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(0, 2, 1, 3)
+
+    def attend(x, source, to_q, to_k, to_v, to_out, out_bias):
+        q, k, v = split(ops.matmul(x, to_q.T)), split(ops.matmul(source, to_k.T)), split(ops.matmul(source, to_v.T))
+        mixed = ops.matmul(ops.softmax(ops.matmul(q, k.swapaxes(-1, -2)) * scale, axis=-1), v).transpose(0, 2, 1, 3)
+        return ops.matmul(mixed.reshape(x.shape[0], -1, to_q.shape[0]), to_out.T) + out_bias
+
+    def forward(x, context, n1_gamma, n1_beta, q1, k1, v1, out1, out1_bias, n2_gamma, n2_beta, q2, k2, v2, out2,
+                out2_bias, n3_gamma, n3_beta, ff_proj, ff_proj_bias, ff_out, ff_out_bias):
+        normed = layer_norm(x, n1_gamma, n1_beta)
+        x = attend(normed, normed, q1, k1, v1, out1, out1_bias) + x
+        x = attend(layer_norm(x, n2_gamma, n2_beta), context, q2, k2, v2, out2, out2_bias) + x
+        h, gate = ops.chunk(ops.matmul(layer_norm(x, n3_gamma, n3_beta), ff_proj.T) + ff_proj_bias, 2, axis=-1)
+        return ops.matmul(h * ops.gelu(gate, approximate="none"), ff_out.T) + ff_out_bias + x
+
+    gradients = ops.GradOperation(get_all=True, sens_param=True)(forward)
+
+    def bprop(x, context, n1_gamma, n1_beta, q1, k1, v1, out1, out1_bias, n2_gamma, n2_beta, q2, k2, v2, out2,
+              out2_bias, n3_gamma, n3_beta, ff_proj, ff_proj_bias, ff_out, ff_out_bias, config, out, dout):
+        return gradients(x, context, n1_gamma, n1_beta, q1, k1, v1, out1, out1_bias, n2_gamma, n2_beta, q2, k2, v2,
+                         out2, out2_bias, n3_gamma, n3_beta, ff_proj, ff_proj_bias, ff_out, ff_out_bias,
+                         dout) + (ops.zeros_like(config),)
+    return bprop
+
+
+def transformer_block(heads: int, scale: float, eps: float) -> Optional[ops.Custom]:
+    """The UNet's pre-LN transformer block (self-attention, cross-attention on ``context``, GEGLU feed-forward, each
+    residual) as one op ``(x (B, N, C), context (B, M, D), the 20 parameters in the kernel's order, config =
+    [heads, scale, eps]) -> y (B, N, C)`` (float32), or None without :func:`dense`'s GEMM or :func:`avx512`.
+    One op instead of the 18 cells a block is made of: compile time (bench/README.md)."""
+    if not avx512() or not _onednn_gemm():
+        return None
+    return ops.Custom(f"{library()}:TransformerBlockForward", out_shape=_same_as_x, out_dtype=_same_as_x,
+                      func_type="aot", bprop=_transformer_block_bprop(heads, scale, eps))
 
 
 def _group_norm_bprop(num_groups: int, eps: float, silu: bool) -> Callable:

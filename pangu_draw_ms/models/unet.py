@@ -12,12 +12,15 @@ and a vector ``y`` = pooled English text || sinusoidal(256) of the resolution-bu
 """
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import mindspore as ms
-from mindspore import nn, ops
+import numpy as np
+from mindspore import ParameterTuple, Tensor, nn, ops
 
 from ..config import UNetConfig
+from . import cpu_kernels
 from . import layers as L
 
 
@@ -78,7 +81,14 @@ class FeedForward(nn.Cell):
 
 
 class BasicTransformerBlock(nn.Cell):
-    """Pre-LN block: self-attention, cross-attention on the text, GEGLU feed-forward (each residual)."""
+    """Pre-LN block: self-attention, cross-attention on the text, GEGLU feed-forward (each residual).
+
+    On the CPU, in float32 and when not training, the whole block is one CPU kernel (models/cpu_kernels.py) made of
+    the kernels its layers use, in their order: the graph MindSpore compiles then holds one node per block instead
+    of its 25 cells (the released UNet's first call took 2.6x as long with them; bench/README.md). The layers run
+    one by one where any of them would not use its own kernel (training, a LoRA adapter in place of a layer,
+    parameters stored in float16, ``cpu_kernels.portable``).
+    """
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, ff_mult: int, dropout: float, dtype):
         super().__init__()
@@ -88,8 +98,49 @@ class BasicTransformerBlock(nn.Cell):
         self.norm1 = L.LayerNorm(dim, eps=1e-5, dtype=dtype)
         self.norm2 = L.LayerNorm(dim, eps=1e-5, dtype=dtype)
         self.norm3 = L.LayerNorm(dim, eps=1e-5, dtype=dtype)
+        scale = 1.0 / math.sqrt(head_dim)
+        self.cpu_kernel = (cpu_kernels.transformer_block(heads, scale, 1e-5)
+                           if not L.ascend_kernels() and dtype == ms.float32 else None)
+        self.use_cpu_kernel = self.cpu_kernel is not None
+        self.cpu_kernel_config = Tensor(np.array([heads, scale, 1e-5], np.float32))
+        # The operands held by the block itself: a graph reaching them through ``self.attn1.to_out[0].weight`` and the
+        # like compiled about 40 % slower (bench/README.md). Kept out of the block's own parameters (their names stay
+        # the layers'); ``Cell.init_parameters_data``, which may replace a parameter, also replaces it in a
+        # ParameterTuple, and ``fused`` checks that they are still the layers' own.
+        self.__dict__["kernel_parameters"] = ParameterTuple(self._kernel_parameters())
+
+    def _kernel_layers(self) -> tuple:
+        """The layers whose work the block's kernel does."""
+        return (self.norm1, self.attn1.to_q, self.attn1.to_k, self.attn1.to_v, self.attn1.to_out[0],
+                self.attn1.attention, self.norm2, self.attn2.to_q, self.attn2.to_k, self.attn2.to_v,
+                self.attn2.to_out[0], self.attn2.attention, self.norm3, self.ff.net[0], self.ff.net[0].proj,
+                self.ff.net[2])
+
+    def _kernel_parameters(self) -> tuple:
+        """The kernel's 20 parameter operands, in its order."""
+        return (self.norm1.gamma, self.norm1.beta, self.attn1.to_q.weight, self.attn1.to_k.weight,
+                self.attn1.to_v.weight, self.attn1.to_out[0].weight, self.attn1.to_out[0].bias, self.norm2.gamma,
+                self.norm2.beta, self.attn2.to_q.weight, self.attn2.to_k.weight, self.attn2.to_v.weight,
+                self.attn2.to_out[0].weight, self.attn2.to_out[0].bias, self.norm3.gamma, self.norm3.beta,
+                self.ff.net[0].proj.weight, self.ff.net[0].proj.bias, self.ff.net[2].weight, self.ff.net[2].bias)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the block runs as its kernel: read in Python while MindSpore compiles ``construct``."""
+        layers = self._kernel_layers()
+        return (self.use_cpu_kernel
+                and all(type(layer) in (L.LayerNorm, L.Dense, L.ScaledDotProductAttention, L.GEGLU)
+                        and layer.use_cpu_kernel for layer in layers)
+                and all(p.dtype == ms.float32 for layer in layers for p in layer.get_parameters())
+                and all(held is current for held, current in zip(self.kernel_parameters, self._kernel_parameters())))
 
     def construct(self, x, context):
+        if self.fused and not self.training:
+            return self.cpu_kernel(L.as_dtype(x, ms.float32), L.as_dtype(context, ms.float32), *self.kernel_parameters,
+                                   self.cpu_kernel_config)
+        return self._layers(x, context)
+
+    def _layers(self, x, context):
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x

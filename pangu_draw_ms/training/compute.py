@@ -16,6 +16,7 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ..config import PanGuDrawConfig, UNetConfig
+from ..models import cpu_kernels
 from ..models import layers as L
 from ..runtime import eager
 
@@ -54,7 +55,7 @@ def forward_flops(cell: nn.Cell, *inputs) -> int:
                 handles.append(sub.register_forward_hook(
                     lambda c, args, out, count=count: counts.append(count(c, args, out))))
     try:
-        with eager():
+        with eager(), cpu_kernels.portable(cell):  # every layer on its own: a block run as one kernel runs no hook
             cell(*inputs)
     finally:
         for handle in handles:

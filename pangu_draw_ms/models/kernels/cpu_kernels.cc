@@ -1,4 +1,5 @@
-// GroupNorm (optionally followed by SiLU), LayerNorm, GEGLU, stride-1 convolution and dense-layer forward kernels
+// GroupNorm (optionally followed by SiLU), LayerNorm, GEGLU, stride-1 convolution, dense-layer, attention and UNet
+// transformer-block forward kernels
 // for MindSpore's CPU target, loaded through ops.Custom(func_type="aot") by pangu_draw_ms/models/cpu_kernels.py
 // (which compiles this file once per machine and caches the library).
 //
@@ -22,10 +23,13 @@
 //   Conv2dForward:    x (N, C, H, W), weight (O, C, k, k), bias (O), config = [padding]; stride 1
 //   DenseForward:     x (*, in), weight (out, in), bias (out); y (*, out) = x weight^T + bias
 //   AttentionForward: q (B, Lq, heads * dim), k and v (B, Lk, heads * dim), config = [heads, scale]; o like q
+//   TransformerBlockForward: x (B, N, C), context (B, M, D), the block's 20 parameters, config; y like x (below)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <memory>
 #include <thread>
 #include <vector>
 #if defined(__SSE__)
@@ -187,13 +191,14 @@ PER_CPU void group_norm(const Operands &o, int64_t batch, int64_t channels, int6
   }
 }
 
-PER_CPU void layer_norm(const Operands &o, int64_t rows, int64_t width, float eps) {
+PER_CPU void layer_norm(const float *x, const float *gamma, const float *beta, float *y, int64_t rows, int64_t width,
+                        float eps) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float *xr = o.x + r * width;
-    float *yr = o.y + r * width;
+    const float *xr = x + r * width;
+    float *yr = y + r * width;
     const Moments m = moments(xr, width, eps);
     const float mean = static_cast<float>(m.mean);
-    for (int64_t i = 0; i < width; ++i) yr[i] = (xr[i] - mean) * m.rstd * o.gamma[i] + o.beta[i];
+    for (int64_t i = 0; i < width; ++i) yr[i] = (xr[i] - mean) * m.rstd * gamma[i] + beta[i];
   }
 }
 
@@ -349,7 +354,7 @@ void conv2d(const ConvShape &s, const float *x, const float *weight, const float
 // y (rows, out) = x (rows, in) W^T + b by oneDNN's sgemm from a private copy of MindSpore's libdnnl (SetGemm;
 // cpu_kernels.py loads it uncapped: MindSpore's own instance keeps the AVX2 cap its 3x3 convolutions need, which
 // costs its GEMM the AVX-512 kernels). The library is built for a thread pool it is not given here, so its sgemm runs
-// sequentially: the rows are shared among the threads, then the bias added.
+// sequentially: the rows are shared among the threads, then the bias added (none where `bias` is null).
 using Sgemm = int (*)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *, int64_t,
                       float, float *, int64_t);
 Sgemm sgemm = nullptr;
@@ -361,6 +366,7 @@ int dense(const float *x, const float *weight, const float *bias, float *y, int6
     const int64_t r0 = rows * worker / count, r1 = rows * (worker + 1) / count;
     if (r1 == r0) return;
     status[worker] = sgemm('N', 'T', r1 - r0, out, in, 1.0f, x + r0 * in, in, weight, in, 0.0f, y + r0 * out, out);
+    if (bias == nullptr) return;
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t j = 0; j < out; ++j) y[r * out + j] += bias[j];
   });
@@ -450,6 +456,94 @@ void attention(const AttentionShape &s, const float *q, const float *k, const fl
     attention_worker(s, q, k, v, scale, o, worker, workers);
   });
 }
+
+// The UNet's pre-LN transformer block as one op (TransformerBlockForward): MindSpore's compile time grows with the
+// cells of a graph, and the released UNet's 70 blocks of 25 cells each were most of its first call (bench/README.md).
+// The same kernels as the separate ops, in the same order, so the result is theirs bit for bit:
+//   x += to_out1(attention(to_q1(n), to_k1(n), to_v1(n))),  n = norm1(x)   (self-attention)
+//   x += to_out2(attention(to_q2(n), to_k2(c), to_v2(c))),  n = norm2(x)   (cross-attention on the context c)
+//   x += ff_out(GEGLU(ff_proj(n))),                         n = norm3(x)
+enum BlockOperand : int {
+  kX, kContext, kNorm1Gamma, kNorm1Beta, kQ1, kK1, kV1, kOut1, kOut1Bias, kNorm2Gamma, kNorm2Beta, kQ2, kK2, kV2,
+  kOut2, kOut2Bias, kNorm3Gamma, kNorm3Beta, kFfProj, kFfProjBias, kFfOut, kFfOutBias, kBlockConfig, kBlockY,
+  kBlockOperands
+};
+
+struct BlockShape {
+  int64_t batch, tokens, context_tokens, width, context_width, inner, ff, heads;
+  int64_t rows() const { return batch * tokens; }
+  int64_t context_rows() const { return batch * context_tokens; }
+};
+
+// Whether operand i has exactly the dimensions `dims`.
+bool has_shape(const int *ndims, int64_t **shapes, int i, std::initializer_list<int64_t> dims) {
+  if (ndims[i] != static_cast<int>(dims.size())) return false;
+  int d = 0;
+  for (const int64_t size : dims)
+    if (shapes[i][d++] != size) return false;
+  return true;
+}
+
+std::unique_ptr<float[]> scratch(int64_t count) { return std::unique_ptr<float[]>(new float[count]); }
+
+void add_into(float *y, const float *t, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) y[i] = t[i] + y[i];
+}
+
+// y += attention of norm(y) over `context` (over norm(y) itself where context is null), through the projections at
+// params[q], params[q + 1], params[q + 2] and the output projection and bias at params[q + 3], params[q + 4].
+int attention_residual(const BlockShape &s, void **params, int q, const float *context, float eps, float scale,
+                       float *y, float *normed, float *queries, float *keys, float *values, float *mixed) {
+  const auto *p = reinterpret_cast<const float *const *>(params);
+  const int64_t rows = s.rows(), width = s.width, inner = s.inner;
+  const int64_t source_rows = context ? s.context_rows() : rows, source_width = context ? s.context_width : width;
+  {
+    const FlushSubnormals flush;
+    layer_norm(y, p[q - 2], p[q - 1], normed, rows, width, eps);
+  }
+  const float *source = context ? context : normed;
+  if (dense(normed, p[q], nullptr, queries, rows, width, inner) || dense(source, p[q + 1], nullptr, keys, source_rows,
+      source_width, inner) || dense(source, p[q + 2], nullptr, values, source_rows, source_width, inner))
+    return 4;
+  {
+    const FlushSubnormals flush;
+    attention({s.batch, s.tokens, context ? s.context_tokens : s.tokens, s.heads, inner / s.heads}, queries, keys,
+              values, scale, mixed);
+  }
+  if (dense(mixed, p[q + 3], p[q + 4], normed, rows, inner, width)) return 4;
+  add_into(y, normed, rows * width);
+  return 0;
+}
+
+int transformer_block(const BlockShape &s, void **params, float scale, float eps) {
+  const auto *p = reinterpret_cast<const float *const *>(params);
+  const int64_t rows = s.rows(), width = s.width, inner = s.inner, ff = s.ff;
+  const int64_t source_rows = std::max(rows, s.context_rows());
+  float *y = static_cast<float *>(params[kBlockY]);
+  std::memcpy(y, p[kX], rows * width * sizeof(float));
+  auto normed = scratch(rows * width), queries = scratch(rows * inner), keys = scratch(source_rows * inner);
+  auto values = scratch(source_rows * inner), mixed = scratch(rows * inner);
+  if (attention_residual(s, params, kQ1, nullptr, eps, scale, y, normed.get(), queries.get(), keys.get(),
+                         values.get(), mixed.get()) ||
+      attention_residual(s, params, kQ2, p[kContext], eps, scale, y, normed.get(), queries.get(), keys.get(),
+                         values.get(), mixed.get()))
+    return 4;
+  keys.reset();
+  values.reset();
+  {
+    const FlushSubnormals flush;
+    layer_norm(y, p[kNorm3Gamma], p[kNorm3Beta], normed.get(), rows, width, eps);
+  }
+  auto projected = scratch(rows * 2 * ff), gated = scratch(rows * ff);
+  if (dense(normed.get(), p[kFfProj], p[kFfProjBias], projected.get(), rows, width, 2 * ff)) return 4;
+  {
+    const FlushSubnormals flush;
+    geglu(projected.get(), gated.get(), rows, ff);
+  }
+  if (dense(gated.get(), p[kFfOut], p[kFfOutBias], normed.get(), rows, ff, width)) return 4;
+  add_into(y, normed.get(), rows * width);
+  return 0;
+}
 #endif
 
 }  // namespace
@@ -528,6 +622,37 @@ extern "C" int DenseForward(int nparam, void **params, int *ndims, int64_t **sha
 #endif
 }
 
+// TransformerBlockForward: x (B, N, C), context (B, M, D), then the block's parameters in BlockOperand's order
+// (norm gamma/beta (C); attention projections (I, C), the cross-attention's key and value (I, D), outputs (C, I)
+// with a bias (C); the feed-forward's projection (2F, C) + bias (2F), its output (C, F) + bias (C)),
+// config = [heads, scale, eps]; y like x.
+extern "C" int TransformerBlockForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                       void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
+#if defined(HAVE_AVX512)
+  if (nparam != kBlockOperands || ndims[kX] != 3 || ndims[kContext] != 3 || ndims[kQ1] != 2 || ndims[kFfOut] != 2)
+    return 1;
+  if (sgemm == nullptr) return 3;
+  const float *config = static_cast<const float *>(params[kBlockConfig]);
+  const int64_t c = shapes[kX][2], d = shapes[kContext][2], inner = shapes[kQ1][0], ff = shapes[kFfOut][1];
+  const BlockShape s{shapes[kX][0], shapes[kX][1], shapes[kContext][1], c, d, inner, ff,
+                     static_cast<int64_t>(config[0])};
+  bool valid = shapes[kContext][0] == s.batch && s.heads >= 1 && inner % s.heads == 0 && s.context_tokens >= 1;
+  for (const int norm : {kNorm1Gamma, kNorm1Beta, kNorm2Gamma, kNorm2Beta, kNorm3Gamma, kNorm3Beta, kOut1Bias,
+                         kOut2Bias, kFfOutBias})
+    valid = valid && has_shape(ndims, shapes, norm, {c});
+  for (const int projection : {kQ1, kK1, kV1, kQ2}) valid = valid && has_shape(ndims, shapes, projection, {inner, c});
+  valid = valid && has_shape(ndims, shapes, kK2, {inner, d}) && has_shape(ndims, shapes, kV2, {inner, d}) &&
+          has_shape(ndims, shapes, kOut1, {c, inner}) && has_shape(ndims, shapes, kOut2, {c, inner}) &&
+          has_shape(ndims, shapes, kFfProj, {2 * ff, c}) && has_shape(ndims, shapes, kFfProjBias, {2 * ff}) &&
+          has_shape(ndims, shapes, kFfOut, {c, ff});
+  if (!valid) return 2;
+  return transformer_block(s, params, config[1], config[2]);
+#else
+  return 3;
+#endif
+}
+
 extern "C" int GroupNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
   if (!all_float32(nparam, dtypes)) return 5;
@@ -547,7 +672,7 @@ extern "C" int LayerNormForward(int nparam, void **params, int *ndims, int64_t *
   if (nparam != 5 || ndims[0] < 1) return 1;
   const Operands o = operands(params);
   const int64_t width = shapes[0][ndims[0] - 1];
-  layer_norm(o, elements(ndims[0] - 1, shapes[0], 0), width, o.config[0]);
+  layer_norm(o.x, o.gamma, o.beta, o.y, elements(ndims[0] - 1, shapes[0], 0), width, o.config[0]);
   return 0;
 }
 
