@@ -173,9 +173,9 @@ def kernel_threads(request):
 # (in, out, kernel, padding, input shape): 3x3 and 1x1 as in the UNet/VAE, a "valid" convolution, a 5x5; output
 # channels that are not a multiple of the kernel's 8-channel blocks, widths not a multiple of its 16-float
 # vectors, and 512 channels x 62 columns, whose padded input exceeds the 1 MB band: four bands of output rows
-# (with 91 MFLOP, shared among threads).
+# (with 91 MFLOP, shared among threads by output channels); 5 images of 35 MFLOP, shared among threads by images.
 CONV_CASES = [(16, 20, 3, 1, (2, 16, 9, 13)), (3, 5, 3, 0, (1, 3, 5, 6)), (8, 12, 1, 0, (1, 8, 7, 7)),
-              (6, 4, 5, 2, (2, 6, 11, 4)), (512, 8, 3, 1, (1, 512, 20, 62))]
+              (6, 4, 5, 2, (2, 6, 11, 4)), (512, 8, 3, 1, (1, 512, 20, 62)), (32, 48, 3, 1, (5, 32, 16, 16))]
 
 
 @needs_avx512
@@ -436,9 +436,10 @@ def _transformer_block(rng, dim=64, context_dim=48, heads=4):
     return block
 
 
-# (batch, tokens, context tokens): token counts that are not whole 8-row blocks; 600 tokens, whose feed-forward and
-# attention are shared among threads (above 64 MFLOP).
-BLOCK_CASES = [(2, 37, 11), (1, 16, 77), (1, 600, 5)]
+# (batch, tokens, context tokens): token counts that are not whole 8-row blocks; one image of 600 tokens, whose
+# feed-forward and attention are shared among threads (above 30 MFLOP); 3 images of 256 tokens, the block shared among
+# threads by images.
+BLOCK_CASES = [(2, 37, 11), (1, 16, 77), (1, 600, 5), (3, 256, 77)]
 
 
 @needs_avx512
@@ -540,3 +541,46 @@ def test_a_lazily_built_unets_blocks_stay_one_kernel_after_their_parameters_are_
     blocks = [cell for _, cell in unet.cells_and_names() if isinstance(cell, BasicTransformerBlock)]
     unet.init_parameters_data()
     assert blocks and all(block.fused for block in blocks)
+
+
+def _convolve_with_the_library(x, weight, padding):
+    """The library's Conv2dForward called directly (no MindSpore: usable in a forked child)."""
+    library = ctypes.CDLL(cpu_kernels.library())
+    out = np.empty((x.shape[0], weight.shape[0], x.shape[2] + 2 * padding - 2, x.shape[3] + 2 * padding - 2),
+                   np.float32)
+    operands = [x, weight, np.zeros(weight.shape[0], np.float32), np.array([padding], np.float32), out]
+    shapes = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in operands]
+    status = library.Conv2dForward(
+        len(operands), (ctypes.c_void_p * len(operands))(*[a.ctypes.data for a in operands]),
+        (ctypes.c_int * len(operands))(*[a.ndim for a in operands]),
+        (ctypes.POINTER(ctypes.c_int64) * len(operands))(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64))
+                                                           for s in shapes]),
+        (ctypes.c_char_p * len(operands))(*[b"float32"] * len(operands)), None, None)
+    assert status == 0
+    return out
+
+
+def _convolve_and_compare(x, weight, expected):
+    os._exit(0 if np.array_equal(_convolve_with_the_library(x, weight, 1), expected) else 1)
+
+
+@needs_avx512
+def test_a_process_forked_after_the_kernel_threads_started_gets_its_own():
+    """The kernel threads wait between kernels; a child forked from a process whose threads have started has none of
+    them (fork copies only the calling thread): it must start its own rather than wait for its parent's forever."""
+    import multiprocessing
+
+    rng = np.random.default_rng(15)
+    x, weight = (rng.standard_normal(shape).astype(np.float32) for shape in ((6, 32, 16, 16), (48, 32, 3, 3)))
+    saved = runtime.cpu_threads()
+    runtime.set_cpu_threads(2)
+    try:
+        expected = _convolve_with_the_library(x, weight, 1)  # 42 MFLOP: shared, so the threads are started
+        child = multiprocessing.get_context("fork").Process(target=_convolve_and_compare, args=(x, weight, expected))
+        child.start()
+        child.join(120)
+        if child.exitcode is None:
+            child.kill()
+        assert child.exitcode == 0
+    finally:
+        runtime.set_cpu_threads(saved)

@@ -24,12 +24,17 @@
 //   DenseForward:     x (*, in), weight (out, in), bias (out); y (*, out) = x weight^T + bias
 //   AttentionForward: q (B, Lq, heads * dim), k and v (B, Lk, heads * dim), config = [heads, scale]; o like q
 //   TransformerBlockForward: x (B, N, C), context (B, M, D), the block's 20 parameters, config; y like x (below)
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 #if defined(__SSE__)
@@ -257,20 +262,94 @@ void block_rows(const float *base, int64_t first, int64_t count, int64_t stride,
   for (int r = 0; r < kRows; ++r) rows[r] = base + (first + std::min<int64_t>(r, count - first - 1)) * stride;
 }
 
-// Runs work(worker, workers) on `workers` threads (the calling thread is worker 0).
+// The kernel threads: the calling thread is worker 0, the others persistent threads that wait for a job by yielding
+// the core (so that MindSpore's own waiting thread and the host get it when they need it) and, after 2000 yields
+// without one, sleep on a condition variable. Threads started per kernel call (before) gained nothing measurable
+// for the demo's batch of 4 on this 2-core VM; these took it from 1.08-1.34 s to 0.82-1.00 s (bench/README.md).
+// A second caller while a job runs (another MindSpore thread) runs its shares itself, in turn; so does a kernel
+// called from inside a job. A forked child starts a new pool: fork copies none of the parent's threads.
+class Pool {
+ public:
+  template <typename Work>
+  void run(int64_t workers, Work &work) {
+    if (workers <= 1 || !busy_.try_lock()) {
+      for (int64_t t = 0; t < workers; ++t) work(t, workers);
+      return;
+    }
+    {
+      // The job's description and its generation change together, under the lock the threads read them under.
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (; started_ < workers - 1; ++started_) {
+        const int64_t index = started_ + 1;
+        const uint64_t before = generation_.load(std::memory_order_relaxed);
+        std::thread([this, index, before] { serve(index, before); }).detach();
+      }
+      job_ = {[](void *context, int64_t worker, int64_t count) { (*static_cast<Work *>(context))(worker, count); },
+              &work, workers, 0};
+#if defined(__SSE__)
+      job_.csr = _mm_getcsr();  // the caller's floating-point mode (flushing subnormals or not) for every share
+#endif
+      remaining_.store(workers - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work(0, workers);
+    while (remaining_.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+    busy_.unlock();
+  }
+
+ private:
+  struct Job {
+    void (*function)(void *, int64_t, int64_t);
+    void *context;
+    int64_t workers;
+    unsigned csr;
+  };
+
+  // Each generation's job once, where this thread's index is among its workers (the caller waits for those, so none
+  // misses one); a thread outside a job may skip it.
+  void serve(int64_t index, uint64_t seen) {
+    for (;;) {
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == seen && spins < 2000; ++spins)
+        std::this_thread::yield();
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+        seen = generation_.load(std::memory_order_relaxed);
+        job = job_;
+      }
+      if (index >= job.workers) continue;
+#if defined(__SSE__)
+      _mm_setcsr(job.csr);
+#endif
+      job.function(job.context, index, job.workers);
+      remaining_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  std::mutex busy_, mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int64_t> remaining_{0};
+  Job job_{nullptr, nullptr, 0, 0};
+  int64_t started_ = 0;
+};
+
+Pool *pool = new Pool;  // never destroyed: its threads outlive any static destructor
+const int at_fork = pthread_atfork(nullptr, nullptr, [] { pool = new Pool; });
+
+// Runs work(worker, workers) for worker = 0 .. workers - 1 on the kernel threads; returns when all are done.
 template <typename Work>
 void parallel(int64_t workers, Work work) {
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work, t, workers);
-  work(0, workers);
-  for (auto &thread : pool) thread.join();
+  pool->run(workers, work);
 }
 
-// Threads for `flops` of work: one below 64 MFLOP (about half a millisecond on one core: a thread's start costs tens
-// of microseconds, and on a small machine MindSpore's own threads compete for the cores), else up to SetThreads'
-// count and the number of blocks to share.
+// Threads for `flops` of work: one below 30 MFLOP (about a quarter of a millisecond on one core; the demo UNet's batch
+// of 8 ran no faster from 12 or 20 MFLOP, 10 % slower from 64), else up to SetThreads' count and the number of
+// blocks to share.
 int64_t workers_for(double flops, int64_t blocks) {
-  return flops < 6.4e7 ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+  return flops < 3e7 ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
 }
 
 // Stride-1 convolution, direct (no im2col): rows are output channels (their weights broadcast straight from
@@ -343,9 +422,22 @@ void conv_worker(const ConvShape &s, const float *x, const float *weight, const 
   }
 }
 
-// Output-channel blocks are dealt round-robin to the threads.
+// A batch of at least one image per thread is shared by images (each thread packs only its own images' input);
+// otherwise the output-channel blocks are dealt round-robin to the threads. Every output is the same tile's either way.
 void conv2d(const ConvShape &s, const float *x, const float *weight, const float *bias, float *y) {
   const double flops = 2.0 * s.batch * s.out_channels * s.depth() * s.out_height() * s.out_width();
+  const int64_t by_images = workers_for(flops, s.batch);
+  if (by_images > 1 && s.batch >= threads) {
+    parallel(by_images, [&](int64_t worker, int64_t workers) {
+      const int64_t first = s.batch * worker / workers, images = s.batch * (worker + 1) / workers - first;
+      ConvShape share = s;
+      share.batch = images;
+      if (images > 0)
+        conv_worker(share, x + first * s.channels * s.height * s.width, weight, bias,
+                    y + first * s.out_channels * s.out_height() * s.out_width(), 0, 1);
+    });
+    return;
+  }
   parallel(workers_for(flops, s.blocks()), [&](int64_t worker, int64_t workers) {
     conv_worker(s, x, weight, bias, y, worker, workers);
   });
@@ -473,6 +565,11 @@ struct BlockShape {
   int64_t batch, tokens, context_tokens, width, context_width, inner, ff, heads;
   int64_t rows() const { return batch * tokens; }
   int64_t context_rows() const { return batch * context_tokens; }
+  double flops() const {  // 2 per multiply-add: the projections, the two attentions' products, the feed-forward
+    const double n = static_cast<double>(rows()), m = static_cast<double>(context_rows());
+    return 2.0 * inner * (n * width * 6 + m * context_width * 2 + 2.0 * n * (tokens + context_tokens)) +
+           2.0 * n * width * ff * 3;
+  }
 };
 
 // Whether operand i has exactly the dimensions `dims`.
@@ -515,17 +612,18 @@ int attention_residual(const BlockShape &s, void **params, int q, const float *c
   return 0;
 }
 
-int transformer_block(const BlockShape &s, void **params, float scale, float eps) {
+// The block on x (s.batch images) into y.
+int block_on(const BlockShape &s, void **params, const float *x, const float *context, float *y, float scale,
+             float eps) {
   const auto *p = reinterpret_cast<const float *const *>(params);
   const int64_t rows = s.rows(), width = s.width, inner = s.inner, ff = s.ff;
   const int64_t source_rows = std::max(rows, s.context_rows());
-  float *y = static_cast<float *>(params[kBlockY]);
-  std::memcpy(y, p[kX], rows * width * sizeof(float));
+  std::memcpy(y, x, rows * width * sizeof(float));
   auto normed = scratch(rows * width), queries = scratch(rows * inner), keys = scratch(source_rows * inner);
   auto values = scratch(source_rows * inner), mixed = scratch(rows * inner);
   if (attention_residual(s, params, kQ1, nullptr, eps, scale, y, normed.get(), queries.get(), keys.get(),
                          values.get(), mixed.get()) ||
-      attention_residual(s, params, kQ2, p[kContext], eps, scale, y, normed.get(), queries.get(), keys.get(),
+      attention_residual(s, params, kQ2, context, eps, scale, y, normed.get(), queries.get(), keys.get(),
                          values.get(), mixed.get()))
     return 4;
   keys.reset();
@@ -542,6 +640,28 @@ int transformer_block(const BlockShape &s, void **params, float scale, float eps
   }
   if (dense(gated.get(), p[kFfOut], p[kFfOutBias], normed.get(), rows, ff, width)) return 4;
   add_into(y, normed.get(), rows * width);
+  return 0;
+}
+
+// A batch large enough to share (several images under classifier-free guidance) is split among the threads, each
+// running the whole block on its images: one hand-over per block instead of one per op, and the attention and
+// the small projections, each below the threshold of its own, shared too.
+int transformer_block(const BlockShape &s, void **params, float scale, float eps) {
+  const auto *x = static_cast<const float *>(params[kX]), *context = static_cast<const float *>(params[kContext]);
+  float *y = static_cast<float *>(params[kBlockY]);
+  const int64_t workers = workers_for(s.flops(), s.batch);
+  if (workers == 1) return block_on(s, params, x, context, y, scale, eps);
+  std::vector<int> status(workers, 0);
+  parallel(workers, [&](int64_t worker, int64_t count) {
+    const int64_t first = s.batch * worker / count, images = s.batch * (worker + 1) / count - first;
+    if (images == 0) return;
+    BlockShape share = s;
+    share.batch = images;
+    status[worker] = block_on(share, params, x + first * s.tokens * s.width, context + first * s.context_tokens *
+                              s.context_width, y + first * s.tokens * s.width, scale, eps);
+  });
+  for (const int code : status)
+    if (code != 0) return code;
   return 0;
 }
 #endif
