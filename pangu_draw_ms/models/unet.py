@@ -85,9 +85,9 @@ class BasicTransformerBlock(nn.Cell):
 
     On the CPU, in float32 and when not training, the whole block is one CPU kernel (models/cpu_kernels.py) made of
     the kernels its layers use, in their order: the graph MindSpore compiles then holds one node per block instead
-    of its 25 cells (the released UNet's first call took 2.6x as long with them; bench/README.md). The layers run
-    one by one where any of them would not use its own kernel (training, a LoRA adapter in place of a layer,
-    parameters stored in float16, ``cpu_kernels.portable``).
+    of its 25 cells (the released UNet's first call took more than twice as long with them; bench/README.md). The
+    layers run one by one where any of them would not use its own kernel (training, a LoRA adapter in place of a
+    layer, parameters stored in float16, ``cpu_kernels.portable``).
     """
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, ff_mult: int, dropout: float, dtype):
@@ -103,10 +103,10 @@ class BasicTransformerBlock(nn.Cell):
                            if not L.ascend_kernels() and dtype == ms.float32 else None)
         self.use_cpu_kernel = self.cpu_kernel is not None
         self.cpu_kernel_config = Tensor(np.array([heads, scale, 1e-5], np.float32))
-        # The operands held by the block itself: a graph reaching them through ``self.attn1.to_out[0].weight`` and the
-        # like compiled about 40 % slower (bench/README.md). Kept out of the block's own parameters (their names stay
-        # the layers'); ``Cell.init_parameters_data``, which may replace a parameter, also replaces it in a
-        # ParameterTuple, and ``fused`` checks that they are still the layers' own.
+        # The operands held by the block itself: a graph reaching them through ``self.attn1.to_out[0].weight`` and
+        # the like took 1.6-1.8x as long to compile (bench/README.md). Kept out of the block's own parameters (their
+        # names stay the layers'); ``Cell.init_parameters_data``, which may replace a parameter, also replaces it in
+        # a ParameterTuple, and ``fused`` checks that they are still the layers' own.
         self.__dict__["kernel_parameters"] = ParameterTuple(self._kernel_parameters())
 
     def _kernel_layers(self) -> tuple:

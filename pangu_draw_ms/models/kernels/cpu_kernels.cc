@@ -265,7 +265,7 @@ void block_rows(const float *base, int64_t first, int64_t count, int64_t stride,
 // The kernel threads: the calling thread is worker 0, the others persistent threads that wait for a job by yielding
 // the core (so that MindSpore's own waiting thread and the host get it when they need it) and, after 2000 yields
 // without one, sleep on a condition variable. Threads started per kernel call (before) gained nothing measurable
-// for the demo's batch of 4 on this 2-core VM; these took it from 1.08-1.34 s to 0.82-1.00 s (bench/README.md).
+// for the demo's batch of 4 on this 2-core VM; these took it from 1.08-1.34 s to 0.82-1.02 s (bench/README.md).
 // A second caller while a job runs (another MindSpore thread) runs its shares itself, in turn; so does a kernel
 // called from inside a job. A forked child starts a new pool: fork copies none of the parent's threads.
 class Pool {
