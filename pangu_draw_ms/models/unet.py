@@ -110,29 +110,25 @@ class BasicTransformerBlock(nn.Cell):
         self.__dict__["kernel_parameters"] = ParameterTuple(self._kernel_parameters())
 
     def _kernel_layers(self) -> tuple:
-        """The layers whose work the block's kernel does."""
-        return (self.norm1, self.attn1.to_q, self.attn1.to_k, self.attn1.to_v, self.attn1.to_out[0],
-                self.attn1.attention, self.norm2, self.attn2.to_q, self.attn2.to_k, self.attn2.to_v,
-                self.attn2.to_out[0], self.attn2.attention, self.norm3, self.ff.net[0], self.ff.net[0].proj,
-                self.ff.net[2])
+        """The layers with parameters whose work the block's kernel does; their parameters, in this order, are its 20
+        parameter operands."""
+        return (self.norm1, self.attn1.to_q, self.attn1.to_k, self.attn1.to_v, self.attn1.to_out[0], self.norm2,
+                self.attn2.to_q, self.attn2.to_k, self.attn2.to_v, self.attn2.to_out[0], self.norm3,
+                self.ff.net[0].proj, self.ff.net[2])
 
     def _kernel_parameters(self) -> tuple:
-        """The kernel's 20 parameter operands, in its order."""
-        return (self.norm1.gamma, self.norm1.beta, self.attn1.to_q.weight, self.attn1.to_k.weight,
-                self.attn1.to_v.weight, self.attn1.to_out[0].weight, self.attn1.to_out[0].bias, self.norm2.gamma,
-                self.norm2.beta, self.attn2.to_q.weight, self.attn2.to_k.weight, self.attn2.to_v.weight,
-                self.attn2.to_out[0].weight, self.attn2.to_out[0].bias, self.norm3.gamma, self.norm3.beta,
-                self.ff.net[0].proj.weight, self.ff.net[0].proj.bias, self.ff.net[2].weight, self.ff.net[2].bias)
+        return tuple(p for layer in self._kernel_layers() for p in layer.get_parameters())
 
     @property
     def fused(self) -> bool:
         """Whether the block runs as its kernel: read in Python while MindSpore compiles ``construct``."""
-        layers = self._kernel_layers()
-        return (self.use_cpu_kernel
-                and all(type(layer) in (L.LayerNorm, L.Dense, L.ScaledDotProductAttention, L.GEGLU)
-                        and layer.use_cpu_kernel for layer in layers)
-                and all(p.dtype == ms.float32 for layer in layers for p in layer.get_parameters())
-                and all(held is current for held, current in zip(self.kernel_parameters, self._kernel_parameters())))
+        layers = self._kernel_layers() + (self.attn1.attention, self.attn2.attention, self.ff.net[0])
+        if not (self.use_cpu_kernel and all(type(layer) in (L.LayerNorm, L.Dense, L.ScaledDotProductAttention, L.GEGLU)
+                                            and layer.use_cpu_kernel for layer in layers)):
+            return False
+        current = self._kernel_parameters()
+        return (len(current) == len(self.kernel_parameters) and all(p.dtype == ms.float32 for p in current)
+                and all(held is now for held, now in zip(self.kernel_parameters, current)))
 
     def construct(self, x, context):
         if self.fused and not self.training:
