@@ -265,7 +265,7 @@ def transformer_block(heads: int, scale: float, eps: float) -> Optional[ops.Cust
     """The UNet's pre-LN transformer block (self-attention, cross-attention on ``context``, GEGLU feed-forward, each
     residual) as one op ``(x (B, N, C), context (B, M, D), the 20 parameters in the kernel's order, config =
     [heads, scale, eps]) -> y (B, N, C)`` (float32), or None without :func:`dense`'s GEMM or :func:`avx512`.
-    One op instead of the 18 cells a block is made of: compile time (bench/README.md)."""
+    One op instead of the 25 cells a block is made of: compile time (bench/README.md)."""
     if not avx512() or not _onednn_gemm():
         return None
     return ops.Custom(f"{library()}:TransformerBlockForward", out_shape=_same_as_x, out_dtype=_same_as_x,

@@ -265,7 +265,8 @@ void block_rows(const float *base, int64_t first, int64_t count, int64_t stride,
 // The kernel threads: the calling thread is worker 0, the others persistent threads that wait for a job by yielding
 // the core (so that MindSpore's own waiting thread and the host get it when they need it) and, after 2000 yields
 // without one, sleep on a condition variable. Threads started per kernel call (before) gained nothing measurable
-// for the demo's batch of 4 on this 2-core VM; these took it from 1.08-1.34 s to 0.82-1.02 s (bench/README.md).
+// for the demo's batch of 4 on this 2-core VM; these, with batches shared by images, took it from 1.08-1.34 s to
+// 0.82-1.02 s (bench/README.md).
 // A second caller while a job runs (another MindSpore thread) runs its shares itself, in turn; so does a kernel
 // called from inside a job. A forked child starts a new pool: fork copies none of the parent's threads.
 class Pool {
@@ -345,9 +346,9 @@ void parallel(int64_t workers, Work work) {
   pool->run(workers, work);
 }
 
-// Threads for `flops` of work: one below 30 MFLOP (about a quarter of a millisecond on one core; the demo UNet's batch
-// of 8 ran no faster from 12 or 20 MFLOP, 10 % slower from 64), else up to SetThreads' count and the number of
-// blocks to share.
+// Threads for `flops` of work: one below 30 MFLOP (about a quarter of a millisecond on one core; with a prototype of
+// this pool that waited by spinning, the demo UNet's batch of 8 ran no faster from 12 or 20 MFLOP and 10 % slower
+// from 64), else up to SetThreads' count and the number of blocks to share.
 int64_t workers_for(double flops, int64_t blocks) {
   return flops < 3e7 ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
 }
