@@ -19,7 +19,7 @@ from pangu_draw_ms.io.layouts import build_component
 from pangu_draw_ms.models import cpu_kernels
 from pangu_draw_ms.models.layers import GEGLU, Conv2d, Dense, GroupNorm, LayerNorm, ScaledDotProductAttention
 from pangu_draw_ms.models.lora import add_lora_adapters
-from pangu_draw_ms.models.unet import BasicTransformerBlock
+from pangu_draw_ms.models.unet import BasicTransformerBlock, ResBlock
 
 needs_library = pytest.mark.skipif(cpu_kernels.library() is None,
                                    reason="no C++ compiler here: the layers use MindSpore's kernels")
@@ -142,6 +142,40 @@ def test_gradients_are_mindspores_kernels(case, ms_mode):
         np.testing.assert_allclose(ours.asnumpy(), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
+class _TwoConfigurations(nn.Cell):
+    """Two kernels of each kind with different constants: GroupNorm without and with SiLU (other eps and groups), a
+    3x3 and a 1x1 convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = GroupNorm(2, 8, eps=1e-6)
+        self.norm_silu = GroupNorm(4, 8, eps=1e-5, activation="silu")
+        self.conv3x3 = Conv2d(8, 8, 3, padding=1)
+        self.conv1x1 = Conv2d(8, 6, 1)
+
+    def construct(self, x):
+        return self.conv1x1(self.conv3x3(self.norm_silu(3.0 * self.norm(x))))
+
+
+@needs_avx512
+def test_gradients_through_kernels_of_two_configurations_in_one_graph_are_mindspores(ms_mode):
+    """Each op's bprop is its own configuration's: MindSpore 2.9's GRAPH_MODE gave every op of one kernel the first
+    one's bprop (the GroupNorms' input gradients off by half their size; the convolutions did not compile)."""
+    rng = np.random.default_rng(6)
+    net = _TwoConfigurations()
+    net.set_train(False)
+    x = Tensor(rng.standard_normal((2, 8, 6, 5)).astype(np.float32))
+    gradients = _Gradients(_Loss(net, rng.standard_normal((2, 6, 6, 5)).astype(np.float32)))
+    ours_inputs, ours_params = gradients(x)
+    for _, cell in net.cells_and_names():
+        if hasattr(cell, "use_cpu_kernel"):
+            cell.use_cpu_kernel = False
+    reference_inputs, reference_params = _Gradients(gradients.loss)(x)
+    for grad, reference in zip(ours_inputs + ours_params, reference_inputs + reference_params):
+        reference = reference.asnumpy()
+        np.testing.assert_allclose(grad.asnumpy(), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
 @needs_library
 @pytest.mark.parametrize("shape", [(2, 10, 16), (3, 40)])
 def test_geglu_values_and_gradients_are_mindspores(shape, ms_mode):
@@ -163,7 +197,7 @@ def test_geglu_values_and_gradients_are_mindspores(shape, ms_mode):
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def kernel_threads(request):
     """The package's kernel threads for the test (the convolution and the dense layer share their blocks among
-    them above 64 MFLOP), restored after."""
+    them from 30 MFLOP), restored after."""
     saved = runtime.cpu_threads()
     runtime.set_cpu_threads(request.param)
     yield request.param
@@ -427,8 +461,7 @@ def test_turned_off_or_without_a_working_compiler_the_layers_use_mindspores_kern
     assert fresh_library() is None
 
 
-def _transformer_block(rng, dim=64, context_dim=48, heads=4):
-    block = BasicTransformerBlock(dim, context_dim, heads, dim // heads, 4, 0.0, ms.float32)
+def _random_parameters(block, rng):
     block.set_train(False)
     for param in block.get_parameters():
         base = 1.0 if param.name.endswith("gamma") else 0.0
@@ -436,29 +469,52 @@ def _transformer_block(rng, dim=64, context_dim=48, heads=4):
     return block
 
 
-# (batch, tokens, context tokens): token counts that are not whole 8-row blocks; one image of 600 tokens, whose
+def _transformer_block(rng, dim=64, context_dim=48, heads=4):
+    return _random_parameters(BasicTransformerBlock(dim, context_dim, heads, dim // heads, 4, 0.0, ms.float32), rng)
+
+
+def _res_block(rng, channels, out_channels, emb_channels=40, groups=8):
+    return _random_parameters(ResBlock(channels, emb_channels, out_channels, groups, 0.0, ms.float32), rng)
+
+
+def _transformer_case(batch, tokens, context_tokens):
+    return (f"transformer-b{batch}-{tokens}x{context_tokens}", lambda rng: _transformer_block(rng),
+            [(batch, tokens, 64), (batch, context_tokens, 48)])
+
+
+def _res_case(batch, channels, out_channels, height, width):
+    return (f"res-b{batch}-{channels}to{out_channels}-{height}x{width}",
+            lambda rng: _res_block(rng, channels, out_channels), [(batch, channels, height, width), (batch, 40)])
+
+
+# (id, block, input shapes). Transformer: token counts that are not whole 8-row blocks; one image of 600 tokens, whose
 # feed-forward and attention are shared among threads (above 30 MFLOP); 3 images of 256 tokens, the block shared among
-# threads by images.
-BLOCK_CASES = [(2, 37, 11), (1, 16, 77), (1, 600, 5), (3, 256, 77)]
+# threads by images. ResBlock: the input as the skip (2 images, below 30 MFLOP: one thread), a skip convolution on an
+# odd-sized image, 8 and 3 images shared by images (3: unevenly), one image whose convolutions are shared.
+BLOCK_CASES = [_transformer_case(2, 37, 11), _transformer_case(1, 16, 77), _transformer_case(1, 600, 5),
+               _transformer_case(3, 256, 77), _res_case(2, 32, 32, 16, 16), _res_case(1, 16, 48, 5, 7),
+               _res_case(8, 64, 32, 8, 8), _res_case(3, 32, 32, 24, 24), _res_case(1, 64, 64, 40, 40)]
+
+
+def _block_and_inputs(case, rng):
+    _, build, shapes = case
+    block = build(rng)
+    return block, [Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in shapes]
 
 
 @needs_avx512
-@pytest.mark.parametrize("case", BLOCK_CASES, ids=[f"b{c[0]}-{c[1]}x{c[2]}" for c in BLOCK_CASES])
-def test_a_transformer_block_is_one_kernel_equal_to_its_layers(case, kernel_threads, ms_mode):
-    """The UNet's block as one op (what the released UNet's compile time needed): the kernels of its layers in their
-    order, so the very same floats as the layers one by one."""
-    batch, tokens, context_tokens = case
-    rng = np.random.default_rng(12)
-    block = _transformer_block(rng)
-    x = Tensor(rng.standard_normal((batch, tokens, 64)).astype(np.float32))
-    context = Tensor(rng.standard_normal((batch, context_tokens, 48)).astype(np.float32))
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=[c[0] for c in BLOCK_CASES])
+def test_a_unet_block_is_one_kernel_equal_to_its_layers(case, kernel_threads, ms_mode):
+    """The UNet's transformer block and ResBlock as one op each (what the released UNet's compile time needed): the
+    kernels of their layers in their order, so the very same floats as the layers one by one."""
+    block, inputs = _block_and_inputs(case, np.random.default_rng(12))
     assert block.fused
     calls = _count_kernel_calls(block)
-    ours = block(x, context).asnumpy()
+    ours = block(*inputs).asnumpy()
     assert calls == [1] or ms_mode == "graph"  # (GRAPH_MODE compiles the wrapper into the graph: counted eagerly only)
     block.use_cpu_kernel = False
     assert not block.fused
-    np.testing.assert_array_equal(ours, _Call(block)(x, context).asnumpy())
+    np.testing.assert_array_equal(ours, _Call(block)(*inputs).asnumpy())
 
 
 class _BlockLoss(nn.Cell):
@@ -467,56 +523,69 @@ class _BlockLoss(nn.Cell):
         self.block = block
         self.weight = Tensor(weight)
 
-    def construct(self, x, context):
-        return (self.block(x, context) * self.weight).sum()
+    def construct(self, *inputs):
+        return (self.block(*inputs) * self.weight).sum()
+
+
+# (case, the number of parameters): a transformer block, ResBlocks with and without a skip convolution.
+GRADIENT_CASES = [(_transformer_case(2, 9, 6), 20), (_res_case(2, 16, 24, 6, 5), 12), (_res_case(2, 16, 16, 6, 5), 10)]
 
 
 @needs_avx512
-def test_gradients_through_a_frozen_transformer_block_are_its_layers(ms_mode):
-    """A ControlNet trains through its frozen base UNet's blocks: the op's gradients are those of its layers."""
+@pytest.mark.parametrize("case, parameters", GRADIENT_CASES, ids=[c[0][0] for c in GRADIENT_CASES])
+def test_gradients_through_a_frozen_unet_block_are_its_layers(case, parameters, ms_mode):
+    """A ControlNet trains through its frozen base UNet's blocks: the op's gradients are those of its layers (the
+    ResBlock's embedding projection, outside its kernel, included)."""
     rng = np.random.default_rng(13)
-    block = _transformer_block(rng)
-    x = Tensor(rng.standard_normal((2, 9, 64)).astype(np.float32))
-    context = Tensor(rng.standard_normal((2, 6, 48)).astype(np.float32))
-    gradients = _Gradients(_BlockLoss(block, rng.standard_normal((2, 9, 64)).astype(np.float32)))
+    block, inputs = _block_and_inputs(case, rng)
+    output_shape = _Call(block)(*inputs).shape
+    gradients = _Gradients(_BlockLoss(block, rng.standard_normal(output_shape).astype(np.float32)))
     calls = _count_kernel_calls(block)
-    inputs, params = gradients(x, context)
+    ours_inputs, params = gradients(*inputs)
     assert calls or ms_mode == "graph"
     block.use_cpu_kernel = False
-    reference_inputs, reference_params = _Gradients(gradients.loss)(x, context)
-    assert len(params) == 20
-    for grad, reference in zip(inputs + params, reference_inputs + reference_params):
+    reference_inputs, reference_params = _Gradients(gradients.loss)(*inputs)
+    assert len(params) == parameters
+    for grad, reference in zip(ours_inputs + params, reference_inputs + reference_params):
         reference = reference.asnumpy()
         np.testing.assert_allclose(grad.asnumpy(), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
 @needs_avx512
-def test_a_transformer_block_runs_its_layers_where_one_would_not_use_its_kernel():
-    """A LoRA adapter in place of a layer, parameters stored in float16, a MindIR export (``portable``): the block
-    runs its layers one by one, and the result is theirs."""
+def test_a_transformer_block_with_a_lora_adapter_runs_its_layers():
+    """A LoRA adapter in place of one of the block's dense layers: the block runs its layers one by one."""
     rng = np.random.default_rng(14)
-    x = Tensor(rng.standard_normal((1, 10, 64)).astype(np.float32))
-    context = Tensor(rng.standard_normal((1, 7, 48)).astype(np.float32))
-    block = _transformer_block(rng)
-    plain = block(x, context).asnumpy()
+    block, inputs = _block_and_inputs(BLOCK_CASES[0], rng)
+    plain = block(*inputs).asnumpy()
     adapters = add_lora_adapters(block, ["feed_forward"], rank=4, alpha=4.0)
     adapters["ff.net.2"].lora_up.set_data(Tensor(np.full((64, 4), 0.1, np.float32)))
     assert not block.fused
     calls = _count_kernel_calls(block)
-    adapted = _Call(block)(x, context).asnumpy()
+    adapted = _Call(block)(*inputs).asnumpy()
     assert calls == [] and not np.allclose(adapted, plain, atol=1e-3)
 
-    block = _transformer_block(rng)
+
+@needs_avx512
+@pytest.mark.parametrize("case, norm, layer", [(BLOCK_CASES[0], "norm2", "attn2.to_k"),
+                                               (BLOCK_CASES[5], "out_layers.0", "skip_connection")],
+                         ids=["transformer", "res"])
+def test_a_unet_block_runs_its_layers_where_one_would_not_use_its_kernel(case, norm, layer):
+    """Parameters stored in float16, a MindIR export (``portable``), a layer given a new parameter object: the block
+    runs its layers one by one, and the result is theirs."""
+    rng = np.random.default_rng(15)
+    block, inputs = _block_and_inputs(case, rng)
     with cpu_kernels.portable(block):
         assert not block.fused
     assert block.fused
-    block.norm2.gamma.set_dtype(ms.float16)
+    cells = dict(block.cells_and_names())
+    cells[norm].gamma.set_dtype(ms.float16)
     assert not block.fused
     # A layer given a new parameter object: the block's own tuple of operands no longer holds it.
-    block = _transformer_block(rng)
-    block.attn2.to_k.weight = Parameter(Tensor(np.zeros((64, 48), np.float32)), name="weight")
+    block, inputs = _block_and_inputs(case, rng)
+    weight = dict(block.cells_and_names())[layer].weight
+    dict(block.cells_and_names())[layer].weight = Parameter(Tensor(np.zeros(weight.shape, np.float32)), name="weight")
     assert not block.fused
-    np.testing.assert_array_equal(block(x, context).asnumpy(), _Call(block)(x, context).asnumpy())
+    np.testing.assert_array_equal(block(*inputs).asnumpy(), _Call(block)(*inputs).asnumpy())
 
 
 def test_a_lazily_built_unets_blocks_stay_one_kernel_after_their_parameters_are_made():
@@ -525,9 +594,10 @@ def test_a_lazily_built_unets_blocks_stay_one_kernel_after_their_parameters_are_
     if not cpu_kernels.avx512():
         pytest.skip("no AVX-512 (or no library) here: the blocks run their layers")
     unet = build_component("unet", load_config("demo").unet, materialize=False)
-    blocks = [cell for _, cell in unet.cells_and_names() if isinstance(cell, BasicTransformerBlock)]
     unet.init_parameters_data()
-    assert blocks and all(block.fused for block in blocks)
+    for kind in (BasicTransformerBlock, ResBlock):
+        blocks = [cell for _, cell in unet.cells_and_names() if isinstance(cell, kind)]
+        assert blocks and all(block.fused for block in blocks)
 
 
 def _convolve_with_the_library(x, weight, padding):

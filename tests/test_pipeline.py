@@ -1,12 +1,14 @@
 """The text-to-image pipeline end to end with the tiny config on CPU."""
 import dataclasses
 
+import mindspore as ms
 import numpy as np
 import pytest
 
 from pangu_draw_ms.buckets import TABLE7_STRUCTURE, TABLE7_TEXTURE, BucketError
 from pangu_draw_ms.config import load_config
 from pangu_draw_ms.io.state import cell_state, load_state
+from pangu_draw_ms.pipelines import pangu_draw
 from pangu_draw_ms.pipelines.pangu_draw import PanGuDrawPipeline
 
 from helpers import assert_close, in_pynative
@@ -63,6 +65,21 @@ def test_batches_of_prompts_and_images(pipe):
                  output_type="latent")
     assert_close(out.latents[2], alone.latents[0], rel=1e-5, what="batched vs alone")
     assert not np.allclose(out.latents[2], out.latents[3])
+
+
+def test_latents_decode_in_batches_as_each_alone(pipe, monkeypatch):
+    """The VAE decodes as many images per call as hold DECODE_PIXELS (here two 96 x 96 images: calls of 2 and 1);
+    each image is the one its own decode gives."""
+    vae = pipe.components.get("vae")
+    latents = np.random.default_rng(4).standard_normal((3, 4, 12, 12)).astype(np.float32)
+    monkeypatch.setattr(pangu_draw, "DECODE_PIXELS", 2 * 96 * 96)
+    calls = []
+    decode = vae.decode_latents
+    monkeypatch.setattr(vae, "decode_latents", lambda z: calls.append(z.shape[0]) or decode(z))
+    images = pangu_draw.decode_in_batches(vae, latents)
+    assert calls == [2, 1] and images.shape == (3, 3, 96, 96)
+    for i in range(3):
+        np.testing.assert_array_equal(images[i], decode(ms.Tensor(latents[i:i + 1])).asnumpy()[0])
 
 
 def test_sequential_memory_mode_matches_resident(pipe):

@@ -69,6 +69,20 @@ class StepGraph(nn.Cell):
             start += arity or 0
         self.input_spans = tuple((b, b + (a or 0)) for b, a in zip(starts, partner_arities))
 
+    @property
+    def compile_phase(self):
+        return nn.Cell.compile_phase.fget(self)
+
+    @compile_phase.setter
+    def compile_phase(self, value):
+        # MindSpore's compile(), on every call of a cell in GRAPH_MODE (compiled already or not), sets compile_phase
+        # on every sub-cell, each through Cell.__setattr__: for the demo's step about 250 cells, which took a fifth of
+        # one image's time (bench/README.md). The phase names the inputs' shapes and types: it changes when the graph
+        # compiles anew (or runs another of its compiled shapes), and only then is it handed down; the sub-cells'
+        # phase is read only while a graph compiles.
+        if value != self._compile_phase:
+            nn.Cell.compile_phase.fset(self, value)
+
     def construct(self, z, scalars, *tensors):
         alpha_bar, a, b = scalars[0], scalars[1], scalars[2]
         n = self.num_partners

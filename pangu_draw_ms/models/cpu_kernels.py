@@ -112,6 +112,17 @@ def _loaded(path: str) -> ctypes.CDLL:
     return loaded
 
 
+def _op(function: str, out_shape: Callable, bprop: Callable, configuration: tuple = ()) -> ops.Custom:
+    """The library's ``function`` as a float32 aot op whose bprop closes over ``configuration``. That is one of the
+    op's attributes: in GRAPH_MODE MindSpore 2.9 gives every op with the same attributes the bprop of the first one
+    it differentiates (the gradients of a GroupNorm without SiLU and one with, in one graph, were off by half their
+    size; a 1x1 and a 3x3 convolution failed to compile)."""
+    op = ops.Custom(f"{library()}:{function}", out_shape=out_shape, out_dtype=_same_as_x, func_type="aot", bprop=bprop)
+    if configuration:
+        op.add_prim_attr("bprop_configuration", repr(configuration))
+    return op
+
+
 def _conv2d_bprop(kernel_size: int, padding: int) -> Callable:
     def bprop(x, weight, bias, config, out, dout):
         out_channels = weight.shape[0]
@@ -140,8 +151,7 @@ def conv2d(kernel_size: int, padding: int) -> Optional[ops.Custom]:
     def out_shape(x, weight, *_):
         return [x[0], weight[0], x[2] + 2 * padding - kernel_size + 1, x[3] + 2 * padding - kernel_size + 1]
 
-    return ops.Custom(f"{library()}:Conv2dForward", out_shape=out_shape, out_dtype=_same_as_x, func_type="aot",
-                      bprop=_conv2d_bprop(kernel_size, padding))
+    return _op("Conv2dForward", out_shape, _conv2d_bprop(kernel_size, padding), (kernel_size, padding))
 
 
 def _onednn_copy() -> Optional[str]:
@@ -194,8 +204,7 @@ def dense() -> Optional[ops.Custom]:
     full ISA (:func:`_onednn_gemm`), or None without it or without :func:`avx512`."""
     if not avx512() or not _onednn_gemm():
         return None
-    return ops.Custom(f"{library()}:DenseForward", out_shape=_dense_out_shape, out_dtype=_same_as_x,
-                      func_type="aot", bprop=_dense_bprop)
+    return _op("DenseForward", _dense_out_shape, _dense_bprop)
 
 
 def _attention_bprop(heads: int, scale: float) -> Callable:
@@ -224,8 +233,7 @@ def attention(heads: int, scale: float) -> Optional[ops.Custom]:
     per head, in the same layout (float32; no mask), or None without :func:`avx512`."""
     if not avx512():
         return None
-    return ops.Custom(f"{library()}:AttentionForward", out_shape=_same_as_x, out_dtype=_same_as_x,
-                      func_type="aot", bprop=_attention_bprop(heads, scale))
+    return _op("AttentionForward", _same_as_x, _attention_bprop(heads, scale), (heads, scale))
 
 
 def _transformer_block_bprop(heads: int, scale: float, eps: float) -> Callable:
@@ -268,8 +276,67 @@ def transformer_block(heads: int, scale: float, eps: float) -> Optional[ops.Cust
     One op instead of the 25 cells a block is made of: compile time (bench/README.md)."""
     if not avx512() or not _onednn_gemm():
         return None
-    return ops.Custom(f"{library()}:TransformerBlockForward", out_shape=_same_as_x, out_dtype=_same_as_x,
-                      func_type="aot", bprop=_transformer_block_bprop(heads, scale, eps))
+    return _op("TransformerBlockForward", _same_as_x, _transformer_block_bprop(heads, scale, eps), (heads, scale, eps))
+
+
+def _res_block_bprop(groups: int, eps: float, skip: bool) -> Callable:
+    """The ResBlock's gradients as MindSpore differentiates the same function written with its ops (frozen networks
+    that gradients pass through, as for the transformer block)."""
+    def norm_silu(x, gamma, beta):
+        grouped = x.reshape(x.shape[0], groups, -1)
+        centred = grouped - grouped.mean(-1, keep_dims=True)
+        normed = (centred * ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps)).reshape(x.shape)
+        return ops.silu(normed * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1))
+
+    # Two functions, not one taking the padding: MindSpore 2.9's graph compiler gave the 3x3 convolutions of the
+    # differentiated function the 1x1's padding (oneDNN: "mismatch between actual and computed dst dims").
+    def conv3x3(x, weight, bias):
+        return ops.conv2d(x, weight, bias, pad_mode="pad", padding=1)
+
+    def conv1x1(x, weight, bias):
+        return ops.conv2d(x, weight, bias, pad_mode="valid")
+
+    def residual(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias):
+        h = conv3x3(norm_silu(x, n1_gamma, n1_beta), conv1, conv1_bias) + emb.reshape(emb.shape + (1, 1))
+        return conv3x3(norm_silu(h, n2_gamma, n2_beta), conv2, conv2_bias)
+
+    # (MindSpore's graph compiler takes neither a variadic bprop nor a variadic function to differentiate.)
+    if skip:
+        def with_skip(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias, skip_weight,
+                      skip_bias):
+            return conv1x1(x, skip_weight, skip_bias) + residual(x, emb, n1_gamma, n1_beta, conv1, conv1_bias,
+                                                                 n2_gamma, n2_beta, conv2, conv2_bias)
+
+        gradients = ops.GradOperation(get_all=True, sens_param=True)(with_skip)
+
+        def bprop(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias, skip_weight,
+                  skip_bias, config, out, dout):
+            return gradients(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias,
+                             skip_weight, skip_bias, dout) + (ops.zeros_like(config),)
+        return bprop
+
+    def identity_skip(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias):
+        return x + residual(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias)
+
+    gradients = ops.GradOperation(get_all=True, sens_param=True)(identity_skip)
+
+    def bprop(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias, config, out, dout):
+        return gradients(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias,
+                         dout) + (ops.zeros_like(config),)
+    return bprop
+
+
+def _res_block_out_shape(x, emb, *_):
+    return [x[0], emb[1], x[2], x[3]]
+
+
+def res_block(groups: int, eps: float, skip: bool) -> Optional[ops.Custom]:
+    """The UNet's ResBlock (GroupNorm-SiLU-conv3x3, + the projected embedding, GroupNorm-SiLU-conv3x3, + the input or
+    its 1x1 ``skip`` convolution) as one op ``(x (N, C, H, W), emb (N, O), the 8 or 10 parameters in the kernel's
+    order, config = [groups, eps]) -> y (N, O, H, W)`` (float32), or None without :func:`avx512`."""
+    if not avx512():
+        return None
+    return _op("ResBlockForward", _res_block_out_shape, _res_block_bprop(groups, eps, skip), (groups, eps, skip))
 
 
 def _group_norm_bprop(num_groups: int, eps: float, silu: bool) -> Callable:
@@ -325,29 +392,23 @@ def group_norm(num_groups: int, eps: float, silu: bool = False) -> Optional[ops.
     """The kernel as an op ``(x, gamma, beta, config) -> y`` with ``config = [num_groups, eps, silu]``
     (float32; ``silu`` 1 applies SiLU to the output, as the op's bprop assumes), or None when
     :func:`library` is unavailable."""
-    path = library()
-    if path is None:
+    if library() is None:
         return None
-    return ops.Custom(f"{path}:GroupNormForward", out_shape=_same_as_x, out_dtype=_same_as_x, func_type="aot",
-                      bprop=_group_norm_bprop(num_groups, eps, silu))
+    return _op("GroupNormForward", _same_as_x, _group_norm_bprop(num_groups, eps, silu), (num_groups, eps, silu))
 
 
 def layer_norm(eps: float) -> Optional[ops.Custom]:
     """The kernel as an op ``(x, gamma, beta, config) -> y`` over the last axis, ``config = [eps]``."""
-    path = library()
-    if path is None:
+    if library() is None:
         return None
-    return ops.Custom(f"{path}:LayerNormForward", out_shape=_same_as_x, out_dtype=_same_as_x, func_type="aot",
-                      bprop=_layer_norm_bprop(eps))
+    return _op("LayerNormForward", _same_as_x, _layer_norm_bprop(eps), (eps,))
 
 
 def geglu() -> Optional[ops.Custom]:
     """The kernel as an op ``x (*, 2F) -> x[..., :F] * GELU(x[..., F:])`` (exact GELU; float32)."""
-    path = library()
-    if path is None:
+    if library() is None:
         return None
-    return ops.Custom(f"{path}:GegluForward", out_shape=_half_of_last_axis, out_dtype=_same_as_x, func_type="aot",
-                      bprop=_geglu_bprop)
+    return _op("GegluForward", _half_of_last_axis, _geglu_bprop)
 
 
 @contextmanager

@@ -24,8 +24,50 @@ from . import cpu_kernels
 from . import layers as L
 
 
-class ResBlock(nn.Cell):
-    """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-dropout-conv, + skip."""
+class OneKernelBlock(nn.Cell):
+    """A block whose inference on the CPU is one op made of the kernels its layers use, in their order, so that its
+    output is theirs bit for bit (ResBlock, BasicTransformerBlock): the graph MindSpore compiles holds one node per
+    block instead of its cells (the released UNet's first call took more than twice as long with them;
+    bench/README.md), and a batch is shared among the kernel threads by images, one hand-over per block.
+
+    The layers run one by one where any of them would not use its own kernel (training, a LoRA adapter in place of a
+    layer, parameters stored in float16, ``cpu_kernels.portable``). The parameter operands are held by the block in
+    a ParameterTuple kept out of its own parameters (their names stay the layers'): a graph reaching them through
+    ``self.attn1.to_out[0].weight`` and the like took 1.6-1.8x as long to compile (bench/README.md).
+    ``Cell.init_parameters_data``, which may replace a parameter, also replaces it in a ParameterTuple, and
+    :attr:`fused` checks that they are still the layers' own.
+    """
+
+    def hold_kernel_parameters(self) -> None:
+        """Call at the end of ``__init__``, with the layers built."""
+        self.__dict__["kernel_parameters"] = ParameterTuple(self._kernel_parameters())
+
+    def _kernel_layers(self) -> tuple:
+        """The layers with parameters whose work the kernel does; their parameters, in this order, are its operands."""
+        raise NotImplementedError
+
+    def _kernel_cells(self) -> tuple:
+        """Every layer whose own kernel the block's kernel runs: (layer, the type it must have), the layers with
+        parameters first."""
+        raise NotImplementedError
+
+    def _kernel_parameters(self) -> tuple:
+        return tuple(p for layer in self._kernel_layers() for p in layer.get_parameters())
+
+    @property
+    def fused(self) -> bool:
+        """Whether the block runs as its kernel: read in Python while MindSpore compiles ``construct``."""
+        if not (self.use_cpu_kernel and all(type(layer) is kind and layer.use_cpu_kernel
+                                            for layer, kind in self._kernel_cells())):
+            return False
+        current = self._kernel_parameters()
+        return (len(current) == len(self.kernel_parameters) and all(p.dtype == ms.float32 for p in current)
+                and all(held is now for held, now in zip(self.kernel_parameters, current)))
+
+
+class ResBlock(OneKernelBlock):
+    """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-dropout-conv, + skip. On the CPU, one op
+    after the embedding's projection (:class:`OneKernelBlock`)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dropout: float, dtype):
         super().__init__()
@@ -41,8 +83,24 @@ class ResBlock(nn.Cell):
         self.has_skip_conv = out_channels != channels
         self.skip_connection = (L.Conv2d(channels, out_channels, 1, dtype=dtype) if self.has_skip_conv
                                 else nn.Identity())
+        self.cpu_kernel = (cpu_kernels.res_block(groups, 1e-5, self.has_skip_conv)
+                           if not L.ascend_kernels() and dtype == ms.float32 else None)
+        self.use_cpu_kernel = self.cpu_kernel is not None
+        self.cpu_kernel_config = Tensor(np.array([groups, 1e-5], np.float32))
+        self.hold_kernel_parameters()
+
+    def _kernel_layers(self) -> tuple:
+        skip = (self.skip_connection,) if self.has_skip_conv else ()
+        return (self.in_layers[0], self.in_layers[2], self.out_layers[0], self.out_layers[3]) + skip
+
+    def _kernel_cells(self) -> tuple:
+        kinds = (L.GroupNorm, L.Conv2d, L.GroupNorm, L.Conv2d, L.Conv2d)
+        return tuple(zip(self._kernel_layers(), kinds))
 
     def construct(self, x, emb):
+        if self.fused and not self.training:
+            return self.cpu_kernel(L.as_dtype(x, ms.float32), L.as_dtype(self.emb_layers(emb), ms.float32),
+                                   *self.kernel_parameters, self.cpu_kernel_config)
         h = self.in_layers(x)
         h = h + self.emb_layers(emb)[:, :, None, None]
         h = self.out_layers(h)
@@ -80,15 +138,9 @@ class FeedForward(nn.Cell):
         return self.net(x)
 
 
-class BasicTransformerBlock(nn.Cell):
-    """Pre-LN block: self-attention, cross-attention on the text, GEGLU feed-forward (each residual).
-
-    On the CPU, in float32 and when not training, the whole block is one CPU kernel (models/cpu_kernels.py) made of
-    the kernels its layers use, in their order: the graph MindSpore compiles then holds one node per block instead
-    of its 25 cells (the released UNet's first call took more than twice as long with them; bench/README.md). The
-    layers run one by one where any of them would not use its own kernel (training, a LoRA adapter in place of a
-    layer, parameters stored in float16, ``cpu_kernels.portable``).
-    """
+class BasicTransformerBlock(OneKernelBlock):
+    """Pre-LN block: self-attention, cross-attention on the text, GEGLU feed-forward (each residual). On the CPU,
+    one op (:class:`OneKernelBlock`) instead of its 25 cells."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, ff_mult: int, dropout: float, dtype):
         super().__init__()
@@ -103,32 +155,18 @@ class BasicTransformerBlock(nn.Cell):
                            if not L.ascend_kernels() and dtype == ms.float32 else None)
         self.use_cpu_kernel = self.cpu_kernel is not None
         self.cpu_kernel_config = Tensor(np.array([heads, scale, 1e-5], np.float32))
-        # The operands held by the block itself: a graph reaching them through ``self.attn1.to_out[0].weight`` and
-        # the like took 1.6-1.8x as long to compile (bench/README.md). Kept out of the block's own parameters (their
-        # names stay the layers'); ``Cell.init_parameters_data``, which may replace a parameter, also replaces it in
-        # a ParameterTuple, and ``fused`` checks that they are still the layers' own.
-        self.__dict__["kernel_parameters"] = ParameterTuple(self._kernel_parameters())
+        self.hold_kernel_parameters()
 
     def _kernel_layers(self) -> tuple:
-        """The layers with parameters whose work the block's kernel does; their parameters, in this order, are its 20
-        parameter operands."""
         return (self.norm1, self.attn1.to_q, self.attn1.to_k, self.attn1.to_v, self.attn1.to_out[0], self.norm2,
                 self.attn2.to_q, self.attn2.to_k, self.attn2.to_v, self.attn2.to_out[0], self.norm3,
                 self.ff.net[0].proj, self.ff.net[2])
 
-    def _kernel_parameters(self) -> tuple:
-        return tuple(p for layer in self._kernel_layers() for p in layer.get_parameters())
-
-    @property
-    def fused(self) -> bool:
-        """Whether the block runs as its kernel: read in Python while MindSpore compiles ``construct``."""
-        layers = self._kernel_layers() + (self.attn1.attention, self.attn2.attention, self.ff.net[0])
-        if not (self.use_cpu_kernel and all(type(layer) in (L.LayerNorm, L.Dense, L.ScaledDotProductAttention, L.GEGLU)
-                                            and layer.use_cpu_kernel for layer in layers)):
-            return False
-        current = self._kernel_parameters()
-        return (len(current) == len(self.kernel_parameters) and all(p.dtype == ms.float32 for p in current)
-                and all(held is now for held, now in zip(self.kernel_parameters, current)))
+    def _kernel_cells(self) -> tuple:
+        kinds = [L.LayerNorm] + [L.Dense] * 4 + [L.LayerNorm] + [L.Dense] * 4 + [L.LayerNorm] + [L.Dense] * 2
+        return tuple(zip(self._kernel_layers(), kinds)) + (
+            (self.attn1.attention, L.ScaledDotProductAttention), (self.attn2.attention, L.ScaledDotProductAttention),
+            (self.ff.net[0], L.GEGLU))
 
     def construct(self, x, context):
         if self.fused and not self.training:

@@ -22,7 +22,7 @@ from ..diffusion.coop import CoopDenoiser, CoopPartner, LatentBridge, resolution
 from ..diffusion.denoiser import give_unique_names
 from ..diffusion.schedule import CLEAN, add_noise
 from ..images import to_pil
-from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, decode_each
+from .pangu_draw import PanGuDrawPipeline, PipelineOutput, ProgressCallback, decode_in_batches
 from .partners import Partner, build_partner
 from .requests import check_settings
 
@@ -218,7 +218,7 @@ class CoopPipeline:
                 progress(k + i, len(timesteps), t, partner.name)
 
         latents = run.sample(step_denoiser(alone, compiled, graphs), z_partner, timesteps[k:], callback=step)
-        return latents, [(t, list(names)) for t, names in alone.trace], lambda x: decode_each(partner.vae, x)
+        return latents, [(t, list(names)) for t, names in alone.trace], lambda x: decode_in_batches(partner.vae, x)
 
     def _fuse_partners(self, run, partners, partner_denoiser, main_denoise, z, z0_main, timesteps):
         """Sub-module 1: the CoopDenoiser of the main model and every partner but the low-resolution one, and

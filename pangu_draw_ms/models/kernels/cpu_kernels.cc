@@ -665,6 +665,74 @@ int transformer_block(const BlockShape &s, void **params, float scale, float eps
     if (code != 0) return code;
   return 0;
 }
+
+// The UNet's ResBlock as one op (ResBlockForward), for the same reason as the transformer block and the same way (the
+// kernels of its layers in their order, so the result is theirs bit for bit):
+//   h = conv1(SiLU(norm1(x))) + e[:, :, None, None]   (e: the block's projected time embedding, an input)
+//   y = skip(x) + conv2(SiLU(norm2(h)))                (skip: a 1x1 convolution where the channels change, else x)
+// A batch is shared among the threads by images (one hand-over per block instead of one per op, the group norms and
+// the adds shared too); one image, or a block below the threshold, runs its convolutions shared as they would be.
+enum ResOperand : int {
+  kResX, kResEmb, kResNorm1Gamma, kResNorm1Beta, kResConv1, kResConv1Bias, kResNorm2Gamma, kResNorm2Beta, kResConv2,
+  kResConv2Bias, kResConfig, kResY, kResOperands,
+  // With a skip convolution its weight and bias come before the config.
+  kResSkip = kResConfig, kResSkipBias, kResSkipConfig, kResSkipY, kResSkipOperands
+};
+
+struct ResShape {
+  int64_t batch, channels, height, width, out_channels, groups;
+  bool skip;
+  int64_t spatial() const { return height * width; }
+  double flops() const {
+    return 2.0 * batch * spatial() * out_channels * (9.0 * channels + 9.0 * out_channels + (skip ? channels : 0));
+  }
+};
+
+int res_block_on(const ResShape &s, void **params, const float *x, const float *emb, float *y, float eps) {
+  const auto *p = reinterpret_cast<const float *const *>(params);
+  const int64_t hw = s.spatial(), c = s.channels, o = s.out_channels;
+  auto normed = scratch(s.batch * std::max(c, o) * hw), hidden = scratch(s.batch * o * hw);
+  {
+    const FlushSubnormals flush;
+    group_norm({x, p[kResNorm1Gamma], p[kResNorm1Beta], nullptr, normed.get()}, s.batch, c, hw, s.groups, eps, true);
+  }
+  conv2d({s.batch, c, s.height, s.width, o, 3, 1}, normed.get(), p[kResConv1], p[kResConv1Bias], hidden.get());
+  for (int64_t n = 0; n < s.batch; ++n)
+    for (int64_t j = 0; j < o; ++j) {
+      float *plane = hidden.get() + (n * o + j) * hw;
+      const float e = emb[n * o + j];
+      for (int64_t i = 0; i < hw; ++i) plane[i] = plane[i] + e;
+    }
+  {
+    const FlushSubnormals flush;
+    group_norm({hidden.get(), p[kResNorm2Gamma], p[kResNorm2Beta], nullptr, normed.get()}, s.batch, o, hw, s.groups, eps,
+               true);
+  }
+  conv2d({s.batch, o, s.height, s.width, o, 3, 1}, normed.get(), p[kResConv2], p[kResConv2Bias], y);
+  if (s.skip) {
+    conv2d({s.batch, c, s.height, s.width, o, 1, 0}, x, p[kResSkip], p[kResSkipBias], hidden.get());
+    add_into(y, hidden.get(), s.batch * o * hw);
+  } else {
+    add_into(y, x, s.batch * o * hw);
+  }
+  return 0;
+}
+
+int res_block(const ResShape &s, void **params, float eps) {
+  const auto *x = static_cast<const float *>(params[kResX]), *emb = static_cast<const float *>(params[kResEmb]);
+  float *y = static_cast<float *>(params[s.skip ? kResSkipY : kResY]);
+  const int64_t workers = workers_for(s.flops(), s.batch);
+  if (workers == 1) return res_block_on(s, params, x, emb, y, eps);
+  parallel(workers, [&](int64_t worker, int64_t count) {
+    const int64_t first = s.batch * worker / count, images = s.batch * (worker + 1) / count - first;
+    if (images == 0) return;
+    ResShape share = s;
+    share.batch = images;
+    res_block_on(share, params, x + first * s.channels * s.spatial(), emb + first * s.out_channels,
+                 y + first * s.out_channels * s.spatial(), eps);
+  });
+  return 0;
+}
 #endif
 
 }  // namespace
@@ -769,6 +837,32 @@ extern "C" int TransformerBlockForward(int nparam, void **params, int *ndims, in
           has_shape(ndims, shapes, kFfOut, {c, ff});
   if (!valid) return 2;
   return transformer_block(s, params, config[1], config[2]);
+#else
+  return 3;
+#endif
+}
+
+// ResBlockForward: x (N, C, H, W), the projected embedding e (N, O), norm1 gamma/beta (C), conv1 (O, C, 3, 3) + bias
+// (O), norm2 gamma/beta (O), conv2 (O, O, 3, 3) + bias (O), [the skip convolution (O, C, 1, 1) + bias (O), where
+// O != C], config = [groups, eps]; y (N, O, H, W).
+extern "C" int ResBlockForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
+#if defined(HAVE_AVX512)
+  if ((nparam != kResOperands && nparam != kResSkipOperands) || ndims[kResX] != 4 || ndims[kResConv1] != 4) return 1;
+  const bool skip = nparam == kResSkipOperands;
+  const float *config = static_cast<const float *>(params[skip ? kResSkipConfig : kResConfig]);
+  const int64_t n = shapes[kResX][0], c = shapes[kResX][1], o = shapes[kResConv1][0];
+  const ResShape s{n, c, shapes[kResX][2], shapes[kResX][3], o, static_cast<int64_t>(config[0]), skip};
+  bool valid = s.groups >= 1 && c % s.groups == 0 && o % s.groups == 0 && (skip || c == o) &&
+               has_shape(ndims, shapes, kResEmb, {n, o}) && has_shape(ndims, shapes, kResNorm1Gamma, {c}) &&
+               has_shape(ndims, shapes, kResNorm1Beta, {c}) && has_shape(ndims, shapes, kResConv1, {o, c, 3, 3}) &&
+               has_shape(ndims, shapes, kResConv2, {o, o, 3, 3});
+  for (const int vector : {kResConv1Bias, kResNorm2Gamma, kResNorm2Beta, kResConv2Bias})
+    valid = valid && has_shape(ndims, shapes, vector, {o});
+  if (skip) valid = valid && has_shape(ndims, shapes, kResSkip, {o, c, 1, 1}) && has_shape(ndims, shapes, kResSkipBias, {o});
+  if (!valid) return 2;
+  return res_block(s, params, config[1]);
 #else
   return 3;
 #endif
