@@ -477,27 +477,31 @@ def _res_block(rng, channels, out_channels, emb_channels=40, groups=8):
     return _random_parameters(ResBlock(channels, emb_channels, out_channels, groups, 0.0, ms.float32), rng)
 
 
+# A case: (id, block, input shapes, how close to its layers). A transformer block shared among threads by images gives
+# oneDNN's GEMM each image's rows alone, which it may round otherwise than all the rows at once (1e-6 relative); a
+# ResBlock's convolutions compute each image alike however the batch is shared.
 def _transformer_case(batch, tokens, context_tokens):
     return (f"transformer-b{batch}-{tokens}x{context_tokens}", lambda rng: _transformer_block(rng),
-            [(batch, tokens, 64), (batch, context_tokens, 48)])
+            [(batch, tokens, 64), (batch, context_tokens, 48)], 1e-5)
 
 
 def _res_case(batch, channels, out_channels, height, width):
     return (f"res-b{batch}-{channels}to{out_channels}-{height}x{width}",
-            lambda rng: _res_block(rng, channels, out_channels), [(batch, channels, height, width), (batch, 40)])
+            lambda rng: _res_block(rng, channels, out_channels), [(batch, channels, height, width), (batch, 40)], 0.0)
 
 
 # (id, block, input shapes). Transformer: token counts that are not whole 8-row blocks; one image of 600 tokens, whose
 # feed-forward and attention are shared among threads (above 30 MFLOP); 3 images of 256 tokens, the block shared among
-# threads by images. ResBlock: the input as the skip (2 images, below 30 MFLOP: one thread), a skip convolution on an
-# odd-sized image, 8 and 3 images shared by images (3: unevenly), one image whose convolutions are shared.
+# threads by images (above 10 MFLOP). ResBlock: the input as the skip (2 images, below 10 MFLOP: one thread), a skip
+# convolution on an odd-sized image, 8 and 3 images shared by images (3: unevenly), one image whose convolutions are
+# shared.
 BLOCK_CASES = [_transformer_case(2, 37, 11), _transformer_case(1, 16, 77), _transformer_case(1, 600, 5),
-               _transformer_case(3, 256, 77), _res_case(2, 32, 32, 16, 16), _res_case(1, 16, 48, 5, 7),
+               _transformer_case(3, 256, 77), _res_case(2, 16, 16, 8, 8), _res_case(1, 16, 48, 5, 7),
                _res_case(8, 64, 32, 8, 8), _res_case(3, 32, 32, 24, 24), _res_case(1, 64, 64, 40, 40)]
 
 
 def _block_and_inputs(case, rng):
-    _, build, shapes = case
+    _, build, shapes, _ = case
     block = build(rng)
     return block, [Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in shapes]
 
@@ -506,7 +510,7 @@ def _block_and_inputs(case, rng):
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=[c[0] for c in BLOCK_CASES])
 def test_a_unet_block_is_one_kernel_equal_to_its_layers(case, kernel_threads, ms_mode):
     """The UNet's transformer block and ResBlock as one op each (what the released UNet's compile time needed): the
-    kernels of their layers in their order, so the very same floats as the layers one by one."""
+    kernels of their layers in their order, so the layers' floats (bit for bit where ``case`` says 0)."""
     block, inputs = _block_and_inputs(case, np.random.default_rng(12))
     assert block.fused
     calls = _count_kernel_calls(block)
@@ -514,7 +518,9 @@ def test_a_unet_block_is_one_kernel_equal_to_its_layers(case, kernel_threads, ms
     assert calls == [1] or ms_mode == "graph"  # (GRAPH_MODE compiles the wrapper into the graph: counted eagerly only)
     block.use_cpu_kernel = False
     assert not block.fused
-    np.testing.assert_array_equal(ours, _Call(block)(*inputs).asnumpy())
+    reference = _Call(block)(*inputs).asnumpy()
+    rtol = case[3]
+    np.testing.assert_allclose(ours, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
 
 
 class _BlockLoss(nn.Cell):

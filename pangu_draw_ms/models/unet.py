@@ -26,9 +26,11 @@ from . import layers as L
 
 class OneKernelBlock(nn.Cell):
     """A block whose inference on the CPU is one op made of the kernels its layers use, in their order, so that its
-    output is theirs bit for bit (ResBlock, BasicTransformerBlock): the graph MindSpore compiles holds one node per
-    block instead of its cells (the released UNet's first call took more than twice as long with them;
-    bench/README.md), and a batch is shared among the kernel threads by images, one hand-over per block.
+    output is theirs (ResBlock, BasicTransformerBlock; bit for bit, but for the transformer block's dense layers
+    where a batch is shared by images: oneDNN's GEMM may round one image's rows otherwise, within 1e-6): the graph
+    MindSpore compiles holds one node per block instead of its cells (the released UNet's first call took more than
+    twice as long with them; bench/README.md), and a batch is shared among the kernel threads by images, one
+    hand-over per block.
 
     The layers run one by one where any of them would not use its own kernel (training, a LoRA adapter in place of a
     layer, parameters stored in float16, ``cpu_kernels.portable``). The parameter operands are held by the block in

@@ -346,12 +346,18 @@ void parallel(int64_t workers, Work work) {
   pool->run(workers, work);
 }
 
-// Threads for `flops` of work: one below 30 MFLOP (about a quarter of a millisecond on one core; with a prototype of
-// this pool that waited by spinning, the demo UNet's batch of 8 ran no faster from 12 or 20 MFLOP and 10 % slower
-// from 64), else up to SetThreads' count and the number of blocks to share.
-int64_t workers_for(double flops, int64_t blocks) {
-  return flops < 3e7 ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+// Threads for `flops` of work: one below `threshold` (by default 30 MFLOP, about a quarter of a millisecond on one
+// core; with a prototype of this pool that waited by spinning, the demo UNet's batch of 8 ran no faster from 12 or
+// 20 MFLOP and 10 % slower from 64), else up to SetThreads' count and the number of blocks to share.
+int64_t workers_for(double flops, int64_t blocks, double threshold = 3e7) {
+  return flops < threshold ? 1 : std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
 }
+
+// A UNet block (transformer block, ResBlock) is shared by images from 10 MFLOP: one hand-over for the whole block and
+// no input packed twice. The demo's image (its two guidance branches: one per thread) took 179-224 ms instead of
+// 277-323 ms, and its batch of 4 no longer (533-562 ms vs 577-614; at 4 MFLOP 189-243 and 541-589 ms; from 10 MFLOP
+// for every kernel, 219-241 and 562-593 ms) - three runs of each, alternating (bench/README.md).
+constexpr double kBlockShareFlops = 1e7;
 
 // Stride-1 convolution, direct (no im2col): rows are output channels (their weights broadcast straight from
 // MindSpore's (O, C, k, k) layout), columns are output positions counted along the zero-padded input's rows
@@ -552,7 +558,8 @@ void attention(const AttentionShape &s, const float *q, const float *k, const fl
 
 // The UNet's pre-LN transformer block as one op (TransformerBlockForward): MindSpore's compile time grows with the
 // cells of a graph, and the released UNet's 70 blocks of 25 cells each were most of its first call (bench/README.md).
-// The same kernels as the separate ops, in the same order, so the result is theirs bit for bit:
+// The same kernels as the separate ops, in the same order, so the result is theirs (bit for bit, except where the
+// batch is shared by images: oneDNN's GEMM given one image's rows may round them otherwise, within 1e-6):
 //   x += to_out1(attention(to_q1(n), to_k1(n), to_v1(n))),  n = norm1(x)   (self-attention)
 //   x += to_out2(attention(to_q2(n), to_k2(c), to_v2(c))),  n = norm2(x)   (cross-attention on the context c)
 //   x += ff_out(GEGLU(ff_proj(n))),                         n = norm3(x)
@@ -650,7 +657,7 @@ int block_on(const BlockShape &s, void **params, const float *x, const float *co
 int transformer_block(const BlockShape &s, void **params, float scale, float eps) {
   const auto *x = static_cast<const float *>(params[kX]), *context = static_cast<const float *>(params[kContext]);
   float *y = static_cast<float *>(params[kBlockY]);
-  const int64_t workers = workers_for(s.flops(), s.batch);
+  const int64_t workers = workers_for(s.flops(), s.batch, kBlockShareFlops);
   if (workers == 1) return block_on(s, params, x, context, y, scale, eps);
   std::vector<int> status(workers, 0);
   parallel(workers, [&](int64_t worker, int64_t count) {
@@ -667,7 +674,8 @@ int transformer_block(const BlockShape &s, void **params, float scale, float eps
 }
 
 // The UNet's ResBlock as one op (ResBlockForward), for the same reason as the transformer block and the same way (the
-// kernels of its layers in their order, so the result is theirs bit for bit):
+// kernels of its layers in their order; the convolution computes each image alike however a batch is shared, so
+// the result is theirs bit for bit):
 //   h = conv1(SiLU(norm1(x))) + e[:, :, None, None]   (e: the block's projected time embedding, an input)
 //   y = skip(x) + conv2(SiLU(norm2(h)))                (skip: a 1x1 convolution where the channels change, else x)
 // A batch is shared among the threads by images (one hand-over per block instead of one per op, the group norms and
@@ -721,7 +729,7 @@ int res_block_on(const ResShape &s, void **params, const float *x, const float *
 int res_block(const ResShape &s, void **params, float eps) {
   const auto *x = static_cast<const float *>(params[kResX]), *emb = static_cast<const float *>(params[kResEmb]);
   float *y = static_cast<float *>(params[s.skip ? kResSkipY : kResY]);
-  const int64_t workers = workers_for(s.flops(), s.batch);
+  const int64_t workers = workers_for(s.flops(), s.batch, kBlockShareFlops);
   if (workers == 1) return res_block_on(s, params, x, emb, y, eps);
   parallel(workers, [&](int64_t worker, int64_t count) {
     const int64_t first = s.batch * worker / count, images = s.batch * (worker + 1) / count - first;
