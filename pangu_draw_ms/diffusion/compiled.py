@@ -113,7 +113,7 @@ def network_signature(cell) -> tuple:
     function of their inputs, so a compiled graph can serve every run with that signature."""
     if cell is None:
         return (None,)
-    if isinstance(cell, GuidedUNet):  # rebuilt every step around the same network; its weights are inputs
+    if isinstance(cell, GuidedUNet):  # rebuilt every run around the same network; its weights are inputs
         return ("guided", cell.num_branches) + network_signature(cell.network)
     if isinstance(cell, ControlledUNet):  # rebuilt every run around the same UNet and ControlNet
         return ("controlled", id(cell.unet), id(cell.controlnet), cell.guess_mode)

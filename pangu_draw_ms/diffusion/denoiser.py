@@ -9,7 +9,7 @@ in tests) fits in its place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -122,18 +122,28 @@ class UNetEpsModel:
         self.has_vector = unet.has_label_emb
         self.control = control
         self.network = unet if control is None else ControlledUNet(unet, control.controlnet, control.guess_mode)
+        # The tensors of the last conditioning seen: a run gives the same one at every step (made anew they took
+        # a tenth of the demo step's host time).
+        self._conditioning: Optional[Tuple[Conditioning, tuple]] = None
 
     def condition_inputs(self, t: int, cond: Conditioning) -> tuple:
         """The network's tensor inputs after the latents, for ``cond``'s rows at timestep ``t``."""
-        batch = cond.batch_size
         if self.has_vector and cond.vector is None:
             raise ValueError("this UNet takes a vector conditioning (adm_in_channels) but none was given")
-        timesteps = ms.Tensor(np.full((batch,), float(t), np.float32))
+        if self._conditioning is None or self._conditioning[0] is not cond:
+            self._conditioning = (cond, self._condition_tensors(cond))
+        context, vector, control = self._conditioning[1]
+        timesteps = ms.Tensor(np.full((cond.batch_size,), float(t), np.float32))
         # A model without label_emb ignores y; the timesteps stand in so that the graph sees a tensor.
-        vector = ms.Tensor(np.ascontiguousarray(cond.vector, np.float32)) if self.has_vector else timesteps
-        args = (timesteps, ms.Tensor(np.ascontiguousarray(cond.context, np.float32)), vector)
+        return (timesteps, context, timesteps if vector is None else vector) + control
+
+    def _condition_tensors(self, cond: Conditioning) -> tuple:
+        """(context, vector or None, the ControlNet's (hint, row scale) or ()) of ``cond`` as tensors."""
+        context = ms.Tensor(np.ascontiguousarray(cond.context, np.float32))
+        vector = ms.Tensor(np.ascontiguousarray(cond.vector, np.float32)) if self.has_vector else None
         if self.control is None:
-            return args
+            return context, vector, ()
+        batch = cond.batch_size
         image = self.control.image.astype(np.float32)
         if batch % image.shape[0] != 0:
             raise ValueError(f"{image.shape[0]} control images for {batch} UNet rows: give one control image, or "
@@ -141,7 +151,7 @@ class UNetEpsModel:
         hint = np.tile(image, (batch // image.shape[0], 1, 1, 1))  # guidance branches are blocks of the run's images
         scale = np.full((batch,), self.control.scale, np.float32) if cond.control_scale is None \
             else cond.control_scale
-        return args + (ms.Tensor(hint), ms.Tensor(scale.astype(np.float32)))
+        return context, vector, (ms.Tensor(hint), ms.Tensor(scale.astype(np.float32)))
 
     def __call__(self, z: np.ndarray, t: int, cond: Conditioning) -> np.ndarray:
         if cond.batch_size != z.shape[0]:

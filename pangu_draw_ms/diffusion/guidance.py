@@ -89,6 +89,7 @@ class GuidedDenoiser:
         if len(sizes) != 1:
             raise ValueError(f"all guidance branches need the same batch size, got {sorted(sizes)}")
         self.batch_size = sizes.pop()
+        self._graph: Optional[Tuple[nn.Cell, GuidedUNet, ms.Tensor]] = None  # (network, wrapper, weights) of graph()
 
     @property
     def compilable(self) -> bool:
@@ -98,16 +99,20 @@ class GuidedDenoiser:
 
     def graph(self, t: int):
         """(GuidedUNet cell, its inputs after the latents) of this guidance at timestep t, for a compiled
-        step (which keeps one cell per network and number of branches: this one is a light wrapper that only
-        names them, and holds no reference the expert router's release would miss). Records the evaluation
-        in the model's trace."""
+        step (which keeps one graph per network and number of branches: this cell is a light wrapper that only
+        names them, made once per run and expert). Records the evaluation in the model's trace."""
         if not self.compilable:
             raise ValueError("guidance rescale (or a non-UNet model) has no compiled form; use the denoiser")
         model = self.model.model_for(t)
         if not isinstance(model, UNetEpsModel):
             raise TypeError(f"a compiled step needs UNet eps models, got {type(model).__name__}")
-        weights = ms.Tensor(np.array([b.weight for b in self.branches], np.float32))
-        return GuidedUNet(model.network, len(self.branches)), (weights,) + model.condition_inputs(t, self.batched_cond)
+        # Kept while the network stays (a cell built per step took a sixth of the demo step's host time); only the
+        # current network's, so that a router releasing the other expert frees it.
+        if self._graph is None or self._graph[0] is not model.network:
+            self._graph = (model.network, GuidedUNet(model.network, len(self.branches)),
+                           ms.Tensor(np.array([b.weight for b in self.branches], np.float32)))
+        _, cell, weights = self._graph
+        return cell, (weights,) + model.condition_inputs(t, self.batched_cond)
 
     def __call__(self, z: np.ndarray, t: int) -> np.ndarray:
         k = len(self.branches)
