@@ -19,7 +19,7 @@ from pangu_draw_ms.io.layouts import build_component
 from pangu_draw_ms.models import cpu_kernels
 from pangu_draw_ms.models.layers import GEGLU, Conv2d, Dense, GroupNorm, LayerNorm, ScaledDotProductAttention
 from pangu_draw_ms.models.lora import add_lora_adapters
-from pangu_draw_ms.models.unet import BasicTransformerBlock, ResBlock
+from pangu_draw_ms.models.unet import BasicTransformerBlock, ResBlock, SpatialTransformer
 
 needs_library = pytest.mark.skipif(cpu_kernels.library() is None,
                                    reason="no C++ compiler here: the layers use MindSpore's kernels")
@@ -91,16 +91,17 @@ def _assert_the_kernel_matches_mindspores(cell, *inputs):
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
-def _count_kernel_calls(cell) -> list:
-    """Wrap ``cell``'s CPU kernel so that each call (each trace, in GRAPH_MODE) appends to the returned list."""
+def _count_kernel_calls(cell, name: str = "cpu_kernel") -> list:
+    """Wrap ``cell``'s CPU kernel (its attribute ``name``) so that each call (each trace, in GRAPH_MODE) appends to
+    the returned list."""
     calls = []
-    kernel = cell.cpu_kernel
+    kernel = getattr(cell, name)
 
     def counted(*args):
         calls.append(1)
         return kernel(*args)
 
-    cell.cpu_kernel = counted
+    setattr(cell, name, counted)
     return calls
 
 
@@ -485,6 +486,16 @@ def _transformer_case(batch, tokens, context_tokens):
             [(batch, tokens, 64), (batch, context_tokens, 48)], 1e-5)
 
 
+def _spatial_transformer(rng, channels):
+    return _random_parameters(SpatialTransformer(channels, 2, channels // 2, 1, 48, load_config("demo").unet,
+                                                 ms.float32), rng)
+
+
+def _spatial_case(batch, channels, height, width):
+    return (f"spatial-b{batch}-{channels}-{height}x{width}", lambda rng: _spatial_transformer(rng, channels),
+            [(batch, channels, height, width), (batch, 11, 48)], 1e-5)
+
+
 def _res_case(batch, channels, out_channels, height, width):
     return (f"res-b{batch}-{channels}to{out_channels}-{height}x{width}",
             lambda rng: _res_block(rng, channels, out_channels), [(batch, channels, height, width), (batch, 40)], 0.0)
@@ -494,10 +505,17 @@ def _res_case(batch, channels, out_channels, height, width):
 # feed-forward and attention are shared among threads (above 30 MFLOP); 3 images of 256 tokens, the block shared among
 # threads by images (above 10 MFLOP). ResBlock: the input as the skip (2 images, below 10 MFLOP: one thread), a skip
 # convolution on an odd-sized image, 8 and 3 images shared by images (3: unevenly), one image whose convolutions are
-# shared.
+# shared. SpatialTransformer (its way in and out as two ops around its transformer block): 2 images, an odd-sized one,
+# a batch of 8.
 BLOCK_CASES = [_transformer_case(2, 37, 11), _transformer_case(1, 16, 77), _transformer_case(1, 600, 5),
                _transformer_case(3, 256, 77), _res_case(2, 16, 16, 8, 8), _res_case(1, 16, 48, 5, 7),
-               _res_case(8, 64, 32, 8, 8), _res_case(3, 32, 32, 24, 24), _res_case(1, 64, 64, 40, 40)]
+               _res_case(8, 64, 32, 8, 8), _res_case(3, 32, 32, 24, 24), _res_case(1, 64, 64, 40, 40),
+               _spatial_case(2, 64, 8, 8), _spatial_case(1, 32, 5, 7), _spatial_case(8, 64, 16, 16)]
+
+
+def _count_block_kernel_calls(block) -> list:
+    """The calls of a block's kernel (a SpatialTransformer's way out)."""
+    return _count_kernel_calls(block, "tokens_out" if isinstance(block, SpatialTransformer) else "cpu_kernel")
 
 
 def _block_and_inputs(case, rng):
@@ -513,7 +531,7 @@ def test_a_unet_block_is_one_kernel_equal_to_its_layers(case, kernel_threads, ms
     kernels of their layers in their order, so the layers' floats (bit for bit where ``case`` says 0)."""
     block, inputs = _block_and_inputs(case, np.random.default_rng(12))
     assert block.fused
-    calls = _count_kernel_calls(block)
+    calls = _count_block_kernel_calls(block)
     ours = block(*inputs).asnumpy()
     assert calls == [1] or ms_mode == "graph"  # (GRAPH_MODE compiles the wrapper into the graph: counted eagerly only)
     block.use_cpu_kernel = False
@@ -533,8 +551,10 @@ class _BlockLoss(nn.Cell):
         return (self.block(*inputs) * self.weight).sum()
 
 
-# (case, the number of parameters): a transformer block, ResBlocks with and without a skip convolution.
-GRADIENT_CASES = [(_transformer_case(2, 9, 6), 20), (_res_case(2, 16, 24, 6, 5), 12), (_res_case(2, 16, 16, 6, 5), 10)]
+# (case, the number of parameters): a transformer block, ResBlocks with and without a skip convolution, a
+# SpatialTransformer (its norm and projections, and its transformer block's).
+GRADIENT_CASES = [(_transformer_case(2, 9, 6), 20), (_res_case(2, 16, 24, 6, 5), 12), (_res_case(2, 16, 16, 6, 5), 10),
+                  (_spatial_case(2, 32, 6, 5), 26)]
 
 
 @needs_avx512
@@ -546,7 +566,7 @@ def test_gradients_through_a_frozen_unet_block_are_its_layers(case, parameters, 
     block, inputs = _block_and_inputs(case, rng)
     output_shape = _Call(block)(*inputs).shape
     gradients = _Gradients(_BlockLoss(block, rng.standard_normal(output_shape).astype(np.float32)))
-    calls = _count_kernel_calls(block)
+    calls = _count_block_kernel_calls(block)
     ours_inputs, params = gradients(*inputs)
     assert calls or ms_mode == "graph"
     block.use_cpu_kernel = False
@@ -573,8 +593,9 @@ def test_a_transformer_block_with_a_lora_adapter_runs_its_layers():
 
 @needs_avx512
 @pytest.mark.parametrize("case, norm, layer", [(BLOCK_CASES[0], "norm2", "attn2.to_k"),
-                                               (BLOCK_CASES[5], "out_layers.0", "skip_connection")],
-                         ids=["transformer", "res"])
+                                               (BLOCK_CASES[5], "out_layers.0", "skip_connection"),
+                                               (BLOCK_CASES[9], "norm", "proj_out")],
+                         ids=["transformer", "res", "spatial"])
 def test_a_unet_block_runs_its_layers_where_one_would_not_use_its_kernel(case, norm, layer):
     """Parameters stored in float16, a MindIR export (``portable``), a layer given a new parameter object: the block
     runs its layers one by one, and the result is theirs."""
@@ -601,7 +622,7 @@ def test_a_lazily_built_unets_blocks_stay_one_kernel_after_their_parameters_are_
         pytest.skip("no AVX-512 (or no library) here: the blocks run their layers")
     unet = build_component("unet", load_config("demo").unet, materialize=False)
     unet.init_parameters_data()
-    for kind in (BasicTransformerBlock, ResBlock):
+    for kind in (BasicTransformerBlock, ResBlock, SpatialTransformer):
         blocks = [cell for _, cell in unet.cells_and_names() if isinstance(cell, kind)]
         assert blocks and all(block.fused for block in blocks)
 

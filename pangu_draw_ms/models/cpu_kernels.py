@@ -339,6 +339,57 @@ def res_block(groups: int, eps: float, skip: bool) -> Optional[ops.Custom]:
     return _op("ResBlockForward", _res_block_out_shape, _res_block_bprop(groups, eps, skip), (groups, eps, skip))
 
 
+def _tokens_in_bprop(groups: int, eps: float) -> Callable:
+    """The gradients of GroupNorm -> tokens -> proj_in as MindSpore differentiates them written with its ops."""
+    def forward(x, gamma, beta, weight, bias):
+        grouped = x.reshape(x.shape[0], groups, -1)
+        centred = grouped - grouped.mean(-1, keep_dims=True)
+        normed = (centred * ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps)).reshape(x.shape)
+        normed = normed * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+        tokens = normed.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
+        return ops.matmul(tokens, weight.T) + bias
+
+    gradients = ops.GradOperation(get_all=True, sens_param=True)(forward)
+
+    def bprop(x, gamma, beta, weight, bias, config, out, dout):
+        return gradients(x, gamma, beta, weight, bias, dout) + (ops.zeros_like(config),)
+    return bprop
+
+
+def _tokens_out_bprop(tokens, x, weight, bias, out, dout):
+    # y = (tokens W^T + b) as (B, C, H, W) + x: the tokens' gradient is dout's tokens through W; W's and b's are
+    # summed over every token.
+    rows = dout.reshape(dout.shape[0], dout.shape[1], -1).transpose(0, 2, 1)  # (B, HW, C)
+    flat_rows, flat_tokens = rows.reshape(-1, rows.shape[-1]), tokens.reshape(-1, tokens.shape[-1])
+    return ops.matmul(rows, weight), dout, ops.matmul(flat_rows.T, flat_tokens), flat_rows.sum(0)
+
+
+def _tokens_in_out_shape(x, gamma, beta, weight, *_):
+    return [x[0], x[2] * x[3], weight[0]]
+
+
+def _tokens_out_out_shape(tokens, x, *_):
+    return x
+
+
+def tokens_in(groups: int, eps: float) -> Optional[ops.Custom]:
+    """A SpatialTransformer's way in as one op ``(x (B, C, H, W), norm gamma, beta (C), proj_in weight (I, C), bias (I),
+    config = [groups, eps]) -> (B, H*W, I)``: the group norm, the feature map as tokens, proj_in (float32), or None
+    without :func:`dense`'s GEMM or :func:`avx512`."""
+    if not avx512() or not _onednn_gemm():
+        return None
+    return _op("TokensInForward", _tokens_in_out_shape, _tokens_in_bprop(groups, eps), (groups, eps))
+
+
+def tokens_out() -> Optional[ops.Custom]:
+    """A SpatialTransformer's way out as one op ``(tokens (B, H*W, I), x (B, C, H, W), proj_out weight (C, I), bias
+    (C)) -> proj_out(tokens) as (B, C, H, W) + x`` (float32), or None without :func:`dense`'s GEMM or
+    :func:`avx512`."""
+    if not avx512() or not _onednn_gemm():
+        return None
+    return _op("TokensOutForward", _tokens_out_out_shape, _tokens_out_bprop)
+
+
 def _group_norm_bprop(num_groups: int, eps: float, silu: bool) -> Callable:
     def bprop(x, gamma, beta, config, out, dout):
         shape = x.shape

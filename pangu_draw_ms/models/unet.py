@@ -24,13 +24,14 @@ from . import cpu_kernels
 from . import layers as L
 
 
-class OneKernelBlock(nn.Cell):
-    """A block whose inference on the CPU is one op made of the kernels its layers use, in their order, so that its
-    output is theirs (ResBlock, BasicTransformerBlock; bit for bit, but for the transformer block's dense layers
-    where a batch is shared by images: oneDNN's GEMM may round one image's rows otherwise, within 1e-6): the graph
-    MindSpore compiles holds one node per block instead of its cells (the released UNet's first call took more than
-    twice as long with them; bench/README.md), and a batch is shared among the kernel threads by images, one
-    hand-over per block.
+class FusedBlock(nn.Cell):
+    """A block whose inference on the CPU runs as few ops made of the kernels its layers use, in their order, so that
+    its output is theirs (bit for bit, but for the transformer block's dense layers where a batch is shared by
+    images: oneDNN's GEMM may round one image's rows otherwise, within 1e-6): ResBlock and BasicTransformerBlock as one
+    op each, a batch shared among the kernel threads by images with one hand-over per block; SpatialTransformer's
+    norm and projections as two ops around its transformer blocks. The graph MindSpore compiles holds those nodes
+    instead of the blocks' cells (the released UNet's first call took more than twice as long with them;
+    bench/README.md).
 
     The layers run one by one where any of them would not use its own kernel (training, a LoRA adapter in place of a
     layer, parameters stored in float16, ``cpu_kernels.portable``). The parameter operands are held by the block in
@@ -67,9 +68,9 @@ class OneKernelBlock(nn.Cell):
                 and all(held is now for held, now in zip(self.kernel_parameters, current)))
 
 
-class ResBlock(OneKernelBlock):
+class ResBlock(FusedBlock):
     """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-dropout-conv, + skip. On the CPU, one op
-    after the embedding's projection (:class:`OneKernelBlock`)."""
+    after the embedding's projection (:class:`FusedBlock`)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int, dropout: float, dtype):
         super().__init__()
@@ -140,9 +141,9 @@ class FeedForward(nn.Cell):
         return self.net(x)
 
 
-class BasicTransformerBlock(OneKernelBlock):
+class BasicTransformerBlock(FusedBlock):
     """Pre-LN block: self-attention, cross-attention on the text, GEGLU feed-forward (each residual). On the CPU,
-    one op (:class:`OneKernelBlock`) instead of its 25 cells."""
+    one op (:class:`FusedBlock`) instead of its 25 cells."""
 
     def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, ff_mult: int, dropout: float, dtype):
         super().__init__()
@@ -182,8 +183,10 @@ class BasicTransformerBlock(OneKernelBlock):
         return self.ff(self.norm3(x)) + x
 
 
-class SpatialTransformer(nn.Cell):
-    """GroupNorm (eps 1e-6), proj_in, ``depth`` transformer blocks over the H*W tokens, proj_out, + input."""
+class SpatialTransformer(FusedBlock):
+    """GroupNorm (eps 1e-6), proj_in, ``depth`` transformer blocks over the H*W tokens, proj_out, + input. On the CPU
+    with linear projections, the norm, proj_in and the layout change are one op, proj_out, the layout change back and
+    the residual another (:class:`FusedBlock`)."""
 
     def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, config: UNetConfig,
                  dtype):
@@ -200,8 +203,27 @@ class SpatialTransformer(nn.Cell):
         self.transformer_blocks = nn.CellList([
             BasicTransformerBlock(inner, context_dim, heads, head_dim, config.ff_mult, config.dropout, dtype)
             for _ in range(depth)])
+        on_cpu = self.use_linear and not L.ascend_kernels() and dtype == ms.float32
+        self.tokens_in = cpu_kernels.tokens_in(config.norm_num_groups, 1e-6) if on_cpu else None
+        self.tokens_out = cpu_kernels.tokens_out() if on_cpu else None
+        self.use_cpu_kernel = self.tokens_in is not None and self.tokens_out is not None
+        self.cpu_kernel_config = Tensor(np.array([config.norm_num_groups, 1e-6], np.float32))
+        self.hold_kernel_parameters()
+
+    def _kernel_layers(self) -> tuple:
+        return self.norm, self.proj_in, self.proj_out
+
+    def _kernel_cells(self) -> tuple:
+        return tuple(zip(self._kernel_layers(), (L.GroupNorm, L.Dense, L.Dense)))
 
     def construct(self, x, context):
+        if self.fused and not self.training:
+            x = L.as_dtype(x, ms.float32)
+            gamma, beta, in_weight, in_bias, out_weight, out_bias = self.kernel_parameters
+            hidden = self.tokens_in(x, gamma, beta, in_weight, in_bias, self.cpu_kernel_config)
+            for block in self.transformer_blocks:
+                hidden = block(hidden, context)
+            return self.tokens_out(hidden, x, out_weight, out_bias)
         b, c, h, w = x.shape
         hidden = self.norm(x)
         if not self.use_linear:

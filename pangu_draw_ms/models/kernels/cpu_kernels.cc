@@ -741,6 +741,50 @@ int res_block(const ResShape &s, void **params, float eps) {
   });
   return 0;
 }
+
+// The SpatialTransformer's projections with the layout changes around them (TokensInForward, TokensOutForward): the
+// feature map (B, C, H, W) to tokens (B, H*W, I) through the group norm and proj_in, and back through proj_out with
+// the residual, each one op instead of four (the same kernels, so the same floats as the layers; the transposes,
+// MindSpore's own ops before, were its largest ops left in the demo UNet's graph).
+// to (B, HW, C) from (B, C, HW); in blocks of 16 channels, so that each token's run of them is written at once.
+void to_tokens(const float *x, float *tokens, int64_t batch, int64_t channels, int64_t spatial) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const float *xb = x + b * channels * spatial;
+    float *tb = tokens + b * spatial * channels;
+    for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+      const int64_t c1 = std::min(channels, c0 + 16);
+      for (int64_t p = 0; p < spatial; ++p)
+        for (int64_t c = c0; c < c1; ++c) tb[p * channels + c] = xb[c * spatial + p];
+    }
+  }
+}
+
+int tokens_in(const float *x, const float *gamma, const float *beta, const float *weight, const float *bias,
+              float *y, int64_t batch, int64_t channels, int64_t spatial, int64_t inner, int64_t groups, float eps) {
+  auto normed = scratch(batch * channels * spatial), tokens = scratch(batch * channels * spatial);
+  {
+    const FlushSubnormals flush;
+    group_norm({x, gamma, beta, nullptr, normed.get()}, batch, channels, spatial, groups, eps, false);
+  }
+  to_tokens(normed.get(), tokens.get(), batch, channels, spatial);
+  return dense(tokens.get(), weight, bias, y, batch * spatial, channels, inner);
+}
+
+int tokens_out(const float *tokens, const float *x, const float *weight, const float *bias, float *y, int64_t batch,
+               int64_t channels, int64_t spatial, int64_t inner) {
+  auto projected = scratch(batch * spatial * channels);
+  if (dense(tokens, weight, bias, projected.get(), batch * spatial, inner, channels)) return 4;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+      const int64_t c1 = std::min(channels, c0 + 16);
+      for (int64_t p = 0; p < spatial; ++p)
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t at = (b * channels + c) * spatial + p;
+          y[at] = projected[(b * spatial + p) * channels + c] + x[at];
+        }
+    }
+  return 0;
+}
 #endif
 
 }  // namespace
@@ -871,6 +915,47 @@ extern "C" int ResBlockForward(int nparam, void **params, int *ndims, int64_t **
   if (skip) valid = valid && has_shape(ndims, shapes, kResSkip, {o, c, 1, 1}) && has_shape(ndims, shapes, kResSkipBias, {o});
   if (!valid) return 2;
   return res_block(s, params, config[1]);
+#else
+  return 3;
+#endif
+}
+
+// TokensInForward: x (B, C, H, W), the norm's gamma and beta (C), proj_in's weight (I, C) and bias (I),
+// config = [groups, eps]; y (B, H*W, I) = proj_in(GroupNorm(x) as tokens).
+extern "C" int TokensInForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
+#if defined(HAVE_AVX512)
+  if (nparam != 7 || ndims[0] != 4 || ndims[3] != 2) return 1;
+  if (sgemm == nullptr) return 3;
+  const int64_t b = shapes[0][0], c = shapes[0][1], spatial = shapes[0][2] * shapes[0][3], inner = shapes[3][0];
+  const float *config = static_cast<const float *>(params[5]);
+  const int64_t groups = static_cast<int64_t>(config[0]);
+  if (groups < 1 || c % groups != 0 || !has_shape(ndims, shapes, 1, {c}) || !has_shape(ndims, shapes, 2, {c}) ||
+      !has_shape(ndims, shapes, 3, {inner, c}) || !has_shape(ndims, shapes, 4, {inner}))
+    return 2;
+  const auto *p = reinterpret_cast<const float *const *>(params);
+  return tokens_in(p[0], p[1], p[2], p[3], p[4], static_cast<float *>(params[6]), b, c, spatial, inner, groups,
+                   config[1]);
+#else
+  return 3;
+#endif
+}
+
+// TokensOutForward: tokens (B, H*W, I), x (B, C, H, W), proj_out's weight (C, I) and bias (C);
+// y (B, C, H, W) = proj_out(tokens) as a feature map + x.
+extern "C" int TokensOutForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  if (!all_float32(nparam, dtypes)) return 5;
+#if defined(HAVE_AVX512)
+  if (nparam != 5 || ndims[0] != 3 || ndims[1] != 4) return 1;
+  if (sgemm == nullptr) return 3;
+  const int64_t b = shapes[1][0], c = shapes[1][1], spatial = shapes[1][2] * shapes[1][3], inner = shapes[0][2];
+  if (!has_shape(ndims, shapes, 0, {b, spatial, inner}) || !has_shape(ndims, shapes, 2, {c, inner}) ||
+      !has_shape(ndims, shapes, 3, {c}))
+    return 2;
+  const auto *p = reinterpret_cast<const float *const *>(params);
+  return tokens_out(p[0], p[1], p[2], p[3], static_cast<float *>(params[4]), b, c, spatial, inner);
 #else
   return 3;
 #endif
