@@ -161,7 +161,7 @@ class _TwoConfigurations(nn.Cell):
 @needs_avx512
 def test_gradients_through_kernels_of_two_configurations_in_one_graph_are_mindspores(ms_mode):
     """Each op's bprop is its own configuration's: MindSpore 2.9's GRAPH_MODE gave every op of one kernel the first
-    one's bprop (the GroupNorms' input gradients off by half their size; the convolutions did not compile)."""
+    one's bprop (the input gradient off by up to half its largest value; the convolutions did not compile)."""
     rng = np.random.default_rng(6)
     net = _TwoConfigurations()
     net.set_train(False)

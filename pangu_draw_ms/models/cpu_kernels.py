@@ -115,8 +115,8 @@ def _loaded(path: str) -> ctypes.CDLL:
 def _op(function: str, out_shape: Callable, bprop: Callable, configuration: tuple = ()) -> ops.Custom:
     """The library's ``function`` as a float32 aot op whose bprop closes over ``configuration``. That is one of the
     op's attributes: in GRAPH_MODE MindSpore 2.9 gives every op with the same attributes the bprop of the first one
-    it differentiates (the gradients of a GroupNorm without SiLU and one with, in one graph, were off by half their
-    size; a 1x1 and a 3x3 convolution failed to compile)."""
+    it differentiates (the input gradient through a GroupNorm without SiLU and one with, in one graph, was off by up to
+    half its largest value; a 1x1 and a 3x3 convolution failed to compile)."""
     op = ops.Custom(f"{library()}:{function}", out_shape=out_shape, out_dtype=_same_as_x, func_type="aot", bprop=bprop)
     if configuration:
         op.add_prim_attr("bprop_configuration", repr(configuration))
@@ -279,46 +279,34 @@ def transformer_block(heads: int, scale: float, eps: float) -> Optional[ops.Cust
     return _op("TransformerBlockForward", _same_as_x, _transformer_block_bprop(heads, scale, eps), (heads, scale, eps))
 
 
+def _group_norm_with_ops(x, gamma, beta, groups: int, eps: float):
+    """GroupNorm of (B, C, H, W) written with MindSpore ops, for the block ops' gradients."""
+    grouped = x.reshape(x.shape[0], groups, -1)
+    centred = grouped - grouped.mean(-1, keep_dims=True)
+    normed = (centred * ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps)).reshape(x.shape)
+    return normed * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+
+
 def _res_block_bprop(groups: int, eps: float, skip: bool) -> Callable:
     """The ResBlock's gradients as MindSpore differentiates the same function written with its ops (frozen networks
     that gradients pass through, as for the transformer block)."""
-    def norm_silu(x, gamma, beta):
-        grouped = x.reshape(x.shape[0], groups, -1)
-        centred = grouped - grouped.mean(-1, keep_dims=True)
-        normed = (centred * ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps)).reshape(x.shape)
-        return ops.silu(normed * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1))
+    def conv(x, weight, bias, padding):
+        return ops.conv2d(x, weight, bias, pad_mode="pad", padding=padding)
 
-    # Two functions, not one taking the padding: MindSpore 2.9's graph compiler gave the 3x3 convolutions of the
-    # differentiated function the 1x1's padding (oneDNN: "mismatch between actual and computed dst dims").
-    def conv3x3(x, weight, bias):
-        return ops.conv2d(x, weight, bias, pad_mode="pad", padding=1)
+    def forward(x, emb, *p):  # p: norm1 gamma, beta, conv1, bias, norm2 gamma, beta, conv2, bias[, skip, bias]
+        h = conv(ops.silu(_group_norm_with_ops(x, p[0], p[1], groups, eps)), p[2], p[3], 1)
+        h = h + emb.reshape(emb.shape + (1, 1))
+        h = conv(ops.silu(_group_norm_with_ops(h, p[4], p[5], groups, eps)), p[6], p[7], 1)
+        return (conv(x, p[8], p[9], 0) if skip else x) + h
 
-    def conv1x1(x, weight, bias):
-        return ops.conv2d(x, weight, bias, pad_mode="valid")
-
-    def residual(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias):
-        h = conv3x3(norm_silu(x, n1_gamma, n1_beta), conv1, conv1_bias) + emb.reshape(emb.shape + (1, 1))
-        return conv3x3(norm_silu(h, n2_gamma, n2_beta), conv2, conv2_bias)
-
-    # (MindSpore's graph compiler takes neither a variadic bprop nor a variadic function to differentiate.)
+    gradients = ops.GradOperation(get_all=True, sens_param=True)(forward)
+    # (MindSpore's graph compiler takes no variadic bprop: one for each number of inputs.)
     if skip:
-        def with_skip(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias, skip_weight,
-                      skip_bias):
-            return conv1x1(x, skip_weight, skip_bias) + residual(x, emb, n1_gamma, n1_beta, conv1, conv1_bias,
-                                                                 n2_gamma, n2_beta, conv2, conv2_bias)
-
-        gradients = ops.GradOperation(get_all=True, sens_param=True)(with_skip)
-
         def bprop(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias, skip_weight,
                   skip_bias, config, out, dout):
             return gradients(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias,
                              skip_weight, skip_bias, dout) + (ops.zeros_like(config),)
         return bprop
-
-    def identity_skip(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias):
-        return x + residual(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias)
-
-    gradients = ops.GradOperation(get_all=True, sens_param=True)(identity_skip)
 
     def bprop(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias, config, out, dout):
         return gradients(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias,
@@ -342,10 +330,7 @@ def res_block(groups: int, eps: float, skip: bool) -> Optional[ops.Custom]:
 def _tokens_in_bprop(groups: int, eps: float) -> Callable:
     """The gradients of GroupNorm -> tokens -> proj_in as MindSpore differentiates them written with its ops."""
     def forward(x, gamma, beta, weight, bias):
-        grouped = x.reshape(x.shape[0], groups, -1)
-        centred = grouped - grouped.mean(-1, keep_dims=True)
-        normed = (centred * ops.rsqrt((centred * centred).mean(-1, keep_dims=True) + eps)).reshape(x.shape)
-        normed = normed * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+        normed = _group_norm_with_ops(x, gamma, beta, groups, eps)
         tokens = normed.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
         return ops.matmul(tokens, weight.T) + bias
 
