@@ -529,6 +529,22 @@ def _block_and_inputs(case, rng):
 def test_a_unet_block_is_one_kernel_equal_to_its_layers(case, kernel_threads, ms_mode):
     """The UNet's transformer block and ResBlock as one op each (what the released UNet's compile time needed): the
     kernels of their layers in their order, so the layers' floats (bit for bit where ``case`` says 0)."""
+    _assert_the_block_is_its_layers(case, ms_mode)
+
+
+# More threads than images: a block of 19 MFLOP shared by images, larger ones (0.3 and 0.9 GFLOP) run whole with each
+# of their kernels shared by all the threads.
+MANY_THREAD_CASES = [_res_case(2, 32, 32, 16, 16), _res_case(2, 64, 64, 32, 32), _transformer_case(2, 1024, 77)]
+
+
+@needs_avx512
+@pytest.mark.parametrize("kernel_threads", [4], indirect=True)
+@pytest.mark.parametrize("case", MANY_THREAD_CASES, ids=[c[0] for c in MANY_THREAD_CASES])
+def test_a_unet_block_with_more_threads_than_images_is_its_layers(case, kernel_threads, ms_mode):
+    _assert_the_block_is_its_layers(case, ms_mode)
+
+
+def _assert_the_block_is_its_layers(case, ms_mode):
     block, inputs = _block_and_inputs(case, np.random.default_rng(12))
     assert block.fused
     calls = _count_block_kernel_calls(block)

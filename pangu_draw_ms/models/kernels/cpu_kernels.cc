@@ -359,6 +359,16 @@ int64_t workers_for(double flops, int64_t blocks, double threshold = 3e7) {
 // for every kernel, 219-241 and 562-593 ms) - three runs of each, alternating (bench/README.md).
 constexpr double kBlockShareFlops = 1e7;
 
+// Threads sharing a UNet block by images. With fewer images than threads (a many-core CPU) a block large enough for
+// its own kernels to share their work (from 100 MFLOP: its convolutions or GEMMs above their 30 MFLOP) runs whole, so
+// that every thread takes part in each of them instead of one thread per image; a smaller one is still shared by
+// images. (On this 2-core host every batch of 2 or more has an image per thread; the many-core rule is reasoned from
+// the thresholds, not measured.)
+int64_t block_workers(double flops, int64_t batch) {
+  if (batch < threads && flops >= 1e8) return 1;
+  return workers_for(flops, batch, kBlockShareFlops);
+}
+
 // Stride-1 convolution, direct (no im2col): rows are output channels (their weights broadcast straight from
 // MindSpore's (O, C, k, k) layout), columns are output positions counted along the zero-padded input's rows
 // (q = oy * padded_width + ox), so the input under a tile at (c, ki, kj) is one contiguous run at
@@ -657,7 +667,7 @@ int block_on(const BlockShape &s, void **params, const float *x, const float *co
 int transformer_block(const BlockShape &s, void **params, float scale, float eps) {
   const auto *x = static_cast<const float *>(params[kX]), *context = static_cast<const float *>(params[kContext]);
   float *y = static_cast<float *>(params[kBlockY]);
-  const int64_t workers = workers_for(s.flops(), s.batch, kBlockShareFlops);
+  const int64_t workers = block_workers(s.flops(), s.batch);
   if (workers == 1) return block_on(s, params, x, context, y, scale, eps);
   std::vector<int> status(workers, 0);
   parallel(workers, [&](int64_t worker, int64_t count) {
@@ -729,7 +739,7 @@ int res_block_on(const ResShape &s, void **params, const float *x, const float *
 int res_block(const ResShape &s, void **params, float eps) {
   const auto *x = static_cast<const float *>(params[kResX]), *emb = static_cast<const float *>(params[kResEmb]);
   float *y = static_cast<float *>(params[s.skip ? kResSkipY : kResY]);
-  const int64_t workers = workers_for(s.flops(), s.batch, kBlockShareFlops);
+  const int64_t workers = block_workers(s.flops(), s.batch);
   if (workers == 1) return res_block_on(s, params, x, emb, y, eps);
   parallel(workers, [&](int64_t worker, int64_t count) {
     const int64_t first = s.batch * worker / count, images = s.batch * (worker + 1) / count - first;
