@@ -20,6 +20,7 @@ from pangu_draw_ms.models import cpu_kernels
 from pangu_draw_ms.models.layers import GEGLU, Conv2d, Dense, GroupNorm, LayerNorm, ScaledDotProductAttention
 from pangu_draw_ms.models.lora import add_lora_adapters
 from pangu_draw_ms.models.unet import BasicTransformerBlock, ResBlock, SpatialTransformer
+from pangu_draw_ms.models.vae import ResnetBlock
 
 needs_library = pytest.mark.skipif(cpu_kernels.library() is None,
                                    reason="no C++ compiler here: the layers use MindSpore's kernels")
@@ -496,6 +497,12 @@ def _spatial_case(batch, channels, height, width):
             [(batch, channels, height, width), (batch, 11, 48)], 1e-5)
 
 
+def _vae_case(batch, channels, out_channels, height, width):
+    return (f"vae-b{batch}-{channels}to{out_channels}-{height}x{width}",
+            lambda rng: _random_parameters(ResnetBlock(channels, out_channels, 8, ms.float32), rng),
+            [(batch, channels, height, width)], 0.0)
+
+
 def _res_case(batch, channels, out_channels, height, width):
     return (f"res-b{batch}-{channels}to{out_channels}-{height}x{width}",
             lambda rng: _res_block(rng, channels, out_channels), [(batch, channels, height, width), (batch, 40)], 0.0)
@@ -506,11 +513,13 @@ def _res_case(batch, channels, out_channels, height, width):
 # threads by images (above 10 MFLOP). ResBlock: the input as the skip (2 images, below 10 MFLOP: one thread), a skip
 # convolution on an odd-sized image, 8 and 3 images shared by images (3: unevenly), one image whose convolutions are
 # shared. SpatialTransformer (its way in and out as two ops around its transformer block): 2 images, an odd-sized one,
-# a batch of 8.
+# a batch of 8. The VAE's ResnetBlock (the ResBlock's op without an embedding): a full-size image, a batch of 4 with a
+# shortcut, an odd-sized one.
 BLOCK_CASES = [_transformer_case(2, 37, 11), _transformer_case(1, 16, 77), _transformer_case(1, 600, 5),
                _transformer_case(3, 256, 77), _res_case(2, 16, 16, 8, 8), _res_case(1, 16, 48, 5, 7),
                _res_case(8, 64, 32, 8, 8), _res_case(3, 32, 32, 24, 24), _res_case(1, 64, 64, 40, 40),
-               _spatial_case(2, 64, 8, 8), _spatial_case(1, 32, 5, 7), _spatial_case(8, 64, 16, 16)]
+               _spatial_case(2, 64, 8, 8), _spatial_case(1, 32, 5, 7), _spatial_case(8, 64, 16, 16),
+               _vae_case(1, 16, 16, 64, 64), _vae_case(4, 32, 16, 32, 32), _vae_case(2, 16, 32, 5, 7)]
 
 
 def _count_block_kernel_calls(block) -> list:
@@ -568,9 +577,10 @@ class _BlockLoss(nn.Cell):
 
 
 # (case, the number of parameters): a transformer block, ResBlocks with and without a skip convolution, a
-# SpatialTransformer (its norm and projections, and its transformer block's).
+# SpatialTransformer (its norm and projections, and its transformer block's), VAE ResnetBlocks with and without a
+# shortcut.
 GRADIENT_CASES = [(_transformer_case(2, 9, 6), 20), (_res_case(2, 16, 24, 6, 5), 12), (_res_case(2, 16, 16, 6, 5), 10),
-                  (_spatial_case(2, 32, 6, 5), 26)]
+                  (_spatial_case(2, 32, 6, 5), 26), (_vae_case(2, 16, 24, 6, 5), 10), (_vae_case(2, 16, 16, 6, 5), 8)]
 
 
 @needs_avx512
@@ -610,8 +620,9 @@ def test_a_transformer_block_with_a_lora_adapter_runs_its_layers():
 @needs_avx512
 @pytest.mark.parametrize("case, norm, layer", [(BLOCK_CASES[0], "norm2", "attn2.to_k"),
                                                (BLOCK_CASES[5], "out_layers.0", "skip_connection"),
-                                               (BLOCK_CASES[9], "norm", "proj_out")],
-                         ids=["transformer", "res", "spatial"])
+                                               (BLOCK_CASES[9], "norm", "proj_out"),
+                                               (BLOCK_CASES[13], "norm2", "nin_shortcut")],
+                         ids=["transformer", "res", "spatial", "vae"])
 def test_a_unet_block_runs_its_layers_where_one_would_not_use_its_kernel(case, norm, layer):
     """Parameters stored in float16, a MindIR export (``portable``), a layer given a new parameter object: the block
     runs its layers one by one, and the result is theirs."""
@@ -631,15 +642,18 @@ def test_a_unet_block_runs_its_layers_where_one_would_not_use_its_kernel(case, n
     np.testing.assert_array_equal(block(*inputs).asnumpy(), _Call(block)(*inputs).asnumpy())
 
 
-def test_a_lazily_built_unets_blocks_stay_one_kernel_after_their_parameters_are_made():
+def test_lazily_built_networks_blocks_stay_fused_after_their_parameters_are_made():
     """The pipelines build their networks without parameter data, then make it (``init_parameters_data``, which may
     hand back new parameter objects: it replaces them in the blocks' tuples too)."""
     if not cpu_kernels.avx512():
         pytest.skip("no AVX-512 (or no library) here: the blocks run their layers")
     unet = build_component("unet", load_config("demo").unet, materialize=False)
     unet.init_parameters_data()
-    for kind in (BasicTransformerBlock, ResBlock, SpatialTransformer):
-        blocks = [cell for _, cell in unet.cells_and_names() if isinstance(cell, kind)]
+    vae = build_component("vae", load_config("demo").vae, materialize=False)
+    vae.init_parameters_data()
+    kinds = ((unet, BasicTransformerBlock), (unet, ResBlock), (unet, SpatialTransformer), (vae, ResnetBlock))
+    for network, kind in kinds:
+        blocks = [cell for _, cell in network.cells_and_names() if isinstance(cell, kind)]
         assert blocks and all(block.fused for block in blocks)
 
 

@@ -287,44 +287,58 @@ def _group_norm_with_ops(x, gamma, beta, groups: int, eps: float):
     return normed * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
 
 
-def _res_block_bprop(groups: int, eps: float, skip: bool) -> Callable:
+def _res_block_bprop(groups: int, eps: float, skip: bool, embedding: bool) -> Callable:
     """The ResBlock's gradients as MindSpore differentiates the same function written with its ops (frozen networks
     that gradients pass through, as for the transformer block)."""
     def conv(x, weight, bias, padding):
         return ops.conv2d(x, weight, bias, pad_mode="pad", padding=padding)
 
-    def forward(x, emb, *p):  # p: norm1 gamma, beta, conv1, bias, norm2 gamma, beta, conv2, bias[, skip, bias]
-        h = conv(ops.silu(_group_norm_with_ops(x, p[0], p[1], groups, eps)), p[2], p[3], 1)
-        h = h + emb.reshape(emb.shape + (1, 1))
-        h = conv(ops.silu(_group_norm_with_ops(h, p[4], p[5], groups, eps)), p[6], p[7], 1)
-        return (conv(x, p[8], p[9], 0) if skip else x) + h
+    def forward(x, *p):  # p: [emb,] norm1 gamma, beta, conv1, bias, norm2 gamma, beta, conv2, bias[, skip, bias]
+        q = p[1:] if embedding else p
+        h = conv(ops.silu(_group_norm_with_ops(x, q[0], q[1], groups, eps)), q[2], q[3], 1)
+        if embedding:
+            h = h + p[0].reshape(p[0].shape + (1, 1))
+        h = conv(ops.silu(_group_norm_with_ops(h, q[4], q[5], groups, eps)), q[6], q[7], 1)
+        return (conv(x, q[8], q[9], 0) if skip else x) + h
 
-    gradients = ops.GradOperation(get_all=True, sens_param=True)(forward)
-    # (MindSpore's graph compiler takes no variadic bprop: one for each number of inputs.)
-    if skip:
-        def bprop(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias, skip_weight,
-                  skip_bias, config, out, dout):
-            return gradients(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias,
-                             skip_weight, skip_bias, dout) + (ops.zeros_like(config),)
-        return bprop
+    return _bprop_with_config(ops.GradOperation(get_all=True, sens_param=True)(forward),
+                              1 + embedding + 8 + 2 * skip)
 
-    def bprop(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias, config, out, dout):
-        return gradients(x, emb, n1_gamma, n1_beta, conv1, conv1_bias, n2_gamma, n2_beta, conv2, conv2_bias,
-                         dout) + (ops.zeros_like(config),)
+
+def _bprop_with_config(gradients: Callable, inputs: int) -> Callable:
+    """The bprop of an op of ``inputs`` tensors and a config: ``gradients`` (of a function of those tensors, the
+    sensitivity last), the config's gradient zero. One per number of inputs: MindSpore's graph compiler takes no
+    variadic bprop."""
+    if inputs == 9:
+        def bprop(a, b, c, d, e, f, g, h, i, config, out, dout):
+            return gradients(a, b, c, d, e, f, g, h, i, dout) + (ops.zeros_like(config),)
+    elif inputs == 10:
+        def bprop(a, b, c, d, e, f, g, h, i, j, config, out, dout):
+            return gradients(a, b, c, d, e, f, g, h, i, j, dout) + (ops.zeros_like(config),)
+    elif inputs == 11:
+        def bprop(a, b, c, d, e, f, g, h, i, j, k, config, out, dout):
+            return gradients(a, b, c, d, e, f, g, h, i, j, k, dout) + (ops.zeros_like(config),)
+    elif inputs == 12:
+        def bprop(a, b, c, d, e, f, g, h, i, j, k, m, config, out, dout):
+            return gradients(a, b, c, d, e, f, g, h, i, j, k, m, dout) + (ops.zeros_like(config),)
+    else:
+        raise ValueError(f"no bprop for {inputs} inputs")
     return bprop
 
 
-def _res_block_out_shape(x, emb, *_):
-    return [x[0], emb[1], x[2], x[3]]
+def _res_block_out_shape(x, *operands):
+    return [x[0], operands[-2][0], x[2], x[3]]  # (N, O, H, W): the operand before the config is a bias of O
 
 
-def res_block(groups: int, eps: float, skip: bool) -> Optional[ops.Custom]:
+def res_block(groups: int, eps: float, skip: bool, embedding: bool = True) -> Optional[ops.Custom]:
     """The UNet's ResBlock (GroupNorm-SiLU-conv3x3, + the projected embedding, GroupNorm-SiLU-conv3x3, + the input or
     its 1x1 ``skip`` convolution) as one op ``(x (N, C, H, W), emb (N, O), the 8 or 10 parameters in the kernel's
-    order, config = [groups, eps]) -> y (N, O, H, W)`` (float32), or None without :func:`avx512`."""
+    order, config = [groups, eps]) -> y (N, O, H, W)`` (float32), or None without :func:`avx512`. Without
+    ``embedding`` (the VAE's ResnetBlock) there is no ``emb`` operand."""
     if not avx512():
         return None
-    return _op("ResBlockForward", _res_block_out_shape, _res_block_bprop(groups, eps, skip), (groups, eps, skip))
+    return _op("ResBlockForward", _res_block_out_shape, _res_block_bprop(groups, eps, skip, embedding),
+               (groups, eps, skip, embedding))
 
 
 def _tokens_in_bprop(groups: int, eps: float) -> Callable:

@@ -25,7 +25,7 @@ from typing import Optional
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, mint, nn, ops
 from mindspore.common.initializer import HeUniform, Normal, One, Uniform, Zero, initializer
 
 from pangu_draw_ms.models import cpu_kernels
@@ -393,3 +393,47 @@ def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10000.
 def count_parameters(cell: nn.Cell) -> int:
     """Number of scalar parameters of ``cell`` (works on unmaterialised, lazily initialised cells)."""
     return int(sum(int(np.prod(p.shape)) for p in cell.get_parameters()))
+
+
+class FusedBlock(nn.Cell):
+    """A block whose inference on the CPU runs as few ops made of the kernels its layers use, in their order, so that
+    its output is theirs (bit for bit, but for the transformer block's dense layers where a batch is shared by
+    images: oneDNN's GEMM may round one image's rows otherwise, within 1e-6): ResBlock and BasicTransformerBlock as one
+    op each, a batch shared among the kernel threads by images with one hand-over per block; SpatialTransformer's
+    norm and projections as two ops around its transformer blocks. The graph MindSpore compiles holds those nodes
+    instead of the blocks' cells (the released UNet's first call took more than twice as long with them;
+    bench/README.md).
+
+    The layers run one by one where any of them would not use its own kernel (training, a LoRA adapter in place of a
+    layer, parameters stored in float16, ``cpu_kernels.portable``). The parameter operands are held by the block in
+    a ParameterTuple kept out of its own parameters (their names stay the layers'): a graph reaching them through
+    ``self.attn1.to_out[0].weight`` and the like took 1.6-1.8x as long to compile (bench/README.md).
+    ``Cell.init_parameters_data``, which may replace a parameter, also replaces it in a ParameterTuple, and
+    :attr:`fused` checks that they are still the layers' own.
+    """
+
+    def hold_kernel_parameters(self) -> None:
+        """Call at the end of ``__init__``, with the layers built."""
+        self.__dict__["kernel_parameters"] = ParameterTuple(self._kernel_parameters())
+
+    def _kernel_layers(self) -> tuple:
+        """The layers with parameters whose work the kernel does; their parameters, in this order, are its operands."""
+        raise NotImplementedError
+
+    def _kernel_cells(self) -> tuple:
+        """Every layer whose own kernel the block's kernel runs: (layer, the type it must have), the layers with
+        parameters first."""
+        raise NotImplementedError
+
+    def _kernel_parameters(self) -> tuple:
+        return tuple(p for layer in self._kernel_layers() for p in layer.get_parameters())
+
+    @property
+    def fused(self) -> bool:
+        """Whether the block runs as its kernel: read in Python while MindSpore compiles ``construct``."""
+        if not (self.use_cpu_kernel and all(type(layer) is kind and layer.use_cpu_kernel
+                                            for layer, kind in self._kernel_cells())):
+            return False
+        current = self._kernel_parameters()
+        return (len(current) == len(self.kernel_parameters) and all(p.dtype == ms.float32 for p in current)
+                and all(held is now for held, now in zip(self.kernel_parameters, current)))

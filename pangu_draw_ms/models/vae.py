@@ -23,10 +23,20 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..config import VAEConfig
-from .layers import Conv2d, GroupNorm, ScaledDotProductAttention, Upsample2xNearest
+from . import cpu_kernels
+from .layers import (
+    Conv2d,
+    FusedBlock,
+    GroupNorm,
+    ScaledDotProductAttention,
+    Upsample2xNearest,
+    as_dtype,
+    ascend_kernels,
+)
 
 # LDM's normalisation for every GroupNorm of the VAE (diffusers' AutoencoderKL uses the same).
 _NORM_EPS = 1e-6
@@ -34,8 +44,9 @@ _NORM_EPS = 1e-6
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
 
 
-class ResnetBlock(nn.Cell):
-    """GroupNorm-SiLU-Conv3x3 twice with a residual; a 1x1 ``nin_shortcut`` when the width changes."""
+class ResnetBlock(FusedBlock):
+    """GroupNorm-SiLU-Conv3x3 twice with a residual; a 1x1 ``nin_shortcut`` when the width changes. On the CPU one
+    op, the UNet ResBlock's without its embedding (:class:`~pangu_draw_ms.models.layers.FusedBlock`)."""
 
     def __init__(self, in_channels: int, out_channels: int, num_groups: int, dtype):
         super().__init__()
@@ -47,8 +58,22 @@ class ResnetBlock(nn.Cell):
         self.has_shortcut = in_channels != out_channels
         if self.has_shortcut:
             self.nin_shortcut = Conv2d(in_channels, out_channels, 1, dtype=dtype)
+        self.cpu_kernel = (cpu_kernels.res_block(num_groups, _NORM_EPS, self.has_shortcut, embedding=False)
+                           if not ascend_kernels() and dtype == ms.float32 else None)
+        self.use_cpu_kernel = self.cpu_kernel is not None
+        self.cpu_kernel_config = Tensor(np.array([num_groups, _NORM_EPS], np.float32))
+        self.hold_kernel_parameters()
+
+    def _kernel_layers(self) -> tuple:
+        shortcut = (self.nin_shortcut,) if self.has_shortcut else ()
+        return (self.norm1, self.conv1, self.norm2, self.conv2) + shortcut
+
+    def _kernel_cells(self) -> tuple:
+        return tuple(zip(self._kernel_layers(), (GroupNorm, Conv2d, GroupNorm, Conv2d, Conv2d)))
 
     def construct(self, x):
+        if self.fused and not self.training:
+            return self.cpu_kernel(as_dtype(x, ms.float32), *self.kernel_parameters, self.cpu_kernel_config)
         h = self.conv1(self.norm1(x))
         h = self.conv2(self.norm2(h))
         if self.has_shortcut:

@@ -686,7 +686,8 @@ int transformer_block(const BlockShape &s, void **params, float scale, float eps
 // The UNet's ResBlock as one op (ResBlockForward), for the same reason as the transformer block and the same way (the
 // kernels of its layers in their order; the convolution computes each image alike however a batch is shared, so
 // the result is theirs bit for bit):
-//   h = conv1(SiLU(norm1(x))) + e[:, :, None, None]   (e: the block's projected time embedding, an input)
+//   h = conv1(SiLU(norm1(x))) + e[:, :, None, None]   (e: the block's projected time embedding, an input; the VAE's
+//                                                      ResnetBlock has none)
 //   y = skip(x) + conv2(SiLU(norm2(h)))                (skip: a 1x1 convolution where the channels change, else x)
 // A batch is shared among the threads by images (one hand-over per block instead of one per op, the group norms and
 // the adds shared too); one image, or a block below the threshold, runs its convolutions shared as they would be.
@@ -715,7 +716,7 @@ int res_block_on(const ResShape &s, void **params, const float *x, const float *
     group_norm({x, p[kResNorm1Gamma], p[kResNorm1Beta], nullptr, normed.get()}, s.batch, c, hw, s.groups, eps, true);
   }
   conv2d({s.batch, c, s.height, s.width, o, 3, 1}, normed.get(), p[kResConv1], p[kResConv1Bias], hidden.get());
-  for (int64_t n = 0; n < s.batch; ++n)
+  for (int64_t n = 0; emb != nullptr && n < s.batch; ++n)
     for (int64_t j = 0; j < o; ++j) {
       float *plane = hidden.get() + (n * o + j) * hw;
       const float e = emb[n * o + j];
@@ -723,8 +724,8 @@ int res_block_on(const ResShape &s, void **params, const float *x, const float *
     }
   {
     const FlushSubnormals flush;
-    group_norm({hidden.get(), p[kResNorm2Gamma], p[kResNorm2Beta], nullptr, normed.get()}, s.batch, o, hw, s.groups, eps,
-               true);
+    group_norm({hidden.get(), p[kResNorm2Gamma], p[kResNorm2Beta], nullptr, normed.get()}, s.batch, o, hw, s.groups,
+               eps, true);
   }
   conv2d({s.batch, o, s.height, s.width, o, 3, 1}, normed.get(), p[kResConv2], p[kResConv2Bias], y);
   if (s.skip) {
@@ -746,7 +747,7 @@ int res_block(const ResShape &s, void **params, float eps) {
     if (images == 0) return;
     ResShape share = s;
     share.batch = images;
-    res_block_on(share, params, x + first * s.channels * s.spatial(), emb + first * s.out_channels,
+    res_block_on(share, params, x + first * s.channels * s.spatial(), emb ? emb + first * s.out_channels : nullptr,
                  y + first * s.out_channels * s.spatial(), eps);
   });
   return 0;
@@ -904,27 +905,42 @@ extern "C" int TransformerBlockForward(int nparam, void **params, int *ndims, in
 #endif
 }
 
-// ResBlockForward: x (N, C, H, W), the projected embedding e (N, O), norm1 gamma/beta (C), conv1 (O, C, 3, 3) + bias
-// (O), norm2 gamma/beta (O), conv2 (O, O, 3, 3) + bias (O), [the skip convolution (O, C, 1, 1) + bias (O), where
-// O != C], config = [groups, eps]; y (N, O, H, W).
+// ResBlockForward: x (N, C, H, W), the projected embedding e (N, O) (none for the VAE's blocks), norm1 gamma/beta (C),
+// conv1 (O, C, 3, 3) + bias (O), norm2 gamma/beta (O), conv2 (O, O, 3, 3) + bias (O), [the skip convolution
+// (O, C, 1, 1) + bias (O), where O != C], config = [groups, eps]; y (N, O, H, W).
 extern "C" int ResBlockForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                void *stream, void *extra) {
   if (!all_float32(nparam, dtypes)) return 5;
 #if defined(HAVE_AVX512)
-  if ((nparam != kResOperands && nparam != kResSkipOperands) || ndims[kResX] != 4 || ndims[kResConv1] != 4) return 1;
-  const bool skip = nparam == kResSkipOperands;
-  const float *config = static_cast<const float *>(params[skip ? kResSkipConfig : kResConfig]);
-  const int64_t n = shapes[kResX][0], c = shapes[kResX][1], o = shapes[kResConv1][0];
-  const ResShape s{n, c, shapes[kResX][2], shapes[kResX][3], o, static_cast<int64_t>(config[0]), skip};
+  // Without an embedding the operands are the same but for e: a null in its place, so that one layout serves both.
+  const bool embedding = nparam == kResOperands || nparam == kResSkipOperands;
+  const int count = embedding ? nparam : nparam + 1;
+  if (count != kResOperands && count != kResSkipOperands) return 1;
+  void *operands[kResSkipOperands];
+  int dims[kResSkipOperands];
+  int64_t *sizes[kResSkipOperands];
+  for (int i = 0, j = 0; i < count; ++i) {
+    const bool absent = !embedding && i == kResEmb;
+    operands[i] = absent ? nullptr : params[j];
+    dims[i] = absent ? 0 : ndims[j];
+    sizes[i] = absent ? nullptr : shapes[j];
+    j += absent ? 0 : 1;
+  }
+  if (dims[kResX] != 4 || dims[kResConv1] != 4) return 1;
+  const bool skip = count == kResSkipOperands;
+  const float *config = static_cast<const float *>(operands[skip ? kResSkipConfig : kResConfig]);
+  const int64_t n = sizes[kResX][0], c = sizes[kResX][1], o = sizes[kResConv1][0];
+  const ResShape s{n, c, sizes[kResX][2], sizes[kResX][3], o, static_cast<int64_t>(config[0]), skip};
   bool valid = s.groups >= 1 && c % s.groups == 0 && o % s.groups == 0 && (skip || c == o) &&
-               has_shape(ndims, shapes, kResEmb, {n, o}) && has_shape(ndims, shapes, kResNorm1Gamma, {c}) &&
-               has_shape(ndims, shapes, kResNorm1Beta, {c}) && has_shape(ndims, shapes, kResConv1, {o, c, 3, 3}) &&
-               has_shape(ndims, shapes, kResConv2, {o, o, 3, 3});
+               (!embedding || has_shape(dims, sizes, kResEmb, {n, o})) && has_shape(dims, sizes, kResNorm1Gamma, {c}) &&
+               has_shape(dims, sizes, kResNorm1Beta, {c}) && has_shape(dims, sizes, kResConv1, {o, c, 3, 3}) &&
+               has_shape(dims, sizes, kResConv2, {o, o, 3, 3});
   for (const int vector : {kResConv1Bias, kResNorm2Gamma, kResNorm2Beta, kResConv2Bias})
-    valid = valid && has_shape(ndims, shapes, vector, {o});
-  if (skip) valid = valid && has_shape(ndims, shapes, kResSkip, {o, c, 1, 1}) && has_shape(ndims, shapes, kResSkipBias, {o});
+    valid = valid && has_shape(dims, sizes, vector, {o});
+  if (skip)
+    valid = valid && has_shape(dims, sizes, kResSkip, {o, c, 1, 1}) && has_shape(dims, sizes, kResSkipBias, {o});
   if (!valid) return 2;
-  return res_block(s, params, config[1]);
+  return res_block(s, operands, config[1]);
 #else
   return 3;
 #endif
