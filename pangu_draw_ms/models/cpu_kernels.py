@@ -10,7 +10,9 @@ direct AVX-512 one (no im2col): 1.5-4x MindSpore's capped speed on a tiny UNet's
 of torch's; the dense layer calls oneDNN's GEMM from a second, uncapped instance of MindSpore's library
 (:func:`_onednn_gemm`), the bias in the same op; attention is one kernel instead of a head split, two batched
 matmuls, a softmax and a head merge; the UNet's transformer block is one op made of these (:func:`transformer_block`:
-one graph node instead of 25 cells, which took most of the released UNet's compile time). The C++ source is
+one graph node instead of 25 cells, which took most of the released UNet's compile time), so are the UNet's ResBlock
+and the VAE's ResnetBlock (:func:`res_block`) and a SpatialTransformer's way in and out (:func:`tokens_in`,
+:func:`tokens_out`). The C++ source is
 compiled once per machine with the system's C++ compiler (``$CXX``, else ``g++``/``c++``) into
 ``$XDG_CACHE_HOME/pangu_draw_ms/kernels/<hash>/`` and loaded with ``ops.Custom(func_type="aot")``, which runs in
 GRAPH_MODE and PYNATIVE_MODE alike. The convolution, dense, attention and block kernels need AVX-512F

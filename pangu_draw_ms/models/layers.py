@@ -398,11 +398,11 @@ def count_parameters(cell: nn.Cell) -> int:
 class FusedBlock(nn.Cell):
     """A block whose inference on the CPU runs as few ops made of the kernels its layers use, in their order, so that
     its output is theirs (bit for bit, but for the transformer block's dense layers where a batch is shared by
-    images: oneDNN's GEMM may round one image's rows otherwise, within 1e-6): ResBlock and BasicTransformerBlock as one
-    op each, a batch shared among the kernel threads by images with one hand-over per block; SpatialTransformer's
-    norm and projections as two ops around its transformer blocks. The graph MindSpore compiles holds those nodes
-    instead of the blocks' cells (the released UNet's first call took more than twice as long with them;
-    bench/README.md).
+    images: oneDNN's GEMM may round one image's rows otherwise, within 1e-6): the UNet's ResBlock and
+    BasicTransformerBlock and the VAE's ResnetBlock as one op each, a batch shared among the kernel threads by images
+    with one hand-over per block; the SpatialTransformer's norm and projections as two ops around its transformer
+    blocks. The graph MindSpore compiles holds those nodes instead of the blocks' cells (the released UNet's first
+    call took more than twice as long with them; bench/README.md).
 
     The layers run one by one where any of them would not use its own kernel (training, a LoRA adapter in place of a
     layer, parameters stored in float16, ``cpu_kernels.portable``). The parameter operands are held by the block in
