@@ -5,7 +5,10 @@
 
 1. One prompt, 40 Euler steps, warm (graphs compiled): each step one compiled graph vs the host loop,
    interleaved, medians and ratio.
-2. A batch of 4 prompts in one call vs one prompt (warm, interleaved): the batch's cost in single images.
+2. A batch of 4 prompts in one call vs one prompt (warm, interleaved): the batch's cost in single images,
+   and where it goes: at 1 kernel thread and at all of them, the calls split into a fixed cost and a cost per
+   image, and the batch's UNet work in GFLOP/s against this machine's matrix-multiply peak (numpy's BLAS on
+   1024 x 1024 ... 2048 x 2048 in a child process): what a batch of 4 in under 2x one image would need.
 3. ``tools/infer.py`` wall time from process start to the PNG: without MindSpore's compile cache, with a
    cold cache (first run fills it), and with the cache warm (a second run reads it).
 """
@@ -47,6 +50,75 @@ def in_process(steps: int, repeats: int) -> None:
     batch = interleaved_medians({"1 prompt": lambda: pipe(PROMPT, **settings),
                                  f"{len(BATCH)} prompts": lambda: pipe(BATCH, **settings)}, 0, repeats)
     print(f"batch: {report(batch)}")
+    batch_accounting(pipe, settings, repeats)
+
+
+def batch_accounting(pipe, settings, repeats: int) -> None:
+    """The fixed and per-image parts of a call, T(n) = fixed + n x per_image from n = 1 and 4 (a batch of 4
+    under 2x one image needs fixed > 2 x per_image), at 1 kernel thread and at all of them, and the batch's
+    UNet FLOP rate against the machine's matrix-multiply peak."""
+    from pangu_draw_ms import runtime
+    from pangu_draw_ms.diffusion.guidance import guidance_weights
+    from pangu_draw_ms.training.compute import unet_forward_flops
+
+    from timing import interleaved_medians
+
+    threads = runtime.cpu_threads()
+    counts = sorted({1, threads})
+
+    def call(prompts, count):
+        def run():
+            runtime.set_cpu_threads(count)
+            return pipe(prompts, **settings)
+        return run
+
+    sides = {(n, count): call(PROMPT if n == 1 else BATCH, count) for count in counts for n in (1, len(BATCH))}
+    medians = interleaved_medians(sides, 1, repeats)
+    runtime.set_cpu_threads(threads)
+    n = len(BATCH)
+    for count in counts:
+        one, many = medians[(1, count)], medians[(n, count)]
+        per_image = (many - one) / (n - 1)
+        print(f"kernel threads {count}: 1 prompt {one:.3f} s, {n} prompts {many:.3f} s ({many / one:.2f}x) = "
+              f"fixed {one - per_image:.3f} s + {per_image:.3f} s per image")
+    run = pipe(BATCH, **settings)
+    config = pipe.config
+    factor = config.vae.downsample_factor
+    context = max(encoder.max_position_embeddings for encoder in config.conditioner.encoders)
+    branches = sum(1 for weight in guidance_weights(run.info["guidance_scale"], run.info["style_scales"]).values()
+                   if weight != 0)
+    forward = unet_forward_flops(config.unet, (run.info["height"] // factor, run.info["width"] // factor), context)
+    flops = forward * branches * n * run.info["num_inference_steps"]
+    peak = matmul_peak(threads)
+    many, one = medians[(n, threads)], medians[(1, threads)]
+    print(f"{n} prompts: UNet {flops / 1e9:.1f} GFLOP ({branches} guidance branches) in {many:.3f} s = "
+          f"{flops / many / 1e9:.0f} GFLOP/s, {flops / many / peak:.0%} of this machine's matrix-multiply peak "
+          f"({peak / 1e9:.0f} GFLOP/s at {threads} threads); under 2x one image needs "
+          f"{flops / (2 * one) / 1e9:.0f} GFLOP/s ({flops / (2 * one) / peak:.0%})")
+
+
+PEAK_PROBE = """
+import sys, time
+import numpy as np
+best = 0.0
+for size in (1024, 1536, 2048):
+    a = np.random.rand(size, size).astype(np.float32)
+    a @ a
+    for _ in range(3):
+        started = time.perf_counter()
+        a @ a
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - started))
+print(best)
+"""
+
+
+def matmul_peak(threads: int) -> float:
+    """FLOP/s of numpy's float32 matrix multiply at ``threads`` threads (the best of a few sizes), in a child
+    process: BLAS reads its thread count when it loads."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    result = subprocess.run([sys.executable, "-c", PEAK_PROBE], check=True, capture_output=True, text=True, env=env)
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 def cli_seconds(out_dir: str, extra) -> float:
