@@ -22,6 +22,9 @@ CAPS = ("default", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX5
 
 
 def child(shape, kernel, threads, repeats):
+    from timing import interleaved_medians, pin_to_cores
+
+    pin_to_cores(threads)  # before MindSpore's and torch's threads start: every side on the same cores
     import mindspore as ms
     import numpy as np
     import torch
@@ -29,8 +32,6 @@ def child(shape, kernel, threads, repeats):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from pangu_draw_ms import runtime
     from pangu_draw_ms.models.layers import Conv2d
-
-    from timing import interleaved_medians
 
     ms.set_context(mode=ms.GRAPH_MODE)
     runtime.set_cpu_threads(threads)

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from pangu_draw_ms.config import UNetConfig, load_config  # noqa: E402
 
-from timing import interleaved_medians  # noqa: E402
+from timing import interleaved_medians, pin_to_cores  # noqa: E402
 
 # A mid-size SDXL-layout UNet (~0.4B parameters): large enough that kernels, not dispatch, dominate.
 MID = UNetConfig(model_channels=160, channel_mult=(1, 2, 4), num_res_blocks=2, transformer_depth=(0, 2, 4),
@@ -46,6 +46,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    pin_to_cores(args.threads)  # every side on the same cores (MindSpore's MatMul would take a second one)
 
     import mindspore as ms
     import torch
