@@ -81,14 +81,14 @@ def batch_accounting(pipe, settings, repeats: int) -> None:
         per_image = (many - one) / (n - 1)
         print(f"kernel threads {count}: 1 prompt {one:.3f} s, {n} prompts {many:.3f} s ({many / one:.2f}x) = "
               f"fixed {one - per_image:.3f} s + {per_image:.3f} s per image")
-    run = pipe(BATCH, **settings)
+    info = pipe(BATCH, **settings).info
     config = pipe.config
     factor = config.vae.downsample_factor
     context = max(encoder.max_position_embeddings for encoder in config.conditioner.encoders)
-    branches = sum(1 for weight in guidance_weights(run.info["guidance_scale"], run.info["style_scales"]).values()
+    branches = sum(1 for weight in guidance_weights(info["guidance_scale"], info["style_scales"]).values()
                    if weight != 0)
-    forward = unet_forward_flops(config.unet, (run.info["height"] // factor, run.info["width"] // factor), context)
-    flops = forward * branches * n * run.info["num_inference_steps"]
+    forward = unet_forward_flops(config.unet, (info["height"] // factor, info["width"] // factor), context)
+    flops = forward * branches * n * info["num_inference_steps"]
     peak = matmul_peak(threads)
     many, one = medians[(n, threads)], medians[(1, threads)]
     print(f"{n} prompts: UNet {flops / 1e9:.1f} GFLOP ({branches} guidance branches) in {many:.3f} s = "
@@ -98,7 +98,7 @@ def batch_accounting(pipe, settings, repeats: int) -> None:
 
 
 PEAK_PROBE = """
-import sys, time
+import time
 import numpy as np
 best = 0.0
 for size in (1024, 1536, 2048):
