@@ -130,7 +130,9 @@ def on_cpu_threads(listener: Callable[[int], None]) -> None:
 
 def set_cpu_threads(count: int) -> None:
     """The CPU kernel threads of MindSpore (``device_context.cpu.op_tuning.threads_num``) and of the package's
-    own kernels. MindSpore takes its setting once per process: a later call changes only the package's."""
+    own kernels. MindSpore takes its setting once per process: a later call changes only the package's. At one
+    thread MindSpore 2.9 still runs its matrix products on two (its actor thread and a kernel thread); only the
+    process's CPU affinity (``taskset``, msrun's ``--bind_core``) holds it to one core."""
     global _cpu_threads
     _cpu_threads = max(1, int(count))
     for listener in _thread_listeners:
